@@ -1,0 +1,232 @@
+"""DeepLab v1 (Chen et al., ICLR 2015) and DeepLab v2 (Chen et al., TPAMI 2017).
+
+A DeepLab is a backbone at output stride 8 (atrous VGG16 or dilated ResNet-101) and a head
+that scores classes from its last map; the stride-8 scores are bilinearly interpolated to the
+input size (v1 Sec. 3.1). The fully-connected CRF (v1 Sec. 4) is post-processing, in
+:mod:`densepred.crf`.
+
+- v1 LargeFOV: fc6 3x3 with dilation ("input stride") 12 and 1024 channels, fc7 1x1 1024
+  (v1 Sec. 3.1 and Table 2: 20.5M parameters). v1 7x7: fc6 7x7 dilation 4, 4096 channels.
+- v2 ASPP (v2 Sec. 3.3, Fig. 7): parallel branches with dilations 6/12/18/24 (ASPP-L) or
+  2/4/8/12 (ASPP-S) whose class scores are summed. On ResNet-101 each branch is one 3x3
+  dilated convolution to the classes; on VGG16 each is an fc6/fc7/fc8 stack.
+- v2 multi-scale inputs (v2 Sec. 4.1 "MSC"): the net runs on the image at scales 1, 0.75, 0.5;
+  the scores are upsampled to the scale-1 size and fused by max. In training every branch is
+  returned, as each gets its own loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..registry import register_model
+from .backbones.resnet import ResNet
+from .backbones.vgg import VGG16
+from .layers import Backbone, check_input
+
+__all__ = ["DeepLab", "FCHead", "ASPPVGG", "ASPPResNet", "MultiScaleInputs", "ASPP_RATES", "caffe_resize"]
+
+ASPP_RATES: dict[str, tuple[int, ...]] = {"L": (6, 12, 18, 24), "S": (2, 4, 8, 12)}
+
+
+def caffe_resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear resize with corners aligned, as Caffe's ``Interp`` layer that DeepLab uses.
+
+    DeepLab feeds inputs of size 8k+1 (321, 513) so that corner-aligned stride-8 scores map
+    exactly onto input pixels.
+    """
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+class FCHead(nn.Sequential):
+    """DeepLab's convolutionalized classifier: fc6 (dilated) -> fc7 (1x1) -> fc8 (scores).
+
+    ReLU and dropout 0.5 follow fc6 and fc7 as in VGG16's classifier; fc8 is initialised from
+    a Gaussian with std 0.01 (the released prototxt).
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, kernel_size: int, dilation: int, width: int):
+        padding = dilation * (kernel_size - 1) // 2  # keeps the stride-8 map's size
+        super().__init__()
+        self.fc6 = nn.Conv2d(in_channels, width, kernel_size, padding=padding, dilation=dilation)
+        self.relu6 = nn.ReLU(inplace=True)
+        self.drop6 = nn.Dropout(0.5)
+        self.fc7 = nn.Conv2d(width, width, 1)
+        self.relu7 = nn.ReLU(inplace=True)
+        self.drop7 = nn.Dropout(0.5)
+        self.fc8 = nn.Conv2d(width, num_classes, 1)
+        for m in (self.fc6, self.fc7):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+        nn.init.normal_(self.fc8.weight, std=0.01)
+        nn.init.zeros_(self.fc8.bias)
+
+
+class ASPPVGG(nn.Module):
+    """ASPP on VGG16 (v2 Fig. 7): one LargeFOV-style fc6/fc7/fc8 branch per rate, scores summed."""
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int], width: int = 1024):
+        super().__init__()
+        self.rates = tuple(rates)
+        self.branches = nn.ModuleList(
+            FCHead(in_channels, num_classes, kernel_size=3, dilation=r, width=width) for r in rates
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([branch(x) for branch in self.branches]).sum(0)
+
+
+class ASPPResNet(nn.Module):
+    """ASPP on ResNet-101 (v2 Sec. 3.3): a 3x3 dilated conv to the classes per rate, summed.
+
+    Branch names mirror the released prototxt's ``fc1_voc12_c0..c3``; Gaussian init std 0.01.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int]):
+        super().__init__()
+        self.rates = tuple(rates)
+        self.branches = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r) for r in rates)
+        for conv in self.branches:
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([branch(x) for branch in self.branches]).sum(0)
+
+
+class DeepLab(nn.Module):
+    """A backbone at output stride 8 and a scoring head on one of its maps.
+
+    ``coarse_logits`` gives the stride-8 scores (what DeepLab's losses see, against labels
+    sub-sampled by 8); ``forward`` interpolates them to the input size.
+    """
+
+    def __init__(self, backbone: Backbone, head: nn.Module, *, feature: str, num_classes: int):
+        super().__init__()
+        if feature not in backbone.feature_info:
+            raise ValueError(f"backbone has no feature {feature!r}; it declares {sorted(backbone.feature_info)}")
+        self.backbone, self.head, self.feature = backbone, head, feature
+        self.num_classes = num_classes
+        self.in_channels = backbone.in_channels
+        self.output_stride = backbone.feature_info[feature].stride
+
+    def coarse_logits(self, x: Tensor) -> Tensor:
+        check_input(x, self.in_channels, type(self).__name__)
+        return self.head(self.backbone(x)[self.feature])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return caffe_resize(self.coarse_logits(x), x.shape[-2:])
+
+
+class MultiScaleInputs(nn.Module):
+    """DeepLab v2's multi-scale inputs ("MSC", v2 Sec. 4.1), wrapping any :class:`DeepLab`.
+
+    The image is resized to each scale (Caffe's ``(size - 1) * s + 1`` rule), scored, and the
+    scores are interpolated to the scale-1 stride-8 size and fused by ``fusion`` (max in v2).
+    ``eval()``: the fused scores at the input size. ``train()``: a dict with the fused and
+    every scale's stride-8 scores, ``{"fused", "scale_1", "scale_0.75", "scale_0.5"}``, each to
+    be matched against labels sub-sampled to its own size.
+    """
+
+    def __init__(
+        self, model: DeepLab, scales: Sequence[float] = (1.0, 0.75, 0.5), fusion: Literal["max", "mean"] = "max"
+    ):
+        super().__init__()
+        if not scales or any(s <= 0 for s in scales):
+            raise ValueError(f"scales must be positive numbers, got {list(scales)}")
+        if fusion not in ("max", "mean"):
+            raise ValueError(f"fusion must be 'max' or 'mean', got {fusion!r}")
+        self.model, self.scales, self.fusion = model, tuple(scales), fusion
+        self.num_classes, self.in_channels = model.num_classes, model.in_channels
+        self.output_stride = model.output_stride
+
+    def branches(self, x: Tensor) -> dict[str, Tensor]:
+        height, width = x.shape[-2:]
+        out = {}
+        for s in self.scales:
+            size = (int((height - 1) * s) + 1, int((width - 1) * s) + 1)
+            xs = x if size == (height, width) else caffe_resize(x, size)
+            out[f"scale_{s:g}"] = self.model.coarse_logits(xs)
+        return out
+
+    def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
+        branches = self.branches(x)
+        ref = branches[f"scale_{self.scales[0]:g}"].shape[-2:]
+        aligned = torch.stack([b if b.shape[-2:] == ref else caffe_resize(b, ref) for b in branches.values()])
+        fused = aligned.amax(0) if self.fusion == "max" else aligned.mean(0)
+        if self.training:
+            return {"fused": fused, **branches}
+        return caffe_resize(fused, x.shape[-2:])
+
+
+def _atrous_vgg16(in_channels: int) -> VGG16:
+    return VGG16(in_channels, first_padding=1, pooling="deeplab")
+
+
+def _maybe_msc(model: DeepLab, msc: bool | Sequence[float]) -> nn.Module:
+    if msc is False:
+        return model
+    return MultiScaleInputs(model) if msc is True else MultiScaleInputs(model, scales=msc)
+
+
+_V1 = "Chen et al. 2015, DeepLab v1"
+_V2 = "Chen et al. 2017, DeepLab v2"
+
+
+@register_model("deeplab_v1_largefov", paper=_V1, output_stride=8, receptive_field=419, default_size=513)
+def deeplab_v1_largefov(*, num_classes: int = 21, in_channels: int = 3) -> DeepLab:
+    """DeepLab-LargeFOV: fc6 3x3, dilation 12, 1024 channels (v1 Table 2, 20.5M parameters)."""
+    backbone = _atrous_vgg16(in_channels)
+    head = FCHead(backbone.out_channels, num_classes, kernel_size=3, dilation=12, width=1024)
+    return DeepLab(backbone, head, feature="pool5", num_classes=num_classes)
+
+
+@register_model("deeplab_v1_7x7", paper=_V1, output_stride=8, receptive_field=419, default_size=513)
+def deeplab_v1_7x7(*, num_classes: int = 21, in_channels: int = 3) -> DeepLab:
+    """DeepLab-CRF-7x7: fc6 7x7, dilation 4, 4096 channels (v1 Table 2, 134.3M parameters)."""
+    backbone = _atrous_vgg16(in_channels)
+    head = FCHead(backbone.out_channels, num_classes, kernel_size=7, dilation=4, width=4096)
+    return DeepLab(backbone, head, feature="pool5", num_classes=num_classes)
+
+
+@register_model("deeplab_v2_vgg16", paper=_V2, output_stride=8, receptive_field=611, default_size=321)
+def deeplab_v2_vgg16(
+    *, num_classes: int = 21, in_channels: int = 3, aspp: Literal["L", "S"] = "L", msc: bool | Sequence[float] = False
+) -> nn.Module:
+    """DeepLab v2 on atrous VGG16 with ASPP-L (default) or ASPP-S (v2 Sec. 4.1, Table 3)."""
+    backbone = _atrous_vgg16(in_channels)
+    head = ASPPVGG(backbone.out_channels, num_classes, _aspp_rates(aspp))
+    return _maybe_msc(DeepLab(backbone, head, feature="pool5", num_classes=num_classes), msc)
+
+
+@register_model("deeplab_v2_resnet101", paper=_V2, output_stride=8, receptive_field=1411, default_size=321)
+def deeplab_v2_resnet101(
+    *,
+    num_classes: int = 21,
+    in_channels: int = 3,
+    aspp: Literal["L", "S"] = "L",
+    msc: bool | Sequence[float] = False,
+    caffe_style: bool = True,
+    frozen_bn: bool = True,
+) -> nn.Module:
+    """DeepLab v2: ResNet-101 at output stride 8 with ASPP (v2 Sec. 4.1, Table 4).
+
+    ``caffe_style`` and ``frozen_bn`` default to the released model (MSRA ResNet-101, batch
+    norm statistics fixed during fine-tuning); ``msc=True`` wraps it in multi-scale inputs.
+    """
+    backbone = ResNet(101, in_channels, output_stride=8, caffe_style=caffe_style, frozen_bn=frozen_bn)
+    head = ASPPResNet(backbone.feature_info["layer4"].channels, num_classes, _aspp_rates(aspp))
+    return _maybe_msc(DeepLab(backbone, head, feature="layer4", num_classes=num_classes), msc)
+
+
+def _aspp_rates(aspp: str) -> tuple[int, ...]:
+    if aspp not in ASPP_RATES:
+        raise ValueError(
+            f"aspp must be one of {sorted(ASPP_RATES)} (ASPP-L: 6/12/18/24, ASPP-S: 2/4/8/12), got {aspp!r}"
+        )
+    return ASPP_RATES[aspp]

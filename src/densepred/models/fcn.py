@@ -1,0 +1,138 @@
+"""Fully Convolutional Networks (Long, Shelhamer & Darrell, CVPR 2015) on VGG16.
+
+FCN = a convolutionalized VGG16 (fc6/fc7 become 7x7 and 1x1 convolutions, Sec. 3.1), a 1x1
+class scoring layer ``score_fr``, and in-network upsampling by "deconvolution" (Sec. 3.3).
+The skip architecture (Sec. 4.2, Fig. 3) fuses the stride-32 scores with scores from pool4
+(FCN-16s) and pool3 (FCN-8s). Layer names, conv1_1's padding of 100 and the crop offsets
+follow the reference Caffe nets (voc-fcn32s/16s/8s/8s-atonce), so output pixels line up with
+input pixels exactly for any input size.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..registry import register_model
+from .backbones.vgg import VGG16
+from .layers import BilinearDeconv, check_input, crop
+
+__all__ = ["FCN", "FCN_CROP_OFFSETS"]
+
+# Crop offsets of the reference nets: where the input's top-left pixel lands in each map,
+# a consequence of conv1_1's padding of 100 (Caffe's "Crop" layers in voc-fcn*/net.py).
+FCN_CROP_OFFSETS: dict[str, int] = {
+    "upscore32": 19,  # FCN-32s: 64x64 stride-32 deconvolution -> input
+    "score_pool4": 5,  # FCN-16s/8s: pool4 scores -> 2x upsampled stride-32 scores
+    "upscore16": 27,  # FCN-16s: 32x32 stride-16 deconvolution -> input
+    "score_pool3": 9,  # FCN-8s: pool3 scores -> 2x upsampled fused stride-16 scores
+    "upscore8": 31,  # FCN-8s: 16x16 stride-8 deconvolution -> input
+}
+
+
+class FCN(nn.Module):
+    """FCN-32s, FCN-16s or FCN-8s (``output_stride`` 32, 16 or 8).
+
+    Args:
+        num_classes: number of score channels (21 for PASCAL VOC).
+        in_channels: input image channels.
+        output_stride: 32, 16 or 8: how many skips are fused (Sec. 4.2).
+        at_once: FCN-8s "at-once" (Sec. 4.2, trained in one stage, not stage-wise): pool4 and
+            pool3 are scaled by fixed 0.01 and 0.0001 before scoring, as in voc-fcn8s-atonce.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3, *, output_stride: int = 32, at_once: bool = False):
+        super().__init__()
+        if output_stride not in (32, 16, 8):
+            raise ValueError(f"FCN output_stride must be 32, 16 or 8, got {output_stride}")
+        if at_once and output_stride != 8:
+            raise ValueError("at_once=True is defined for FCN-8s only (output_stride=8)")
+        self.num_classes, self.in_channels = num_classes, in_channels
+        self.output_stride, self.at_once = output_stride, at_once
+        self.backbone = VGG16(in_channels, first_padding=100, pooling="fcn")
+        feats = self.backbone.feature_info
+
+        # Convolutionalized classifier (Sec. 3.1): fc6 is the 7x7 window of pool5 that the
+        # ImageNet net's first fully connected layer saw; fc7 a 1x1 convolution.
+        self.fc6 = nn.Conv2d(feats["pool5"].channels, 4096, 7)
+        self.relu6 = nn.ReLU(inplace=True)
+        self.drop6 = nn.Dropout(0.5)
+        self.fc7 = nn.Conv2d(4096, 4096, 1)
+        self.relu7 = nn.ReLU(inplace=True)
+        self.drop7 = nn.Dropout(0.5)
+        self.score_fr = nn.Conv2d(4096, num_classes, 1)
+
+        # Final upsampling is fixed bilinear; intermediate 2x ones start bilinear and learn (Sec. 4.3).
+        if output_stride == 32:
+            self.upscore = BilinearDeconv(num_classes, 32, learnable=False)
+        else:
+            self.upscore2 = BilinearDeconv(num_classes, 2, learnable=True)
+            self.score_pool4 = nn.Conv2d(feats["pool4"].channels, num_classes, 1)
+        if output_stride == 16:
+            self.upscore16 = BilinearDeconv(num_classes, 16, learnable=False)
+        if output_stride == 8:
+            self.upscore_pool4 = BilinearDeconv(num_classes, 2, learnable=True)
+            self.score_pool3 = nn.Conv2d(feats["pool3"].channels, num_classes, 1)
+            self.upscore8 = BilinearDeconv(num_classes, 8, learnable=False)
+
+        for m in (self.fc6, self.fc7):
+            nn.init.normal_(m.weight, std=0.005)
+            nn.init.zeros_(m.bias)
+        # "We zero-initialize the class scoring layer" (Sec. 4.3); the reference nets do the
+        # same for the skip scoring layers, so a new skip starts as a no-op (Sec. 4.2).
+        for m in (self.score_fr, getattr(self, "score_pool4", None), getattr(self, "score_pool3", None)):
+            if m is not None:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def classifier_scores(self, pool5: Tensor) -> Tensor:
+        """The coarse stride-32 class scores ("heat map") from pool5."""
+        h = self.drop6(self.relu6(self.fc6(pool5)))
+        h = self.drop7(self.relu7(self.fc7(h)))
+        return self.score_fr(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(x, self.in_channels, type(self).__name__)
+        height, width = x.shape[-2:]
+        feats = self.backbone(x)
+        score = self.classifier_scores(feats["pool5"])
+        if self.output_stride == 32:
+            return crop(self.upscore(score), FCN_CROP_OFFSETS["upscore32"], height, width)
+
+        up = self.upscore2(score)
+        pool4 = feats["pool4"] * 0.01 if self.at_once else feats["pool4"]
+        up = up + crop(self.score_pool4(pool4), FCN_CROP_OFFSETS["score_pool4"], *up.shape[-2:])
+        if self.output_stride == 16:
+            return crop(self.upscore16(up), FCN_CROP_OFFSETS["upscore16"], height, width)
+
+        up = self.upscore_pool4(up)
+        pool3 = feats["pool3"] * 0.0001 if self.at_once else feats["pool3"]
+        up = up + crop(self.score_pool3(pool3), FCN_CROP_OFFSETS["score_pool3"], *up.shape[-2:])
+        return crop(self.upscore8(up), FCN_CROP_OFFSETS["upscore8"], height, width)
+
+
+# Table 1 of the paper: FCN-VGG16 has receptive field 404 and max stride 32.
+_FCN_FACTS = dict(paper="Long et al. 2015, FCN", receptive_field=404, default_size=500)
+
+
+@register_model("fcn32s", output_stride=32, **_FCN_FACTS)
+def fcn32s(*, num_classes: int = 21, in_channels: int = 3) -> FCN:
+    """FCN-32s: stride-32 scores upsampled in one fixed bilinear step (Sec. 4.1)."""
+    return FCN(num_classes, in_channels, output_stride=32)
+
+
+@register_model("fcn16s", output_stride=16, **_FCN_FACTS)
+def fcn16s(*, num_classes: int = 21, in_channels: int = 3) -> FCN:
+    """FCN-16s: adds the pool4 skip (Sec. 4.2)."""
+    return FCN(num_classes, in_channels, output_stride=16)
+
+
+@register_model("fcn8s", output_stride=8, **_FCN_FACTS)
+def fcn8s(*, num_classes: int = 21, in_channels: int = 3) -> FCN:
+    """FCN-8s: adds the pool4 and pool3 skips (Sec. 4.2), trained stage-wise in the paper."""
+    return FCN(num_classes, in_channels, output_stride=8)
+
+
+@register_model("fcn8s_atonce", output_stride=8, **_FCN_FACTS)
+def fcn8s_atonce(*, num_classes: int = 21, in_channels: int = 3) -> FCN:
+    """FCN-8s trained all at once, with fixed pool4/pool3 scaling (0.01, 0.0001)."""
+    return FCN(num_classes, in_channels, output_stride=8, at_once=True)

@@ -1,0 +1,132 @@
+"""Building blocks shared by the model families: the backbone contract and FCN's deconvolution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "FeatureSpec",
+    "Backbone",
+    "bilinear_kernel",
+    "BilinearDeconv",
+    "FrozenBatchNorm2d",
+    "center_crop",
+    "crop",
+    "check_input",
+]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a backbone promises about one named feature map."""
+
+    channels: int
+    stride: int
+
+
+class Backbone(nn.Module):
+    """A feature extractor: ``forward(x) -> {name: feature map}`` with keys of ``feature_info``.
+
+    ``feature_info`` declares each key's channels and stride; a contract test checks the
+    declaration against real outputs for every backbone, so heads can read channels from it
+    instead of typing them by hand.
+    """
+
+    feature_info: dict[str, FeatureSpec]
+    in_channels: int
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def bilinear_kernel(channels: int, kernel_size: int) -> Tensor:
+    """Weights of a ``channels -> channels`` transposed convolution that upsamples bilinearly.
+
+    The FCN reference initialisation (Long et al. 2015, Sec. 3.3): a separable triangle filter
+    on the diagonal, zeros between different channels.
+    """
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    og = torch.arange(kernel_size, dtype=torch.float64)
+    filt1d = 1 - (og - center).abs() / factor
+    filt = filt1d[:, None] * filt1d[None, :]
+    weight = torch.zeros(channels, channels, kernel_size, kernel_size, dtype=torch.float64)
+    weight[range(channels), range(channels)] = filt
+    return weight.float()
+
+
+class BilinearDeconv(nn.ConvTranspose2d):
+    """FCN's "deconvolution": a stride-``factor`` transposed convolution initialised to bilinear.
+
+    ``learnable=False`` freezes it (the final upsampling of FCN, Sec. 4.3: "fixed to bilinear
+    interpolation"); ``learnable=True`` starts bilinear and is trained (FCN's 2x layers).
+    Kernel ``2 * factor`` as in the reference nets (4 for x2, 16 for x8, 32 for x16, 64 for x32).
+    No bias, as in the reference prototxt.
+    """
+
+    def __init__(self, channels: int, factor: int, *, learnable: bool) -> None:
+        super().__init__(channels, channels, kernel_size=2 * factor, stride=factor, bias=False)
+        self.factor = factor
+        self.learnable = learnable
+        self.reset_parameters()
+        self.weight.requires_grad_(learnable)
+
+    def reset_parameters(self) -> None:
+        if hasattr(self, "factor"):  # nn.ConvTranspose2d.__init__ calls this before factor exists
+            with torch.no_grad():
+                self.weight.copy_(bilinear_kernel(self.in_channels, self.kernel_size[0]))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", learnable={self.learnable}"
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """Batch norm with fixed statistics and affine parameters (Caffe ``use_global_stats``).
+
+    DeepLab v2 trains ResNet-101 with frozen BN because batches of 10 at 321x321 are too small
+    to estimate statistics (Chen et al. 2017, Sec. 4.1). Buffers only, so nothing is trained.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.num_features = num_features
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.view(1, -1, 1, 1).to(x.dtype) + shift.view(1, -1, 1, 1).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def crop(x: Tensor, offset: int, height: int, width: int) -> Tensor:
+    """``x[..., offset:offset+height, offset:offset+width]``: Caffe's Crop layer (FCN)."""
+    return x[:, :, offset : offset + height, offset : offset + width]
+
+
+def center_crop(x: Tensor, height: int, width: int) -> Tensor:
+    """The centre ``height x width`` window of ``x``: U-Net's crop before copy."""
+    top = (x.shape[-2] - height) // 2
+    left = (x.shape[-1] - width) // 2
+    return x[:, :, top : top + height, left : left + width]
+
+
+def check_input(x: Tensor, in_channels: int, model: str) -> None:
+    """A clear error for inputs that are not ``(N, in_channels, H, W)``."""
+    if x.dim() != 4:
+        raise ValueError(f"{model} expects a 4-D batch (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(
+            f"{model} was built for in_channels={in_channels} but the input has {x.shape[1]} "
+            f"channels (shape {tuple(x.shape)}); build it with in_channels={x.shape[1]} or "
+            f"convert the images"
+        )

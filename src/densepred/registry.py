@@ -1,0 +1,80 @@
+"""One registry of model builders: ``create_model(name, **kw)`` and ``list_models(pattern)``."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["UnknownModelError", "ModelEntry", "register_model", "create_model", "list_models", "model_entry"]
+
+
+class UnknownModelError(ValueError):
+    """A model name that is not registered."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered builder and the paper facts it declares (checked by tests)."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    paper: str
+    output_stride: int
+    receptive_field: int  # theoretical, in input pixels, along one axis
+    default_size: int  # the paper's input resolution (one side)
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(
+    name: str, *, paper: str, output_stride: int, receptive_field: int, default_size: int
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register ``builder`` under ``name``; a duplicate name is an error."""
+
+    def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} is already registered")
+        _REGISTRY[name] = ModelEntry(name, builder, paper, output_stride, receptive_field, default_size)
+        return builder
+
+    return wrap
+
+
+def _import_families() -> None:
+    # Importing the package registers every family; done lazily to avoid import cycles.
+    from . import models  # noqa: F401
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry for ``name``; an unknown name lists the close matches."""
+    _import_families()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownModelError(f"unknown model {name!r}.{hint} Known models: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, *, pretrained: str | None = None, **kwargs) -> nn.Module:
+    """Build the registered model ``name``, e.g. ``create_model("fcn8s", num_classes=21)``.
+
+    ``pretrained`` names ImageNet backbone weights (``"imagenet"``) or a local weight file; see
+    :func:`densepred.weights.load_pretrained`.
+    """
+    model = model_entry(name).builder(**kwargs)
+    if pretrained is not None:
+        from .weights import load_pretrained
+
+        load_pretrained(model, pretrained)
+    return model
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style ``pattern``, sorted."""
+    _import_families()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
