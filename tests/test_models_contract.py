@@ -1,5 +1,8 @@
 """Contracts every registered model keeps: shapes, backward, channels, declared facts."""
 
+import functools
+import io
+
 import pytest
 import torch
 
@@ -15,17 +18,29 @@ def _input_for(name: str, batch: int = 1) -> torch.Tensor:
         side = unet_valid_size(188)[0]
         return torch.randn(batch, 1, side, side)
     channels = 1 if name.startswith("unet") else 3
+    if name == "deeplab_v1_7x7":
+        # oneDNN's weight gradient for a 7x7, dilation-4 conv over a map smaller than its
+        # 25-pixel span is pathologically slow on CPU (9 s at 41x35, 1.8 s at 209x201).
+        return torch.randn(batch, channels, 209, 201)
     return torch.randn(batch, channels, 41, 35)  # odd, non-square: exercises every crop
 
 
-def _build(name: str, num_classes: int = 3):
+def _build(name: str, num_classes: int = 3, device: str = "cpu"):
     in_channels = 1 if name.startswith("unet") else 3
-    return densepred.create_model(name, num_classes=num_classes, in_channels=in_channels)
+    with torch.device(device):
+        return densepred.create_model(name, num_classes=num_classes, in_channels=in_channels)
+
+
+@functools.cache
+def _shared(name: str):
+    """One build per model for the contracts below (FCN's fc6 alone has 103M weights)."""
+    return _build(name)
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_forward_and_backward(name):
-    model = _build(name).train()
+    model = _shared(name).train()
+    model.zero_grad(set_to_none=True)
     x = _input_for(name, batch=2)
     out = model(x)
     logits = out["fused"] if isinstance(out, dict) else out
@@ -40,7 +55,7 @@ def test_forward_and_backward(name):
 
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_wrong_channel_count_is_a_clear_error(name):
-    model = _build(name).eval()
+    model = _shared(name).eval()
     x = _input_for(name)
     bad = torch.randn(1, x.shape[1] + 1, *x.shape[-2:])
     with pytest.raises(ValueError, match=r"in_channels=\d+ but the input has \d+ channels"):
@@ -48,20 +63,13 @@ def test_wrong_channel_count_is_a_clear_error(name):
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
-def test_output_is_a_score_map_for_every_class(name):
-    model = _build(name, num_classes=5).eval()
-    with torch.inference_mode():
-        out = model(_input_for(name))
-    assert out.shape[1] == 5 and out.dtype == torch.float32
-
-
-@pytest.mark.parametrize("name", ALL_MODELS)
-def test_state_dict_round_trip(name, tmp_path):
-    model = _build(name).eval()
-    path = tmp_path / "w.pth"
-    torch.save(model.state_dict(), path)
-    twin = _build(name).eval()
-    twin.load_state_dict(torch.load(path, weights_only=True), strict=True)
+def test_state_dict_round_trip(name):
+    model = _shared(name).eval()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    twin = _build(name, device="meta").eval()  # no init cost: every tensor comes from the file
+    twin.load_state_dict(torch.load(buffer, weights_only=True), strict=True, assign=True)
     x = _input_for(name)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), twin(x))
@@ -83,12 +91,14 @@ _RF_PROBES = {
     "unet": (lambda m: m, 1, 188, 16),
     "unet_padded": (lambda m: m, 1, 188, 16),
 }
+# The field does not depend on width: probe narrow U-Nets of the registered geometry.
+_NARROW = {"unet": dict(base_channels=8), "unet_padded": dict(base_channels=8)}
 
 
 @pytest.mark.parametrize("name", sorted(_RF_PROBES))
 def test_declared_receptive_field_is_measured(name):
     probe, in_ch, height, phases = _RF_PROBES[name]
-    model = _theoretical_copy(densepred.create_model(name, num_classes=2, in_channels=in_ch))
+    model = _theoretical_copy(densepred.create_model(name, num_classes=2, in_channels=in_ch, **_NARROW.get(name, {})))
     width = unet_valid_size(256)[0] if name == "unet" else 256
     rf = measure_receptive_field(probe(model), in_ch, height, width, phases=phases)
     assert rf == densepred.model_entry(name).receptive_field
