@@ -66,6 +66,9 @@ class FCHead(nn.Sequential):
         nn.init.normal_(self.fc8.weight, std=0.01)
         nn.init.zeros_(self.fc8.bias)
 
+    def classifier_layers(self) -> list[nn.Module]:
+        return [self.fc8]
+
 
 class ASPPVGG(nn.Module):
     """ASPP on VGG16 (v2 Fig. 7): one LargeFOV-style fc6/fc7/fc8 branch per rate, scores summed."""
@@ -79,6 +82,9 @@ class ASPPVGG(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.stack([branch(x) for branch in self.branches]).sum(0)
+
+    def classifier_layers(self) -> list[nn.Module]:
+        return [branch.fc8 for branch in self.branches]
 
 
 class ASPPResNet(nn.Module):
@@ -98,6 +104,9 @@ class ASPPResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.stack([branch(x) for branch in self.branches]).sum(0)
 
+    def classifier_layers(self) -> list[nn.Module]:
+        return list(self.branches)
+
 
 class DeepLab(nn.Module):
     """A backbone at output stride 8 and a scoring head on one of its maps.
@@ -114,6 +123,10 @@ class DeepLab(nn.Module):
         self.num_classes = num_classes
         self.in_channels = backbone.in_channels
         self.output_stride = backbone.feature_info[feature].stride
+
+    def classifier_layers(self) -> list[nn.Module]:
+        """The final class-scoring layers: DeepLab trains them with 10x the base lr (v1 Sec. 4.1)."""
+        return self.head.classifier_layers()
 
     def coarse_logits(self, x: Tensor) -> Tensor:
         check_input(x, self.in_channels, type(self).__name__)
@@ -145,6 +158,18 @@ class MultiScaleInputs(nn.Module):
         self.num_classes, self.in_channels = model.num_classes, model.in_channels
         self.output_stride = model.output_stride
 
+    def classifier_layers(self) -> list[nn.Module]:
+        return self.model.classifier_layers()
+
+    def coarse_logits(self, x: Tensor) -> Tensor:
+        """The fused stride-8 scores (eval-mode fusion, whatever the training flag)."""
+        return self._fuse(self.branches(x))
+
+    def _fuse(self, branches: dict[str, Tensor]) -> Tensor:
+        ref = branches[f"scale_{self.scales[0]:g}"].shape[-2:]
+        aligned = torch.stack([b if b.shape[-2:] == ref else caffe_resize(b, ref) for b in branches.values()])
+        return aligned.amax(0) if self.fusion == "max" else aligned.mean(0)
+
     def branches(self, x: Tensor) -> dict[str, Tensor]:
         height, width = x.shape[-2:]
         out = {}
@@ -156,9 +181,7 @@ class MultiScaleInputs(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
         branches = self.branches(x)
-        ref = branches[f"scale_{self.scales[0]:g}"].shape[-2:]
-        aligned = torch.stack([b if b.shape[-2:] == ref else caffe_resize(b, ref) for b in branches.values()])
-        fused = aligned.amax(0) if self.fusion == "max" else aligned.mean(0)
+        fused = self._fuse(branches)
         if self.training:
             return {"fused": fused, **branches}
         return caffe_resize(fused, x.shape[-2:])

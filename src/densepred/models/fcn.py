@@ -84,6 +84,10 @@ class FCN(nn.Module):
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def classifier_layers(self) -> list[nn.Module]:
+        """The class-scoring layers (trained from zero; recipes may give them their own lr)."""
+        return [m for m in (self.score_fr, getattr(self, "score_pool4", None), getattr(self, "score_pool3", None)) if m]
+
     def classifier_scores(self, pool5: Tensor) -> Tensor:
         """The coarse stride-32 class scores ("heat map") from pool5."""
         h = self.drop6(self.relu6(self.fc6(pool5)))

@@ -139,6 +139,9 @@ class UNet(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    def classifier_layers(self) -> list[nn.Module]:
+        return [self.final]
+
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The output's (H, W) for an input of (H, W); an error names the nearest valid size."""
         if self.padding == "same":

@@ -1,0 +1,773 @@
+"""Pretrained weights: verified download, safe reading, and strict mapping onto our modules.
+
+Three steps, each usable alone:
+
+1. :func:`fetch` turns a path or URL into a local file. URLs are downloaded into a cache
+   (``$DENSEPRED_CACHE`` or ``~/.cache/densepred/weights``), resumed from a ``.part`` file with
+   an HTTP Range request, and checked against the full sha256 before they are moved into place;
+   a cached file is checked again on every use.
+2. :func:`read_state_dict` reads ``.pth``/``.pt`` (``torch.load(weights_only=True)``: tensors
+   only, a pickle that would run code is refused), ``.safetensors`` and ``.npz``
+   (``allow_pickle=False``).
+3. :func:`load_pretrained` recognises the file's layout from its keys and copies every tensor to
+   its place. Strict: every parameter and buffer it targets must be filled and every key of the
+   file used or ignored by design; errors name the keys and the file.
+
+Layouts
+-------
+``torchvision`` (its ImageNet files):
+    VGG16: ``features.{0,2,5,7,10,12,14,17,19,21,24,26,28}.{weight,bias}`` are conv1_1 ...
+    conv5_3; ``classifier.0`` is fc6 (Linear 25088 -> 4096), ``classifier.3`` fc7 (4096 ->
+    4096), ``classifier.6`` the ImageNet fc8. ResNet: ``conv1``, ``bn1``, ``layerK.M.*``,
+    ``fc``, the module names of :class:`~densepred.models.backbones.resnet.ResNet`.
+
+``caffe`` (the flat dump of a ``.caffemodel``, as used by the FCN and DeepLab reference models):
+    one entry per blob, keyed ``"{caffe_layer_name}.{blob_index}"``, each blob with the shape
+    Caffe stores (a convolution's weight is ``(out, in, kh, kw)`` in both frameworks).
+
+    - VGG16 (``VGG_ILSVRC_16_layers``): ``conv1_1.0`` weight, ``conv1_1.1`` bias, ...,
+      ``conv5_3.{0,1}``; ``fc6.0`` as ``(4096, 25088)`` (InnerProduct) or ``(4096, 512, 7, 7)``
+      (already convolutionalized, as in FCN's nets) or DeepLab's decimated ``(1024, 512, 3, 3)``;
+      ``fc7.{0,1}``; ``fc8.{0,1}`` the ImageNet classifier. Caffe flattens ``pool5`` in
+      ``(C, H, W)`` order, as PyTorch does, so no transposition is needed.
+    - ResNet (MSRA, He et al. 2016, ``ResNet-{50,101}-model.caffemodel``): ``conv1.0`` (and
+      ``conv1.1``, a bias, in ResNet-50 only), ``bn_conv1.{0,1,2}`` = Caffe ``BatchNorm`` blobs
+      (mean and variance, both multiplied by the moving-average factor in blob 2: the running
+      statistics are ``blob / factor``, and all zero when the factor is 0, exactly as Caffe's
+      ``BatchNormLayer`` computes them), ``scale_conv1.{0,1}`` = the ``Scale`` layer's gamma
+      and beta; per block ``res{S}{B}_branch1`` (projection), ``res{S}{B}_branch2{a,b,c}``
+      with ``bn{S}{B}_branch*`` and ``scale{S}{B}_branch*``; ``fc1000.{0,1}`` the classifier.
+      Stages S = 2..5 are our ``layer1..layer4``. Blocks B are letters (``a``, ``b``, ...)
+      in ResNet-50; ResNet-101 names stages with more than three blocks ``a``, ``b1``,
+      ``b2``, ... (``res3b3``, ``res4b22``). Caffe ResNet convolutions have no bias except
+      ResNet-50's ``conv1``, which is folded into ``bn_conv1``'s mean (exact: BN subtracts it).
+
+``densepred``: a full ``model.state_dict()`` saved from a densepred model; loaded as it is.
+
+What goes where: the VGG16 convolutions go to the backbone and fc6/fc7 to every module of the
+model that has ``fc6`` and ``fc7`` (FCN itself, DeepLab's :class:`FCHead`, each ASPP-VGG
+branch), reshaped (FCN Sec. 3.1) or decimated (:func:`decimate_fc`, DeepLab v1) to fit.
+ImageNet classifiers (``classifier.6``, ``fc8``, ``fc``, ``fc1000``) are ignored by design, and
+the class-scoring layers (``score_fr``, ``fc8``, ResNet's ASPP) keep their initialisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http.client import HTTPException
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .models.backbones import VGG16, ResNet
+from .models.backbones.vgg import VGG16_STAGES
+from .models.deeplab import MultiScaleInputs
+from .models.unet import UNet
+
+__all__ = [
+    "WeightsError",
+    "WeightsWarning",
+    "Preprocessing",
+    "IMAGENET_RGB",
+    "WeightsSpec",
+    "PRETRAINED",
+    "LoadReport",
+    "default_cache_dir",
+    "sha256_file",
+    "fetch",
+    "read_state_dict",
+    "detect_layout",
+    "decimate_fc",
+    "imagenet_spec",
+    "load_pretrained",
+]
+
+
+class WeightsError(ValueError):
+    """A weight file that cannot be used: wrong hash, wrong keys or shapes, unsafe content."""
+
+
+class WeightsWarning(UserWarning):
+    """A weight file checked less strictly than it should be (only a hash prefix is known)."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a set of weights: ``(x * 255 / value_range - mean) / std``.
+
+    ``value_range`` is 1.0 for images scaled to [0, 1] and 255.0 for raw pixel values;
+    ``color_order`` is the channel order of the first convolution's input.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    color_order: Literal["RGB", "BGR"]
+    value_range: float
+
+
+# torchvision's ImageNet recipe: RGB in [0, 1], normalised per channel.
+IMAGENET_RGB = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), color_order="RGB", value_range=1.0)
+
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """A published weight file: where it is, how to verify it, how to feed it, what it is.
+
+    ``sha256`` is the full digest; where only the first hex digits are known (torchvision's
+    file names carry eight) ``sha256`` is ``None`` and ``sha256_prefix`` holds them, and
+    :func:`fetch` warns that the check is partial.
+    """
+
+    name: str
+    url: str
+    sha256: str | None
+    layout: Literal["torchvision", "caffe"]
+    arch: Literal["vgg16", "resnet50", "resnet101"]
+    preprocessing: Preprocessing
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    sha256_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sha256 is not None and not (len(self.sha256) == 64 and _HEX.fullmatch(self.sha256)):
+            raise ValueError(f"{self.name}: sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
+        if self.sha256 is None and not (self.sha256_prefix and _HEX.fullmatch(self.sha256_prefix)):
+            raise ValueError(f"{self.name}: give the full sha256 or at least a hex sha256_prefix")
+        if self.sha256 and self.sha256_prefix and not self.sha256.startswith(self.sha256_prefix):
+            raise ValueError(f"{self.name}: sha256_prefix {self.sha256_prefix} is not a prefix of {self.sha256}")
+
+
+def _torchvision(arch: Literal["vgg16", "resnet50", "resnet101"], sha256: str, **meta: Any) -> WeightsSpec:
+    # torchvision names its files "<arch>-<first 8 hex digits of the sha256>.pth".
+    return WeightsSpec(
+        name=arch,
+        url=f"https://download.pytorch.org/models/{arch}-{sha256[:8]}.pth",
+        sha256=sha256,
+        layout="torchvision",
+        arch=arch,
+        preprocessing=IMAGENET_RGB,
+        meta={
+            "source": "torchvision (https://github.com/pytorch/vision), IMAGENET1K_V1",
+            "license": "BSD-3-Clause",
+            "dataset": "ImageNet-1k",
+            **meta,
+        },
+    )
+
+
+# Full sha256 digests: each starts with the tag in its file name, and each was found recorded
+# independently in public projects that verify these downloads. ``num_params`` counts the whole
+# ImageNet classifier in the file (a test recounts it from our modules); ``top1`` is
+# torchvision's ImageNet-1k validation accuracy of the file.
+PRETRAINED: dict[str, WeightsSpec] = {
+    "vgg16": _torchvision(
+        "vgg16",
+        "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0",
+        num_params=138_357_544,
+        file_size=553_433_881,
+        top1=71.592,
+    ),
+    "resnet50": _torchvision(
+        "resnet50",
+        "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a",
+        num_params=25_557_032,
+        file_size=102_530_333,
+        top1=76.130,
+    ),
+    "resnet101": _torchvision(
+        "resnet101",
+        "63fe2227b86e8f1f2063f43a75c84d195911b6a0eace650907dd3dc62dd49a0a",
+        num_params=44_549_160,
+        top1=77.374,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_pretrained` did: the file, its layout, what was filled and ignored."""
+
+    path: Path
+    layout: str
+    loaded: tuple[str, ...]  # target state-dict keys that were written
+    ignored: tuple[str, ...]  # file keys ignored by design (ImageNet classifiers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fetching
+
+
+def default_cache_dir() -> Path:
+    """``$DENSEPRED_CACHE`` if set, else ``~/.cache/densepred/weights``."""
+    env = os.environ.get("DENSEPRED_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "densepred" / "weights"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify(path: Path, sha256: str | None, prefix: str | None, fix: str, name: str | None = None) -> None:
+    name = name or path.name
+    actual = sha256_file(path)
+    expected = sha256 or prefix
+    assert expected is not None  # callers pass at least one
+    if sha256 is None:
+        warnings.warn(
+            f"only the first {len(expected)} hex digits of the sha256 of {name} are known "
+            f"({expected}); the file is checked against them only",
+            WeightsWarning,
+            stacklevel=3,
+        )
+    if not actual.startswith(expected):
+        raise WeightsError(f"sha256 mismatch for {name}: expected {expected}, got {actual}. {fix}")
+
+
+def _hash_tag(filename: str) -> str | None:
+    # torch.hub's convention: "name-<first 8+ hex digits of the sha256>.ext".
+    m = re.search(r"-([0-9a-f]{8,64})\.[A-Za-z0-9.]+$", filename)
+    return m.group(1) if m else None
+
+
+def fetch(
+    source: str | os.PathLike,
+    *,
+    sha256: str | None = None,
+    sha256_prefix: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """A local file for ``source``: a path (used in place) or an ``http``/``https``/``file`` URL.
+
+    A URL is downloaded into ``cache_dir`` (default :func:`default_cache_dir`) under its file
+    name, streamed to ``<name>.part`` (resumed with a Range request when a ``.part`` exists),
+    verified, and moved into place atomically; a cached file is verified again on every call.
+    The expected digest is ``sha256``, else a ``#sha256=<hex>`` URL fragment, else (with a
+    :class:`WeightsWarning`) ``sha256_prefix`` or the hex tag of a torch.hub-style file name.
+
+    Raises:
+        WeightsError: a missing file, a failed download, a URL with no known digest, or a
+            digest mismatch (a mismatching download is deleted; the message says the fix).
+    """
+    text = os.fspath(source)
+    parts = urllib.parse.urlsplit(text)
+    is_url = parts.scheme in ("http", "https", "file")
+    if is_url:
+        sha256 = sha256 or urllib.parse.parse_qs(parts.fragment).get("sha256", [None])[0]
+    for name, value in (("sha256", sha256), ("sha256_prefix", sha256_prefix)):
+        if value is not None and not _HEX.fullmatch(value):
+            raise WeightsError(f"{name} must be lowercase hex digits, got {value!r}")
+    if sha256 is not None and len(sha256) != 64:
+        raise WeightsError(f"sha256 must have 64 hex digits, got {len(sha256)}; pass a prefix as sha256_prefix=")
+    if not is_url:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"weight file {path} does not exist; check the path (or pass an http(s) URL)")
+        if sha256 or sha256_prefix:
+            _verify(path, sha256, sha256_prefix, "Check that this is the intended file.", str(path))
+        return path
+
+    url = urllib.parse.urlunsplit(parts._replace(fragment=""))
+    name = urllib.parse.unquote(PurePosixPath(parts.path).name)
+    if not name:
+        raise WeightsError(f"cannot name a cache file after {url!r}: the URL path has no file name")
+    if sha256 is None:
+        sha256_prefix = sha256_prefix or _hash_tag(name)
+        if sha256_prefix is None:
+            raise WeightsError(
+                f"no sha256 known for {url}; pass sha256=<64 hex digits> or append #sha256=<digest> to the URL "
+                f"(compute it with `sha256sum {name}`)"
+            )
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    dest = cache / name
+    if dest.exists():
+        _verify(
+            dest, sha256, sha256_prefix, f"Delete {dest} to download it again, or check the expected hash.", str(dest)
+        )
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(name + ".part")
+    _download(url, part, progress)
+    try:
+        _verify(
+            part, sha256, sha256_prefix, f"The download was deleted; check the URL {url} and the expected hash.", name
+        )
+    except WeightsError:
+        part.unlink(missing_ok=True)
+        raise
+    os.replace(part, dest)  # atomic: a reader never sees a half-written file under its final name
+    return dest
+
+
+def _download(url: str, part: Path, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
+    offset = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and offset:
+            return  # the .part already holds the whole file; the hash check decides
+        raise WeightsError(f"downloading {url} failed: HTTP {exc.code} {exc.reason}; check the URL") from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise WeightsError(
+            f"cannot download {url}: {reason}. Check the network and the URL, or download the file "
+            f"yourself and pass its path"
+        ) from exc
+    with response:
+        content_range = response.headers.get("Content-Range", "")
+        if offset and not (getattr(response, "status", None) == 206 and content_range.startswith(f"bytes {offset}-")):
+            offset = 0  # the server ignored the Range request: start over
+        length = response.headers.get("Content-Length")
+        total = offset + int(length) if length is not None else None
+        done = offset
+        with (
+            open(part, "ab" if offset else "wb") as f,
+            tqdm(
+                total=total,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                desc=part.name[: -len(".part")],
+                disable=not progress,
+            ) as bar,
+        ):
+            try:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    f.write(chunk)
+                    done += len(chunk)
+                    bar.update(len(chunk))
+            except (OSError, HTTPException) as exc:
+                raise WeightsError(
+                    f"download of {url} interrupted at {done} bytes ({exc}); run again to resume"
+                ) from exc
+    if total is not None and done < total:
+        raise WeightsError(f"download of {url} stopped at {done} of {total} bytes; run again to resume from {part}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of a weight file, by key, on the CPU. Never executes code from the file.
+
+    ``.pth``/``.pt``: ``torch.load(weights_only=True)``, which refuses any pickle that would
+    construct objects other than tensors and containers; ``.safetensors``; ``.npz`` with
+    ``allow_pickle=False``. A top-level ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper
+    (training checkpoints) is unwrapped.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".pth", ".pt", ".safetensors", ".npz"):
+        raise WeightsError(
+            f"{path}: unknown weight file extension {path.suffix!r}; use .pth/.pt (PyTorch), "
+            f".safetensors or .npz (e.g. a Caffe blob dump)"
+        )
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(path, device="cpu")
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                obj = {k: torch.from_numpy(npz[k]) for k in npz.files}
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" not in str(exc):
+            raise WeightsError(f"cannot read weights from {path}: {exc}. Is the file complete?") from exc
+        # torch names what the pickle asked for, e.g. "unsupported GLOBAL posix.system".
+        wanted = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"it asks for GLOBAL {wanted.group(1)}" if wanted else "torch.load(weights_only=True) rejected it"
+        raise WeightsError(
+            f"{path} was refused: it is not a plain tensor file, and loading it could run code from the file "
+            f"({what}). Load such a file only if you trust its source, and re-save its tensors with "
+            f"torch.save(state_dict) or safetensors"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - each reader has its own errors; all mean "unreadable"
+        raise WeightsError(
+            f"cannot read weights from {path}: {type(exc).__name__}: {exc}. Is the file complete and of this format?"
+        ) from exc
+    if isinstance(obj, Mapping):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(obj.get(wrapper), Mapping):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, Mapping):
+        raise WeightsError(f"{path} holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
+    bad = [f"{k} ({type(v).__name__})" for k, v in obj.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise WeightsError(f"{path}: entries that are not tensors: {_listing(bad)}; save only the state dict")
+    return {str(k): v for k, v in obj.items()}
+
+
+def _listing(keys: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (and {len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout mapping
+
+# torchvision's vgg16().features indices of the 13 convolutions (ReLUs and pools in between).
+_TV_VGG16_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+_VGG16_CONV_NAMES = tuple(f"conv{stage}_{i}" for stage, n, _ in VGG16_STAGES for i in range(1, n + 1))
+
+Layout = Literal["torchvision-vgg16", "torchvision-resnet", "caffe-vgg16", "caffe-resnet", "densepred"]
+
+
+def detect_layout(keys: Iterable[str]) -> Layout | None:
+    """The layout of a state dict from its keys; ``None`` if it is none of the known ones.
+
+    ``"densepred"`` is not detected here (it depends on the target model): ``None`` means "not
+    an ImageNet layout" and :func:`load_pretrained` then compares the keys with the model's.
+    """
+    keys = set(keys)
+    if any(k.startswith("features.") for k in keys):
+        return "torchvision-vgg16"
+    if "conv1_1.0" in keys:
+        return "caffe-vgg16"
+    if "conv1.0" in keys or "res2a_branch2a.0" in keys:
+        return "caffe-resnet"
+    if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
+        return "torchvision-resnet"
+    return None
+
+
+@dataclass(frozen=True)
+class _Assign:
+    """One target tensor and how to compute it from file entries."""
+
+    target: str
+    sources: tuple[str, ...]
+    convert: Callable[[Sequence[Tensor], torch.Size], Tensor] = lambda ts, shape: ts[0]
+
+
+def _as_vector(ts: Sequence[Tensor], shape: torch.Size) -> Tensor:
+    # Old Caffe blobs carry 4-D shapes such as (1, 1, 1, C) for vectors.
+    t = ts[0]
+    return t.reshape(shape) if len(shape) == 1 and t.numel() == shape.numel() else t
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1) if t.dim() > 1 and t.numel() == max(t.shape) else t
+
+
+def decimate_fc(weight: Tensor, bias: Tensor | None, shape: Sequence[int]) -> tuple[Tensor, Tensor | None]:
+    """Subsample a convolutionalized fully connected layer to a smaller kernel and width.
+
+    DeepLab v1 initialises its LargeFOV head from ImageNet VGG16: "we subsample (by
+    decimation) the first FC layer" to 3x3 (Sec. 3.1), and fc6/fc7 have 1024 instead of
+    4096 channels (Sec. 4.1, Table 2). A 7x7 kernel keeps taps 0, 3, 6 in each direction
+    (the 3x3 kernel with dilation 12 then spans what the 7x7 one with dilation 4 spanned);
+    the paper does not say which 1024 channels are kept: we keep every 4th (0, 4, 8, ...),
+    of the outputs and, for fc7, of the inputs.
+
+    Args:
+        weight: ``(O, I, K, K)`` convolution weight.
+        bias: ``(O,)`` or ``None``.
+        shape: the target ``(o, i, k, k)``; ``O/o``, ``I/i`` and ``(K-1)/(k-1)`` must be whole.
+
+    Returns:
+        ``weight[::O/o, ::I/i, ::(K-1)/(k-1), ::(K-1)/(k-1)]`` and ``bias[::O/o]``.
+    """
+    if weight.dim() != 4 or len(shape) != 4:
+        raise ValueError(f"decimate_fc expects 4-D (O, I, K, K) shapes, got {tuple(weight.shape)} -> {tuple(shape)}")
+    steps = []
+    for dim, (big, small) in enumerate(zip(weight.shape, shape, strict=True)):
+        if dim < 2:  # channels: every (big / small)-th
+            step, rest = divmod(big, small) if small > 0 else (0, 1)
+        elif small > 1:  # kernel taps: evenly spaced, both ends kept
+            step, rest = divmod(big - 1, small - 1)
+        else:  # one tap only from one tap: the paper gives no rule for picking a centre
+            step, rest = 1, big - 1
+        if rest or step < 1:
+            raise ValueError(f"cannot decimate a weight of shape {tuple(weight.shape)} to {tuple(shape)}")
+        steps.append(step)
+    so, si, sh, sw = steps
+    sub = weight[::so, ::si, ::sh, ::sw].contiguous()
+    return sub, (bias[::so].contiguous() if bias is not None else None)
+
+
+def _fc_weight(ts: Sequence[Tensor], shape: torch.Size) -> Tensor:
+    """fc6/fc7 weight in any stored form -> the target convolution (FCN Sec. 3.1, DeepLab v1)."""
+    t = ts[0]
+    if t.dim() == 2:  # a Linear/InnerProduct: (O, C*K*K), flattened in (C, H, W) order
+        # fc7 is 1x1 whatever its width; fc6 keeps pool5's channels and only its kernel shrinks.
+        channels = t.shape[1] if tuple(shape[2:]) == (1, 1) else shape[1]
+        k = int(round((t.shape[1] / channels) ** 0.5)) if t.shape[1] % channels == 0 else 0
+        if k == 0 or channels * k * k != t.shape[1]:
+            return t  # the shape check reports it
+        t = t.reshape(t.shape[0], channels, k, k)
+    if t.shape == shape or t.dim() != 4:
+        return t
+    try:
+        return decimate_fc(t, None, shape)[0]
+    except ValueError:
+        return t
+
+
+def _fc_bias(ts: Sequence[Tensor], shape: torch.Size) -> Tensor:
+    t = _flat(ts[0])
+    if t.dim() == 1 and t.shape != shape and t.numel() % shape[0] == 0:
+        return t[:: t.numel() // shape[0]]  # the channels decimate_fc keeps
+    return t
+
+
+def _caffe_bn_stat(ts: Sequence[Tensor], shape: torch.Size) -> Tensor:
+    # Caffe's BatchNormLayer: scale = 0 if factor == 0 else 1 / factor; stat = blob * scale.
+    stat, factor = _as_vector(ts[:1], shape), float(ts[1].reshape(-1)[0])
+    value = stat * (0.0 if factor == 0 else 1.0 / factor)
+    if len(ts) == 3:  # running_mean with a conv bias folded in: BN(Wx + b) = BN'(Wx), mean' = mean - b
+        value = value - _as_vector(ts[2:], shape)
+    return value
+
+
+def _module_prefix(root: nn.Module, module: nn.Module) -> str:
+    for name, m in root.named_modules():
+        if m is module:
+            return f"{name}." if name else ""
+    raise AssertionError("module not inside root")  # internal invariant
+
+
+def _backbone(root: nn.Module) -> nn.Module | None:
+    if isinstance(root, (VGG16, ResNet)):
+        return root
+    backbone = getattr(root, "backbone", None)
+    return backbone if isinstance(backbone, (VGG16, ResNet)) else None
+
+
+def _fc_prefixes(root: nn.Module) -> list[str]:
+    """Every module holding ``fc6`` and ``fc7`` convolutions: FCN, FCHead, each ASPP-VGG branch."""
+    return [
+        f"{name}." if name else ""
+        for name, m in root.named_modules()
+        if isinstance(getattr(m, "fc6", None), nn.Conv2d) and isinstance(getattr(m, "fc7", None), nn.Conv2d)
+    ]
+
+
+def _vgg16_plan(root: nn.Module, backbone: nn.Module, caffe: bool) -> tuple[list[_Assign], set[str]]:
+    def names(layer: str) -> tuple[str, str]:
+        if caffe:
+            return f"{layer}.0", f"{layer}.1"
+        index = {"fc6": "classifier.0", "fc7": "classifier.3", "fc8": "classifier.6"}.get(layer)
+        index = index or f"features.{_TV_VGG16_CONVS[_VGG16_CONV_NAMES.index(layer)]}"
+        return f"{index}.weight", f"{index}.bias"
+
+    prefix = _module_prefix(root, backbone)
+    plan = []
+    for conv in _VGG16_CONV_NAMES:
+        w, b = names(conv)
+        plan += [_Assign(f"{prefix}{conv}.weight", (w,)), _Assign(f"{prefix}{conv}.bias", (b,))]
+    heads = _fc_prefixes(root)
+    for head in heads:
+        for layer in ("fc6", "fc7"):
+            w, b = names(layer)
+            plan += [_Assign(f"{head}{layer}.weight", (w,), _fc_weight), _Assign(f"{head}{layer}.bias", (b,), _fc_bias)]
+    ignored = set(names("fc8")) | (set() if heads else {*names("fc6"), *names("fc7")})
+    return plan, ignored
+
+
+def _msra_block(depth: int, n_blocks: int, b: int) -> str:
+    """MSRA's block name: letters, or ``a``, ``b1``, ``b2``, ... in deep nets' long stages."""
+    if depth >= 101 and n_blocks > 3:
+        return "a" if b == 0 else f"b{b}"
+    return "abcdefghijklmnopqrstuvwxyz"[b]
+
+
+def _resnet_plan(
+    root: nn.Module, backbone: nn.Module, caffe: bool, file_keys: set[str]
+) -> tuple[list[_Assign], set[str]]:
+    prefix = _module_prefix(root, backbone)
+    if not caffe:
+        plan = [
+            _Assign(prefix + key, (key,))
+            for key in backbone.state_dict()
+            if not key.endswith("num_batches_tracked") or key in file_keys
+        ]
+        return plan, {"fc.weight", "fc.bias"}
+
+    def conv_bn(conv: str, bn: str, c_conv: str, c_bn: str, c_scale: str) -> list[_Assign]:
+        mean_sources = (f"{c_bn}.0", f"{c_bn}.2") + ((f"{c_conv}.1",) if f"{c_conv}.1" in file_keys else ())
+        return [
+            _Assign(f"{prefix}{conv}.weight", (f"{c_conv}.0",)),
+            _Assign(f"{prefix}{bn}.running_mean", mean_sources, _caffe_bn_stat),
+            _Assign(f"{prefix}{bn}.running_var", (f"{c_bn}.1", f"{c_bn}.2"), _caffe_bn_stat),
+            _Assign(f"{prefix}{bn}.weight", (f"{c_scale}.0",), _as_vector),
+            _Assign(f"{prefix}{bn}.bias", (f"{c_scale}.1",), _as_vector),
+        ]
+
+    plan = conv_bn("conv1", "bn1", "conv1", "bn_conv1", "scale_conv1")
+    for stage in range(1, 5):
+        layer = getattr(backbone, f"layer{stage}")
+        for b, block in enumerate(layer):
+            name = f"{stage + 1}{_msra_block(backbone.depth, len(layer), b)}"
+            branches = [("conv1", "bn1", "2a"), ("conv2", "bn2", "2b"), ("conv3", "bn3", "2c")]
+            if block.downsample is not None:
+                branches.append(("downsample.0", "downsample.1", "1"))
+            for conv, bn, branch in branches:
+                tag = f"{name}_branch{branch}"
+                plan += conv_bn(
+                    f"layer{stage}.{b}.{conv}", f"layer{stage}.{b}.{bn}", f"res{tag}", f"bn{tag}", f"scale{tag}"
+                )
+    return plan, {"fc1000.0", "fc1000.1"}
+
+
+def _own_plan(root: nn.Module, file_keys: set[str]) -> list[_Assign]:
+    return [
+        _Assign(key, (key,)) for key in root.state_dict() if not key.endswith("num_batches_tracked") or key in file_keys
+    ]
+
+
+def _check_arch(root: nn.Module, backbone: nn.Module | None, layout: str, path: Path) -> None:
+    wanted = VGG16 if layout.endswith("vgg16") else ResNet
+    if not isinstance(backbone, wanted):
+        have = f"a {type(backbone).__name__} backbone" if backbone is not None else "no VGG16/ResNet backbone"
+        raise WeightsError(
+            f"{path.name} holds {wanted.__name__} weights ({layout} layout) but {type(root).__name__} has {have}; "
+            f"pick a model built on {wanted.__name__}"
+        )
+    if isinstance(backbone, ResNet):
+        caffe = layout.startswith("caffe")
+        if backbone.caffe_style != caffe:
+            where = "the first 1x1 conv (MSRA/Caffe)" if caffe else "the 3x3 conv (torchvision)"
+            raise WeightsError(
+                f"{path.name} is a ResNet in the {layout} layout, which puts a block's stride in {where}, "
+                f"but the model was built with caffe_style={backbone.caffe_style}; build it with "
+                f"caffe_style={caffe} (e.g. create_model(..., caffe_style={caffe}))"
+            )
+
+
+def _apply(
+    root: nn.Module, plan: list[_Assign], ignored: set[str], state: Mapping[str, Tensor], path: Path, layout: str
+) -> LoadReport:
+    """Check ``plan`` against the file's keys and the targets' shapes, then write all or nothing."""
+    expected = {k for a in plan for k in a.sources}
+    optional = {k for k in state if k.endswith("num_batches_tracked")}
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(state.keys() - expected - ignored - optional)
+    if missing or unexpected:
+        lines = [f"{path.name} ({layout} layout) does not fit {type(root).__name__}:"]
+        if missing:
+            lines.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+        if unexpected:
+            lines.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+        lines.append("Check that the file is the weights of this architecture (depth, variant) and not truncated.")
+        raise WeightsError("\n".join(lines))
+
+    targets = root.state_dict(keep_vars=True)
+    values, errors = {}, []
+    for a in plan:
+        target = targets[a.target]
+        value = a.convert([state[k] for k in a.sources], target.shape)
+        if value.shape != target.shape:
+            got = ", ".join(f"{k} {tuple(state[k].shape)}" for k in a.sources)
+            errors.append(f"{got} cannot fill {a.target} {tuple(target.shape)}")
+        values[a.target] = value
+    if errors:
+        raise WeightsError(
+            f"{path.name} ({layout} layout): shape mismatch: "
+            + "; ".join(errors[:10])
+            + (f" (and {len(errors) - 10} more)" if len(errors) > 10 else "")
+        )
+    with torch.no_grad():  # all checks passed: write everything, never a partial load
+        for key, value in values.items():
+            targets[key].copy_(value)
+    used = state.keys() & ignored
+    return LoadReport(path, layout, tuple(values), tuple(sorted(used)))
+
+
+def imagenet_spec(model: nn.Module) -> WeightsSpec:
+    """The :data:`PRETRAINED` ImageNet weights for ``model``'s backbone.
+
+    Raises:
+        WeightsError: for models without an ImageNet backbone (U-Net is trained from scratch,
+            Ronneberger et al. 2015, Sec. 3).
+    """
+    root = model.model if isinstance(model, MultiScaleInputs) else model
+    if isinstance(root, UNet):
+        raise WeightsError(
+            "U-Net has no ImageNet weights: the paper trains it from scratch (Sec. 3); pass pretrained=None, "
+            "or the path of a densepred U-Net checkpoint"
+        )
+    backbone = _backbone(root)
+    if backbone is None:
+        raise WeightsError(f"{type(root).__name__} has no VGG16 or ResNet backbone, so no ImageNet weights apply")
+    return PRETRAINED[f"resnet{backbone.depth}" if isinstance(backbone, ResNet) else "vgg16"]
+
+
+def load_pretrained(
+    model: nn.Module,
+    source: str | os.PathLike,
+    *,
+    sha256: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> LoadReport:
+    """Load weights into ``model`` in place, strictly; see the module docstring for the layouts.
+
+    Args:
+        model: a densepred model (FCN, DeepLab, MultiScaleInputs, UNet) or a bare backbone.
+        source: ``"imagenet"`` (the :data:`PRETRAINED` weights of the model's backbone, see
+            :func:`imagenet_spec`), a path, or a URL (see :func:`fetch`).
+        sha256: the expected digest of a path or URL source.
+        cache_dir, progress: passed to :func:`fetch`.
+
+    Raises:
+        WeightsError: the file cannot be fetched or read, has an unknown layout, does not fit
+            the model (missing, unexpected or wrongly shaped keys, named in the message), or
+            needs other model options (e.g. ``caffe_style``).
+    """
+    root = model.model if isinstance(model, MultiScaleInputs) else model
+    if os.fspath(source) == "imagenet":
+        spec = imagenet_spec(model)
+        # Refuse a model that cannot take these weights before downloading hundreds of MB.
+        expected_layout = f"{spec.layout}-{'vgg16' if spec.arch == 'vgg16' else 'resnet'}"
+        _check_arch(root, _backbone(root), expected_layout, Path(urllib.parse.urlsplit(spec.url).path))
+        path = fetch(
+            spec.url, sha256=spec.sha256, sha256_prefix=spec.sha256_prefix, cache_dir=cache_dir, progress=progress
+        )
+    else:
+        path = fetch(source, sha256=sha256, cache_dir=cache_dir, progress=progress)
+    state = read_state_dict(path)
+    keys = set(state)
+    layout = detect_layout(keys)
+    if layout is None:
+        # Our own checkpoints: of the model and (for multi-scale inputs) the DeepLab inside it,
+        # take the one whose keys the file shares most.
+        candidates = [model, root] if root is not model else [model]
+        root = max(candidates, key=lambda m: len(keys & m.state_dict().keys()))
+        if not keys & root.state_dict().keys():
+            raise WeightsError(
+                f"{path.name}: unknown weight layout (first keys: {_listing(sorted(keys), 5)}); expected torchvision "
+                f"or Caffe-converted ImageNet weights or a densepred state dict of {type(model).__name__}"
+            )
+        return _apply(root, _own_plan(root, keys), set(), state, path, "densepred")
+    backbone = _backbone(root)
+    _check_arch(root, backbone, layout, path)
+    if layout.endswith("vgg16"):
+        plan, ignored = _vgg16_plan(root, backbone, caffe=layout.startswith("caffe"))
+    else:
+        plan, ignored = _resnet_plan(root, backbone, caffe=layout.startswith("caffe"), file_keys=keys)
+    return _apply(root, plan, ignored, state, path, layout)
