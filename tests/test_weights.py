@@ -1,20 +1,18 @@
 """Pretrained weights: verified fetching, safe reading, and layouts that compute what they define.
 
 Every weight file here is built by the test. The network never leaves 127.0.0.1: downloads come
-from an ``http.server`` started in a thread. Big fully connected layers are Hankel matrices
-(``w[o, j] = s[o + j]``) saved as strided views of a small storage: a 400 MB fc6 costs 100 kB
-on disk, yet every entry depends on both its row and its column, so a wrong flatten order,
-channel or tap shows.
+from the ``http_server`` fixture (``tests/http_server.py``, a server in a thread). Big fully
+connected layers are Hankel matrices (``w[o, j] = s[o + j]``) saved as strided views of a small
+storage: a 400 MB fc6 costs 100 kB on disk, yet every entry depends on both its row and its
+column, so a wrong flatten order, channel or tap shows.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import os
 import pickle
-import threading
 
 import numpy as np
 import pytest
@@ -480,116 +478,75 @@ def test_read_formats_and_wrappers(tmp_path):
 # Fetching from a loopback server
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's naming
-        server = self.server
-        data = server.files.get(self.path)
-        server.log.append((self.path, self.headers.get("Range")))
-        if data is None:
-            self.send_error(404)
-            return
-        start, rng = 0, self.headers.get("Range")
-        if rng and server.honour_range:
-            start = int(rng.removeprefix("bytes=").split("-")[0])
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if server.cut_next:  # the connection drops halfway: an interrupted transfer
-            server.cut_next, body = False, body[: len(body) // 2]
-        server.sent += len(body)  # counted first: the client may finish reading before write() returns
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture()
-def server():
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.files, srv.log, srv.sent, srv.honour_range, srv.cut_next = {}, [], 0, True, False
-    srv.url = lambda name: f"http://127.0.0.1:{srv.server_address[1]}/{name}"
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    srv.stop = lambda: (srv.shutdown(), srv.server_close())
-    yield srv
-    if thread.is_alive():
-        srv.stop()
-
-
 def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_download_lands_in_the_cache_and_is_reused_offline(server, tmp_path):
+def test_download_lands_in_the_cache_and_is_reused_offline(http_server, tmp_path):
     data = os.urandom(300_000)
-    server.files["/w.pth"] = data
-    path = weights.fetch(server.url("w.pth"), sha256=_digest(data), cache_dir=tmp_path, progress=False)
+    http_server.files["/w.pth"] = data
+    path = weights.fetch(http_server.url("w.pth"), sha256=_digest(data), cache_dir=tmp_path, progress=False)
     assert path == tmp_path / "w.pth" and path.read_bytes() == data
-    server.stop()  # no network from here on
-    assert weights.fetch(server.url("w.pth"), sha256=_digest(data), cache_dir=tmp_path, progress=False) == path
-    assert len(server.log) == 1
+    http_server.stop()  # no network from here on
+    assert weights.fetch(http_server.url("w.pth"), sha256=_digest(data), cache_dir=tmp_path, progress=False) == path
+    assert len(http_server.requests) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.pth"]
 
 
-def test_sha256_mismatch_is_refused_and_nothing_corrupt_stays(server, tmp_path):
+def test_sha256_mismatch_is_refused_and_nothing_corrupt_stays(http_server, tmp_path):
     data = os.urandom(50_000)
-    server.files["/w.pth"] = data
+    http_server.files["/w.pth"] = data
     wrong = "0" * 64
     with pytest.raises(WeightsError) as err:
-        weights.fetch(server.url("w.pth"), sha256=wrong, cache_dir=tmp_path, progress=False)
+        weights.fetch(http_server.url("w.pth"), sha256=wrong, cache_dir=tmp_path, progress=False)
     msg = str(err.value)
     assert wrong in msg and _digest(data) in msg and "check the URL" in msg and "w.pth" in msg
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_corrupt_cached_file_is_refused_with_the_fix(server, tmp_path):
+def test_a_corrupt_cached_file_is_deleted_with_a_warning_and_downloaded_again(http_server, tmp_path):
     data = os.urandom(10_000)
+    http_server.files["/w.pth"] = data
     (tmp_path / "w.pth").write_bytes(b"tampered")
-    with pytest.raises(WeightsError, match=r"Delete .*w.pth to download it again"):
-        weights.fetch(server.url("w.pth"), sha256=_digest(data), cache_dir=tmp_path, progress=False)
-    assert server.log == []  # the cache was checked, the server not asked
+    with pytest.warns(WeightsWarning, match=r"sha256 mismatch for .*w.pth.*deleted it, downloading it again"):
+        path = weights.fetch(http_server.url("w.pth"), sha256=_digest(data), cache_dir=tmp_path, progress=False)
+    assert path.read_bytes() == data and http_server.requests == [("/w.pth", None)]
 
 
 @pytest.mark.parametrize("honour_range", [True, False])
-def test_a_partial_download_resumes(server, tmp_path, honour_range):
+def test_a_partial_download_resumes(http_server, tmp_path, honour_range):
     data = os.urandom(400_000)
-    server.files["/w.pth"], server.honour_range = data, honour_range
+    http_server.files["/w.pth"] = data
+    if not honour_range:
+        http_server.ignore_range.add("/w.pth")
     (tmp_path / "w.pth.part").write_bytes(data[:150_000])
-    path = weights.fetch(server.url("w.pth"), sha256=_digest(data), cache_dir=tmp_path, progress=False)
+    path = weights.fetch(http_server.url("w.pth"), sha256=_digest(data), cache_dir=tmp_path, progress=False)
     assert path.read_bytes() == data and not (tmp_path / "w.pth.part").exists()
-    assert server.log == [("/w.pth", "bytes=150000-")]
-    assert server.sent == (250_000 if honour_range else 400_000)  # a server without Range: start over
+    assert http_server.requests == [("/w.pth", "bytes=150000-")]
+    assert http_server.sent == (250_000 if honour_range else 400_000)  # a server without Range: start over
 
 
-def test_an_interrupted_download_is_kept_and_resumed_by_the_next_call(server, tmp_path):
+def test_an_interrupted_download_is_kept_and_resumed_by_the_next_call(http_server, tmp_path):
     data = os.urandom(200_000)
-    server.files["/w.pth"], server.cut_next = data, True
+    http_server.files["/w.pth"] = data
+    http_server.interrupt("/w.pth", after=100_000)
     with pytest.raises(WeightsError, match="run again to resume"):
-        weights.fetch(server.url("w.pth"), sha256=_digest(data), cache_dir=tmp_path, progress=False)
+        weights.fetch(http_server.url("w.pth"), sha256=_digest(data), cache_dir=tmp_path, progress=False)
     assert (tmp_path / "w.pth.part").stat().st_size == 100_000 and not (tmp_path / "w.pth").exists()
-    path = weights.fetch(server.url("w.pth"), sha256=_digest(data), cache_dir=tmp_path, progress=True)
+    path = weights.fetch(http_server.url("w.pth"), sha256=_digest(data), cache_dir=tmp_path, progress=True)
     assert path.read_bytes() == data
-    assert server.log == [("/w.pth", None), ("/w.pth", "bytes=100000-")]
+    assert http_server.requests == [("/w.pth", None), ("/w.pth", "bytes=100000-")]
 
 
-def test_hash_from_url_fragment_or_file_name_tag(server, tmp_path):
+def test_hash_from_url_fragment_or_file_name_tag(http_server, tmp_path):
     data = os.urandom(1000)
     digest = _digest(data)
-    server.files["/a.pth"] = server.files[f"/b-{digest[:8]}.pth"] = server.files["/c.pth"] = data
-    assert weights.fetch(server.url("a.pth") + f"#sha256={digest}", cache_dir=tmp_path, progress=False).exists()
+    http_server.files["/a.pth"] = http_server.files[f"/b-{digest[:8]}.pth"] = http_server.files["/c.pth"] = data
+    assert weights.fetch(http_server.url("a.pth") + f"#sha256={digest}", cache_dir=tmp_path, progress=False).exists()
     with pytest.warns(WeightsWarning, match=rf"only the first 8 hex digits .*\({digest[:8]}\)"):
-        weights.fetch(server.url(f"b-{digest[:8]}.pth"), cache_dir=tmp_path, progress=False)
+        weights.fetch(http_server.url(f"b-{digest[:8]}.pth"), cache_dir=tmp_path, progress=False)
     with pytest.raises(WeightsError, match="no sha256 known"):
-        weights.fetch(server.url("c.pth"), cache_dir=tmp_path, progress=False)
+        weights.fetch(http_server.url("c.pth"), cache_dir=tmp_path, progress=False)
 
 
 def test_local_paths_are_used_in_place_and_checked(tmp_path):
@@ -604,13 +561,13 @@ def test_local_paths_are_used_in_place_and_checked(tmp_path):
     assert cached == tmp_path / "cache" / "local.pth" and cached.read_bytes() == b"abc"  # file:// URLs are copied
 
 
-def test_imagenet_weights_come_from_the_table_through_the_cache(server, tmp_path, monkeypatch):
+def test_imagenet_weights_come_from_the_table_through_the_cache(http_server, tmp_path, monkeypatch):
     state = {k: expanded(v.shape, 0.5) for k, v in tv_vgg16(_vgg_shapes()).items()}
     path = tmp_path / "src.pth"
     torch.save(state, path)
     data = path.read_bytes()
-    server.files["/vgg16-test.pth"] = data
-    spec = dataclasses.replace(weights.PRETRAINED["vgg16"], url=server.url("vgg16-test.pth"), sha256=_digest(data))
+    http_server.files["/vgg16-test.pth"] = data
+    spec = dataclasses.replace(weights.PRETRAINED["vgg16"], url=http_server.url("vgg16-test.pth"), sha256=_digest(data))
     monkeypatch.setitem(weights.PRETRAINED, "vgg16", spec)
     monkeypatch.setenv("DENSEPRED_CACHE", str(tmp_path / "cache"))
     model = densepred.create_model("deeplab_v1_largefov", pretrained="imagenet")
@@ -618,12 +575,12 @@ def test_imagenet_weights_come_from_the_table_through_the_cache(server, tmp_path
     assert (tmp_path / "cache" / "vgg16-test.pth").read_bytes() == data
 
 
-def test_imagenet_resnet_is_refused_before_downloading_when_the_stride_convention_differs(server, monkeypatch):
-    spec = dataclasses.replace(weights.PRETRAINED["resnet101"], url=server.url("resnet101-63fe2227.pth"))
+def test_imagenet_resnet_is_refused_before_downloading_when_the_stride_convention_differs(http_server, monkeypatch):
+    spec = dataclasses.replace(weights.PRETRAINED["resnet101"], url=http_server.url("resnet101-63fe2227.pth"))
     monkeypatch.setitem(weights.PRETRAINED, "resnet101", spec)
     with pytest.raises(WeightsError, match="build it with caffe_style=False"):
         densepred.create_model("deeplab_v2_resnet101", pretrained="imagenet")  # MSRA-style by default
-    assert server.log == []
+    assert http_server.requests == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ Three steps, each usable alone:
 
 1. :func:`fetch` turns a path or URL into a local file. URLs are downloaded into a cache
    (``$DENSEPRED_CACHE`` or ``~/.cache/densepred/weights``), resumed from a ``.part`` file with
-   an HTTP Range request, and checked against the full sha256 before they are moved into place;
-   a cached file is checked again on every use.
+   an HTTP Range request (:mod:`densepred.download`), and checked against the full sha256
+   before they are moved into place; a cached file is checked again on every use, and one that
+   no longer matches is downloaded again.
 2. :func:`read_state_dict` reads ``.pth``/``.pt`` (``torch.load(weights_only=True)``: tensors
    only, a pickle that would run code is refused), ``.safetensors`` and ``.npz``
    (``allow_pickle=False``).
@@ -53,17 +54,13 @@ the class-scoring layers (``score_fr``, ``fc8``, ResNet's ASPP) keep their initi
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
@@ -71,6 +68,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .download import TransferFailed, TransferInterrupted, download_to_part, sha256_file
 from .models.backbones import VGG16, ResNet
 from .models.backbones.vgg import VGG16_STAGES
 from .models.deeplab import MultiScaleInputs
@@ -100,7 +98,8 @@ class WeightsError(ValueError):
 
 
 class WeightsWarning(UserWarning):
-    """A weight file checked less strictly than it should be (only a hash prefix is known)."""
+    """A weight file checked less strictly than it should be (only a hash prefix is known), or a
+    corrupt cached copy that was deleted and downloaded again."""
 
 
 @dataclass(frozen=True)
@@ -216,18 +215,8 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "densepred" / "weights"
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """The hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _verify(path: Path, sha256: str | None, prefix: str | None, fix: str, name: str | None = None) -> None:
-    name = name or path.name
-    actual = sha256_file(path)
+def _mismatch(path: Path, sha256: str | None, prefix: str | None, name: str) -> str | None:
+    """``None`` when ``path`` has the expected digest, else what differs (for the caller's message)."""
     expected = sha256 or prefix
     assert expected is not None  # callers pass at least one
     if sha256 is None:
@@ -237,8 +226,8 @@ def _verify(path: Path, sha256: str | None, prefix: str | None, fix: str, name: 
             WeightsWarning,
             stacklevel=3,
         )
-    if not actual.startswith(expected):
-        raise WeightsError(f"sha256 mismatch for {name}: expected {expected}, got {actual}. {fix}")
+    actual = sha256_file(path)
+    return None if actual.startswith(expected) else f"sha256 mismatch for {name}: expected {expected}, got {actual}"
 
 
 def _hash_tag(filename: str) -> str | None:
@@ -258,10 +247,12 @@ def fetch(
     """A local file for ``source``: a path (used in place) or an ``http``/``https``/``file`` URL.
 
     A URL is downloaded into ``cache_dir`` (default :func:`default_cache_dir`) under its file
-    name, streamed to ``<name>.part`` (resumed with a Range request when a ``.part`` exists),
-    verified, and moved into place atomically; a cached file is verified again on every call.
-    The expected digest is ``sha256``, else a ``#sha256=<hex>`` URL fragment, else (with a
-    :class:`WeightsWarning`) ``sha256_prefix`` or the hex tag of a torch.hub-style file name.
+    name, streamed to ``<name>.part`` (resumed with a Range request when a ``.part`` exists, see
+    :func:`densepred.download.download_to_part`), verified, and moved into place atomically. A
+    cached file is verified again on every call; one that no longer matches is deleted, with a
+    :class:`WeightsWarning`, and downloaded again. The expected digest is ``sha256``, else a
+    ``#sha256=<hex>`` URL fragment, else (with a :class:`WeightsWarning`) ``sha256_prefix`` or
+    the hex tag of a torch.hub-style file name.
 
     Raises:
         WeightsError: a missing file, a failed download, a URL with no known digest, or a
@@ -281,8 +272,8 @@ def fetch(
         path = Path(text).expanduser()
         if not path.is_file():
             raise WeightsError(f"weight file {path} does not exist; check the path (or pass an http(s) URL)")
-        if sha256 or sha256_prefix:
-            _verify(path, sha256, sha256_prefix, "Check that this is the intended file.", str(path))
+        if (sha256 or sha256_prefix) and (problem := _mismatch(path, sha256, sha256_prefix, str(path))):
+            raise WeightsError(f"{problem}. Check that this is the intended file.")
         return path
 
     url = urllib.parse.urlunsplit(parts._replace(fragment=""))
@@ -299,70 +290,30 @@ def fetch(
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     dest = cache / name
     if dest.exists():
-        _verify(
-            dest, sha256, sha256_prefix, f"Delete {dest} to download it again, or check the expected hash.", str(dest)
-        )
-        return dest
+        problem = _mismatch(dest, sha256, sha256_prefix, str(dest))
+        if problem is None:
+            return dest
+        # A cached file is ours to replace: it was downloaded (and verified) by an earlier call.
+        warnings.warn(f"{problem}; deleted it, downloading it again", WeightsWarning, stacklevel=2)
+        dest.unlink()
     cache.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(name + ".part")
-    _download(url, part, progress)
     try:
-        _verify(
-            part, sha256, sha256_prefix, f"The download was deleted; check the URL {url} and the expected hash.", name
-        )
-    except WeightsError:
-        part.unlink(missing_ok=True)
-        raise
+        download_to_part(url, part, progress=progress)
+    except TransferFailed as exc:
+        raise WeightsError(f"downloading {url} failed: {exc.reason}; check the URL") from exc
+    except TransferInterrupted as exc:
+        kept = part.stat().st_size if part.exists() else 0
+        raise WeightsError(
+            f"download of {url} interrupted: {exc.reason}. {kept} bytes are kept in {part}: run again to resume, "
+            "or download the file yourself and pass its path"
+        ) from exc
+    problem = _mismatch(part, sha256, sha256_prefix, name)
+    if problem is not None:
+        part.unlink()
+        raise WeightsError(f"{problem}. The download was deleted; check the URL {url} and the expected hash.")
     os.replace(part, dest)  # atomic: a reader never sees a half-written file under its final name
     return dest
-
-
-def _download(url: str, part: Path, progress: bool) -> None:
-    from tqdm.auto import tqdm
-
-    offset = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
-    try:
-        response = urllib.request.urlopen(request, timeout=60)
-    except urllib.error.HTTPError as exc:
-        if exc.code == 416 and offset:
-            return  # the .part already holds the whole file; the hash check decides
-        raise WeightsError(f"downloading {url} failed: HTTP {exc.code} {exc.reason}; check the URL") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise WeightsError(
-            f"cannot download {url}: {reason}. Check the network and the URL, or download the file "
-            f"yourself and pass its path"
-        ) from exc
-    with response:
-        content_range = response.headers.get("Content-Range", "")
-        if offset and not (getattr(response, "status", None) == 206 and content_range.startswith(f"bytes {offset}-")):
-            offset = 0  # the server ignored the Range request: start over
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length is not None else None
-        done = offset
-        with (
-            open(part, "ab" if offset else "wb") as f,
-            tqdm(
-                total=total,
-                initial=offset,
-                unit="B",
-                unit_scale=True,
-                desc=part.name[: -len(".part")],
-                disable=not progress,
-            ) as bar,
-        ):
-            try:
-                for chunk in iter(lambda: response.read(1 << 20), b""):
-                    f.write(chunk)
-                    done += len(chunk)
-                    bar.update(len(chunk))
-            except (OSError, HTTPException) as exc:
-                raise WeightsError(
-                    f"download of {url} interrupted at {done} bytes ({exc}); run again to resume"
-                ) from exc
-    if total is not None and done < total:
-        raise WeightsError(f"download of {url} stopped at {done} of {total} bytes; run again to resume from {part}")
 
 
 # ---------------------------------------------------------------------------------------------
