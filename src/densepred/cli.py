@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
@@ -16,10 +18,113 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_configs(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .runtime import CONFIG_DIR
+
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        notes = (yaml.safe_load(path.read_text()) or {}).get("notes", "")
+        print(f"{path.stem:32s} {notes}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_experiment
+    from .runtime import resolve_config
+    from .train import train
+
+    exp = load_experiment(resolve_config(args.config), args.overrides)
+    run_dir = Path(args.run_dir or Path("runs") / exp.name)
+    result = train(exp, run_dir, resume=args.resume, progress=not args.no_progress)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:
+            return 0
+    print(f"run folder: {run_dir}  iterations: {result.iterations}  train time: {result.train_seconds:.0f} s")
+    if result.metrics:
+        print(f"validation: mIoU {result.metrics['miou']:.4f}  pixel acc {result.metrics['pixel_acc']:.4f}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .config import apply_overrides, experiment_from_dict
+    from .evaluate import evaluate
+    from .metrics import ConfusionMatrix
+    from .plots import plot_confusion_matrix, plot_per_class_iou
+    from .runtime import build_dataset, load_trained, resolve_device
+
+    device = resolve_device(args.device)
+    trained = load_trained(args.checkpoint, device)
+    exp = experiment_from_dict(apply_overrides(trained.experiment.to_dict(), args.overrides))
+    if args.root:
+        exp.data.root = args.root
+    dataset = build_dataset(exp, args.split or exp.data.val_split, train=False)
+    if dataset.num_classes != trained.num_classes:
+        raise ValueError(
+            f"{args.checkpoint} predicts {trained.num_classes} classes but the dataset has {dataset.num_classes}"
+        )
+    cm = ConfusionMatrix(trained.num_classes, ignore_index=dataset.ignore_index, device=device)
+    metrics = evaluate(trained.model, dataset, exp.eval, device=device, confusion=cm)
+    out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=2))
+    names = trained.class_names
+    plot_confusion_matrix(cm.matrix.cpu().numpy(), names, out / "confusion.png")
+    plot_per_class_iou(metrics["iou"], names, trained.palette, out / "per_class_iou.png")
+    print(_metrics_table(metrics, names))
+    print(f"\nwrote {out / 'metrics.json'}, confusion.png, per_class_iou.png")
+    return 0
+
+
+def _metrics_table(metrics: dict, names: list[str]) -> str:
+    lines = [f"{'class':20s} {'IoU':>7s} {'Dice':>7s} {'acc':>7s}"]
+    for i, name in enumerate(names):
+        lines.append(f"{name:20s} {metrics['iou'][i]:7.4f} {metrics['dice'][i]:7.4f} {metrics['acc'][i]:7.4f}")
+    lines.append("")
+    for key, label in (
+        ("pixel_acc", "pixel accuracy"),
+        ("mean_acc", "mean accuracy"),
+        ("miou", "mean IoU"),
+        ("fwiou", "f.w. IoU"),
+        ("mean_dice", "mean Dice"),
+    ):
+        lines.append(f"{label:20s} {metrics[key]:7.4f}")
+    return "\n".join(lines)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    # The main job: until training lands it shows the model zoo.
-    print("densepred model zoo (parameters for 21 classes, RGB input):\n")
-    return _cmd_models(argparse.Namespace(pattern="*", num_classes=21, in_channels=3))
+    """The main job: train the default recipe on the built-in synthetic data and evaluate it."""
+    from .config import load_experiment
+    from .runtime import resolve_config
+    from .train import train
+
+    exp = load_experiment(resolve_config("synthetic_unet"), args.overrides)
+    run_dir = Path(args.run_dir)
+    print(f"densepred demo: {exp.notes}\nrun folder: {run_dir}")
+    result = train(exp, run_dir, resume=args.resume, progress=not args.no_progress)
+    m = result.metrics
+    print(
+        f"\ntrained {result.iterations} iterations in {result.train_seconds:.0f} s; synthetic val: "
+        f"mIoU {m['miou']:.4f}, pixel acc {m['pixel_acc']:.4f}, mean acc {m['mean_acc']:.4f}"
+    )
+    try:
+        from .predict import predict_dataset_figures
+
+        predict_dataset_figures(run_dir)
+    except ImportError:  # prediction figures arrive with the inference module
+        pass
+    print(f"outputs: {run_dir}/ (checkpoints/, log.jsonl, curves.png, metrics.json)")
+    return 0
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's newest good checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.lr=0.01")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,15 +137,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-channels", type=int, default=3)
     p.set_defaults(func=_cmd_models)
 
-    p = sub.add_parser("demo", help="the main job on built-in data")
+    p = sub.add_parser("configs", help="list the shipped training recipes")
+    p.set_defaults(func=_cmd_configs)
+
+    p = sub.add_parser("train", help="train a recipe (works the same under torchrun)")
+    p.add_argument("--config", required=True, help="a recipe file or a shipped recipe name (see `densepred configs`)")
+    p.add_argument("--run-dir", help="output folder (default runs/<recipe name>)")
+    _add_run_options(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint: metrics JSON, per-class table, plots")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", help="dataset split (default: the recipe's validation split)")
+    p.add_argument("--root", help="dataset folder, if it moved since training")
+    p.add_argument("--out", help="output folder (default: <run folder>/eval)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.mode=slide eval.tile=256")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job: train and evaluate on the built-in synthetic data")
+    p.add_argument("--run-dir", default="runs/demo")
+    _add_run_options(p)
     p.set_defaults(func=_cmd_demo)
+
+    from .data.cli import add_data_commands
+
+    add_data_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
         print(f"densepred {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"densepred {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,169 @@
+"""Inference modes: whole image and sliding window (more modes build on these)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["predict_logits", "sliding_window", "overlap_tile", "mirror_pad", "tile_starts", "is_valid_unet"]
+
+
+def _forward(model: nn.Module, x: Tensor) -> Tensor:
+    out = model(x)
+    return out["fused"] if isinstance(out, dict) else out
+
+
+def tile_starts(size: int, tile: int, stride: int) -> list[int]:
+    """Tile origins along one axis that cover ``[0, size)``; the last tile is flush with the end."""
+    if size <= tile:
+        return [0]
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _gaussian_window(tile: int, sigma_scale: float = 0.125) -> Tensor:
+    """A separable Gaussian that trusts tile centres more than tile borders."""
+    coords = torch.arange(tile, dtype=torch.float32) - (tile - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * (sigma_scale * tile) ** 2))
+    return (g[:, None] * g[None, :]).clamp_min(1e-3)
+
+
+@torch.inference_mode()
+def sliding_window(
+    model: nn.Module,
+    image: Tensor,
+    tile: int,
+    overlap: float = 1 / 3,
+    *,
+    batch_size: int = 4,
+    blend: str = "uniform",
+    num_classes: int | None = None,
+) -> Tensor:
+    """Logits of a (N, C, H, W) batch by tiles of ``tile`` pixels overlapping by ``overlap``.
+
+    Tiles are run ``batch_size`` at a time and their logits averaged where they overlap
+    (``blend="gaussian"`` weighs tile centres more). An image smaller than a tile is padded with
+    zeros (the normalised mean) and cropped back.
+    """
+    if tile < 1 or not 0 <= overlap < 1:
+        raise ValueError(f"need tile >= 1 and 0 <= overlap < 1, got tile={tile}, overlap={overlap}")
+    if blend not in ("uniform", "gaussian"):
+        raise ValueError(f"blend must be 'uniform' or 'gaussian', got {blend!r}")
+    n, _, h, w = image.shape
+    ph, pw = max(tile - h, 0), max(tile - w, 0)
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph))
+    H, W = image.shape[-2:]
+    stride = max(1, int(math.ceil(tile * (1 - overlap))))
+    boxes = [(y, x) for y in tile_starts(H, tile, stride) for x in tile_starts(W, tile, stride)]
+    weight = _gaussian_window(tile) if blend == "gaussian" else torch.ones(tile, tile)
+    weight = weight.to(image.device)
+    logits = counts = None
+    for b in range(0, len(boxes), batch_size):
+        chunk = boxes[b : b + batch_size]
+        tiles = torch.cat([image[:, :, y : y + tile, x : x + tile] for y, x in chunk])
+        out = _forward(model, tiles).float()
+        if out.shape[-2:] != (tile, tile):
+            raise ValueError(
+                f"sliding window needs a model whose output has its input's size; got {tuple(out.shape[-2:])}"
+            )
+        if logits is None:
+            logits = torch.zeros(n, out.shape[1], H, W, device=image.device)
+            counts = torch.zeros(1, 1, H, W, device=image.device)
+        for k, (y, x) in enumerate(chunk):
+            logits[:, :, y : y + tile, x : x + tile] += out[k * n : (k + 1) * n] * weight
+            counts[:, :, y : y + tile, x : x + tile] += weight
+    return (logits / counts)[:, :, :h, :w]
+
+
+def is_valid_unet(model: nn.Module) -> bool:
+    """True for a U-Net with valid convolutions (its output is smaller than its input)."""
+    return getattr(model, "padding", None) == "valid" and hasattr(model, "output_size")
+
+
+def mirror_pad(x: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
+    """Reflect-pad by any amount (repeated reflections when a pad exceeds the image), as the
+    U-Net paper extrapolates missing context "by mirroring the input image" (Fig. 2)."""
+    while top or bottom or left or right:
+        h, w = x.shape[-2:]
+        t, b, l_, r = min(top, h - 1), min(bottom, h - 1), min(left, w - 1), min(right, w - 1)
+        if h == 1 or w == 1:  # a single row/column cannot reflect: replicate it
+            return F.pad(x, (left, right, top, bottom), mode="replicate")
+        x = F.pad(x, (l_, r, t, b), mode="reflect")
+        top, bottom, left, right = top - t, bottom - b, left - l_, right - r
+    return x
+
+
+@torch.inference_mode()
+def overlap_tile(model: nn.Module, image: Tensor, tile: int | None = None, *, batch_size: int = 4) -> Tensor:
+    """Full-size logits from a valid-convolution U-Net by the overlap-tile strategy (U-Net Fig. 2).
+
+    The image is mirror-padded by the net's context margin, cut into input tiles of ``tile``
+    pixels (a valid size; default the paper's 572 or the smallest that covers the image) whose
+    output tiles cover the image without gaps, and the output tiles are stitched. Every output
+    pixel sees full (partly mirrored) context, for any image size.
+    """
+    from .models.unet import unet_valid_size
+
+    n, _, h, w = image.shape
+    depth = model.depth
+    tile = tile or (572 if depth == 4 else unet_valid_size(2 ** (depth + 4))[0])
+    valid, out = unet_valid_size(tile, depth)
+    if valid != tile:
+        raise ValueError(
+            f"overlap-tile needs a valid U-Net input tile; {tile} is not one (next valid: {valid}, output {out})"
+        )
+    # The net is shift-equivariant only by multiples of 2**depth (its poolings), so tiles start
+    # on that grid: then stitched tiles equal one pass over the whole mirrored image.
+    step = out // 2**depth * 2**depth
+    if step == 0:
+        smallest = unet_valid_size(2**depth + tile - out, depth)[0]
+        raise ValueError(
+            f"tile {tile} gives {out}-pixel outputs, smaller than the {2**depth}-pixel pooling grid; "
+            f"use tile >= {smallest}"
+        )
+    margin = (tile - out) // 2  # context on each side of an output tile (92 for 572 -> 388)
+    rows = [i * step for i in range(max(0, math.ceil((h - out) / step)) + 1)]
+    cols = [i * step for i in range(max(0, math.ceil((w - out) / step)) + 1)]
+    ext_h, ext_w = rows[-1] + out, cols[-1] + out
+    padded = mirror_pad(image, margin, margin + ext_h - h, margin, margin + ext_w - w)
+    boxes = [(y, x) for y in rows for x in cols]
+    logits = None
+    for b in range(0, len(boxes), batch_size):
+        chunk = boxes[b : b + batch_size]
+        tiles = torch.cat([padded[:, :, y : y + tile, x : x + tile] for y, x in chunk])
+        scores = model(tiles).float()
+        if logits is None:
+            logits = torch.zeros(n, scores.shape[1], ext_h, ext_w, device=image.device)
+        for k, (y, x) in enumerate(chunk):
+            logits[:, :, y : y + out, x : x + out] = scores[k * n : (k + 1) * n]
+    return logits[:, :, :h, :w]
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    image: Tensor,
+    *,
+    mode: str = "whole",
+    tile: int | None = None,
+    overlap: float = 1 / 3,
+    batch_size: int = 4,
+) -> Tensor:
+    """Logits for a normalised (N, C, H, W) batch with the chosen inference mode.
+
+    For a valid-convolution U-Net, ``"whole"`` means overlap-tile: its whole-image output *is*
+    the stitched tiles (U-Net Fig. 2), so the logits always cover the whole image.
+    """
+    if mode == "overlap_tile" or (mode == "whole" and is_valid_unet(model)):
+        return overlap_tile(model, image, tile, batch_size=batch_size)
+    if mode == "whole":
+        return _forward(model, image).float()
+    if mode == "slide":
+        if not tile:
+            raise ValueError("mode='slide' needs tile=<tile size in pixels>")
+        return sliding_window(model, image, tile, overlap, batch_size=batch_size)
+    raise ValueError(f"unknown inference mode {mode!r}; choose 'whole', 'slide' or 'overlap_tile'")

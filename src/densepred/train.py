@@ -1,0 +1,394 @@
+"""The trainer: a recipe in, a run folder out (checkpoints, log, curves, final metrics).
+
+``train(exp, run_dir)`` runs the same way alone and under ``torchrun`` (DistributedDataParallel,
+gloo on CPU, NCCL on GPU). The loop follows the Caffe recipes the papers used: SGD with
+momentum, parameter groups with lr/decay multipliers, ``iter_size`` gradient accumulation,
+iteration-based schedules. Everything needed to continue is checkpointed atomically, and in
+deterministic mode a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import losses
+from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .config import Experiment, OptimConfig, ScheduleConfig
+from .data.loader import worker_init
+from .evaluate import evaluate
+from .models.layers import center_crop
+from .runtime import DistInfo, build_dataset, build_model, git_commit, seed_everything, setup_distributed
+from .sampling import ResumableBatchSampler, SeededSamples
+
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "param_groups", "lr_factor"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradients became NaN/inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    iterations: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    best_miou: float | None = None
+    train_seconds: float = 0.0
+    checkpoint: Path | None = None
+    stopped_early: bool = False
+
+
+def lr_factor(it: int, total: int, s: ScheduleConfig) -> float:
+    """Multiplier of the base lr at iteration ``it`` (0-based) of ``total``."""
+    if s.policy == "poly":  # DeepLab v2: (1 - iter/max_iter)^power
+        factor = (1 - it / total) ** s.power
+    elif s.policy == "step":  # DeepLab v1: x gamma every step_size iterations
+        factor = s.gamma ** (it // s.step_size)
+    elif s.policy == "cosine":
+        factor = s.min_lr_factor + (1 - s.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * it / total))
+    else:
+        factor = 1.0
+    if it < s.warmup_iters:  # linear warm-up from warmup_factor to 1
+        factor *= s.warmup_factor + (1 - s.warmup_factor) * it / s.warmup_iters
+    return factor
+
+
+def param_groups(model: nn.Module, o: OptimConfig) -> list[dict[str, Any]]:
+    """Caffe-style groups: biases at ``bias_lr_mult`` x lr without decay; the classifier at
+    ``head_lr_mult`` x lr (DeepLab: 10x); norm-layer scales without decay. Frozen tensors are left out."""
+    head_ids = {id(p) for layer in getattr(model, "classifier_layers", list)() for p in layer.parameters()}
+    norm_ids = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
+        for p in m.parameters(recurse=False)
+    }
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr_mult = o.head_lr_mult if id(p) in head_ids else 1.0
+        decay_mult = 1.0
+        if name.endswith("bias"):
+            lr_mult, decay_mult = lr_mult * o.bias_lr_mult, o.bias_decay_mult
+        elif id(p) in norm_ids:
+            decay_mult = 0.0
+        groups.setdefault((lr_mult, decay_mult), []).append(p)
+    return [
+        {"params": ps, "lr": o.lr * lr_m, "weight_decay": o.weight_decay * wd_m, "lr_mult": lr_m}
+        for (lr_m, wd_m), ps in sorted(groups.items())
+    ]
+
+
+def build_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, o)
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=o.lr, betas=o.betas)
+
+
+class _StrideOutput(nn.Module):
+    """Route ``forward`` to ``coarse_logits`` so DDP sees the call that produces the loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.coarse_logits(x)
+
+
+def _fit_target(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """Labels for a score map that is smaller than the image: the valid U-Net's centre crop,
+    or DeepLab's stride-8 scores (labels sub-sampled by nearest neighbour, never interpolated)."""
+    if logits.shape[-2:] == target.shape[-2:]:
+        return target
+    h, w = logits.shape[-2:]
+    H, W = target.shape[-2:]
+    if (H - h) % 2 == 0 and (W - w) % 2 == 0 and H - h < H // 2:
+        return center_crop(target[:, None], h, w)[:, 0]
+    return losses.resize_labels(target, (h, w))
+
+
+class _Loss:
+    """The recipe's loss, for one output (a tensor, or the multi-scale dict)."""
+
+    def __init__(self, exp: Experiment, ignore_index: int, device: torch.device) -> None:
+        t = exp.train
+        self.kind, self.ignore_index = t.loss, ignore_index
+        self.class_weights = torch.tensor(t.class_weights, device=device) if t.class_weights else None
+
+    def single(self, logits: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+        target = _fit_target(logits, target, self.ignore_index)
+        logits = logits.float()
+        if self.kind == "dice":
+            return losses.dice_loss(logits, target, ignore_index=self.ignore_index)
+        if weight is not None and self.kind == "unet_weighted":
+            weight = weight if weight.shape[-2:] == logits.shape[-2:] else _fit_target(logits, weight, 0)
+        ce = losses.cross_entropy(
+            logits,
+            target,
+            ignore_index=self.ignore_index,
+            class_weights=self.class_weights,
+            reduction="sum" if self.kind == "ce_sum" else "mean",
+            pixel_weights=weight if self.kind == "unet_weighted" else None,
+        )
+        if self.kind == "ce_dice":
+            ce = ce + losses.dice_loss(logits, target, ignore_index=self.ignore_index)
+        return ce
+
+    def __call__(self, output: Tensor | dict[str, Tensor], target: Tensor, weight: Tensor | None) -> Tensor:
+        if isinstance(output, dict):  # DeepLab v2 MSC: one loss per branch, summed
+            return sum(self.single(v, target, weight) for v in output.values())  # type: ignore[return-value]
+        return self.single(output, target, weight)
+
+
+class _WithWeightMaps(torch.utils.data.Dataset):
+    """Adds the U-Net border weight map (Sec. 3, Eq. 2) of each augmented mask, in the workers."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: Any) -> dict:
+        sample = self.dataset[item]
+        sample["weight"] = torch.from_numpy(losses.unet_weight_map(sample["mask"].numpy())).float()
+        return sample
+
+
+def _make_loader(exp: Experiment, dataset, info: DistInfo, start_batch: int) -> DataLoader:
+    data: torch.utils.data.Dataset = SeededSamples(dataset)
+    if exp.train.loss == "unet_weighted":
+        data = _WithWeightMaps(data)
+    sampler = ResumableBatchSampler(
+        len(dataset),
+        exp.data.batch_size,
+        seed=exp.train.seed,
+        rank=info.rank,
+        world_size=info.world_size,
+        start=start_batch,
+    )
+    workers = exp.data.workers
+    return DataLoader(
+        data,
+        batch_sampler=sampler,
+        num_workers=workers,
+        worker_init_fn=worker_init if workers else None,
+        persistent_workers=workers > 0,
+        # A private generator: creating the loader must not consume the global RNG, or a
+        # resumed run's dropout masks would differ from an uninterrupted run's.
+        generator=torch.Generator().manual_seed(exp.train.seed),
+        pin_memory=False,
+    )
+
+
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train ``exp`` into ``run_dir``; ``resume=True`` continues from its newest good checkpoint."""
+    t = exp.train
+    info, device = setup_distributed(t.device)
+    run_dir = Path(run_dir)
+    seed_everything(t.seed, t.deterministic)
+
+    train_set = build_dataset(exp, exp.data.train_split, train=True, seed=t.seed)
+    val_set = build_dataset(exp, exp.data.val_split, train=False)
+    model = build_model(exp, train_set.num_classes, train_set.in_channels).to(device)
+    if exp.model.sync_bn and info.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if exp.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, exp.optim)
+    use_fp16 = t.amp == "fp16" and device.type == "cuda"
+    scaler = torch.amp.GradScaler(device.type) if use_fp16 else None
+
+    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=t.keep_last)
+    start_iter, best = 0, None
+    if resume and (found := ckpts.latest()) is not None:
+        path, state = found
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_iter, best = state["iteration"], state.get("best_miou")
+        if info.is_main:
+            print(f"resuming from {path} (iteration {start_iter} of {t.iterations})")
+    elif info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(exp.to_yaml())
+        (run_dir / "log.jsonl").unlink(missing_ok=True)
+    commit = git_commit()
+    if info.is_main:
+        (run_dir / "git_commit.txt").write_text(commit + "\n")
+
+    net: nn.Module = _StrideOutput(model) if t.loss_at_output_stride else model
+    if info.enabled:
+        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        net = torch.compile(net)
+    loss_fn = _Loss(exp, train_set.ignore_index, device)
+    loader = _make_loader(exp, train_set, info, start_batch=start_iter * t.iter_size)
+    batches = iter(loader)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if t.amp == "bf16" else torch.float16)
+        if t.amp != "none"
+        else nullcontext()
+    )
+
+    def checkpoint_state(iteration: int, metrics: dict | None = None) -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(),
+            "config": exp.to_dict(),
+            "git_commit": commit,
+            "best_miou": best,
+            "metrics": metrics or {},
+            "dataset": {
+                "name": exp.data.dataset,
+                "num_classes": train_set.num_classes,
+                "class_names": list(train_set.class_names),
+                "palette": [list(c) for c in train_set.palette],
+                "in_channels": train_set.in_channels,
+                "ignore_index": train_set.ignore_index,
+                "normalization": exp.data.normalization,
+            },
+        }
+
+    def run_eval(iteration: int) -> dict[str, Any]:
+        metrics = evaluate(model, val_set, exp.eval, device=device, dist_info=info, progress=False)
+        if info.is_main:
+            _log(run_dir / "log.jsonl", {"iter": iteration, "split": "val", **_scalars(metrics)})
+        return metrics
+
+    bar = tqdm(total=t.iterations, initial=start_iter, disable=not (progress and info.is_main), desc="train", unit="it")
+    started, last_ckpt, metrics, stopped = time.perf_counter(), None, {}, False
+    images_per_iter = exp.data.batch_size * info.world_size * t.iter_size
+    it = start_iter
+    tick, tick_it = time.perf_counter(), it
+    model.train()
+    while it < t.iterations:
+        factor = lr_factor(it, t.iterations, exp.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = exp.optim.lr * group["lr_mult"] * factor
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in range(t.iter_size):
+            batch = next(batches)
+            images = batch["image"].to(device, non_blocking=True)
+            if exp.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            target = batch["mask"].to(device)
+            weight = batch["weight"].to(device) if "weight" in batch else None
+            sync = nullcontext() if not info.enabled or micro == t.iter_size - 1 else net.no_sync()
+            with sync:
+                with autocast:
+                    output = net(images)
+                loss = loss_fn(output, target, weight) / t.iter_size
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            total += float(loss.detach())
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = None
+        if t.clip_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm))
+        finite = math.isfinite(total) and (grad_norm is None or math.isfinite(grad_norm))
+        if not finite:
+            where = f"loss {total} at iteration {it + 1}"
+            if not t.skip_nonfinite:
+                kept = str(last_ckpt or ckpts.iteration_files()[-1:] or "none written yet")
+                raise NonFiniteLossError(
+                    f"non-finite {where}; stopped. Last good checkpoint: {kept}. Lower optim.lr, set "
+                    f"train.clip_grad_norm, or set train.skip_nonfinite=true to skip such steps"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            if info.is_main:
+                _log(run_dir / "log.jsonl", {"iter": it + 1, "skipped": where})
+        elif scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        it += 1
+
+        if info.is_main and (it % max(t.log_every, 1) == 0 or it == t.iterations):
+            now = time.perf_counter()
+            rate = (it - tick_it) * images_per_iter / max(now - tick, 1e-9)
+            tick, tick_it = now, it
+            lr = exp.optim.lr * factor
+            _log(run_dir / "log.jsonl", {"iter": it, "loss": total, "lr": lr, "img_per_s": rate, "time": now - started})
+            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+        bar.update(1)
+
+        out_of_time = t.max_minutes is not None and (time.perf_counter() - started) > 60 * t.max_minutes
+        if out_of_time and info.enabled:  # every rank must stop at the same iteration
+            flag = torch.tensor([float(out_of_time)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out_of_time = bool(flag.item())
+        evaluate_now = (t.eval_every and it % t.eval_every == 0) or it == t.iterations or out_of_time
+        is_best = False
+        if evaluate_now:
+            metrics = run_eval(it)
+            model.train()
+            if best is None or metrics["miou"] > best:
+                best, is_best = metrics["miou"], True
+        if (t.checkpoint_every and it % t.checkpoint_every == 0) or it == t.iterations or out_of_time:
+            if info.is_main:
+                last_ckpt = ckpts.save(checkpoint_state(it, metrics if evaluate_now else None), it, best=is_best)
+            if info.enabled:
+                dist.barrier()
+        if out_of_time:
+            stopped = True
+            break
+    bar.close()
+    seconds = time.perf_counter() - started
+    if info.is_main:
+        summary = {"iterations": it, "train_seconds": seconds, "best_miou": best, **_scalars(metrics)}
+        save_atomic_json(run_dir / "metrics.json", {**summary, "per_class": _per_class(metrics, val_set)})
+        try:
+            from .plots import plot_training_curves
+
+            plot_training_curves(run_dir / "log.jsonl", run_dir / "curves.png")
+        except ImportError:  # pragma: no cover - plots are optional
+            pass
+    return TrainResult(run_dir, it, metrics, best, seconds, last_ckpt, stopped)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _per_class(metrics: dict[str, Any], dataset) -> dict[str, dict[str, float]]:
+    names = list(getattr(dataset, "class_names", []))
+    iou, dice = metrics.get("iou", []), metrics.get("dice", [])
+    return {n: {"iou": iou[i], "dice": dice[i]} for i, n in enumerate(names) if i < len(iou) and i < len(dice)}
+
+
+def save_atomic_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)

@@ -1,0 +1,252 @@
+"""The trainer: learning works, runs resume exactly, failures stop cleanly, DDP matches one process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from densepred.checkpoint import load_checkpoint
+from densepred.config import ScheduleConfig, load_experiment
+from densepred.runtime import CONFIG_DIR, load_trained, resolve_config
+from densepred.train import NonFiniteLossError, lr_factor, param_groups, train
+
+TINY = [
+    "model.name=unet_padded",
+    "model.options={base_channels: 4, depth: 2, batch_norm: false, dropout: 0.0}",
+    "data.dataset=synthetic",
+    "data.options={num_images: 8, size: 32}",
+    "data.augment=none",
+    "data.normalization=unit",
+    "data.batch_size=2",
+    "data.workers=0",
+    "optim.name=adam",
+    "optim.lr=0.01",
+    "optim.bias_lr_mult=1",
+    "schedule.policy=constant",
+    "train.log_every=1",
+    "train.checkpoint_every=0",
+    "eval.max_images=4",
+]
+
+
+def _tiny(*extra: str):
+    return load_experiment(None, [*TINY, *extra])
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    last = sorted((run_dir / "checkpoints").glob("iter_*.pt"))[-1]
+    return load_checkpoint(last)["model"]
+
+
+def test_a_tiny_model_overfits_a_few_images(tmp_path):
+    exp = _tiny(
+        "data.options={num_images: 4, size: 32}",
+        "data.val_split=train",
+        "model.options={base_channels: 16, depth: 2, batch_norm: false}",
+        "optim.lr=0.003",
+        "train.iterations=200",
+        "eval.max_images=4",
+    )
+    result = train(exp, tmp_path, progress=False)
+    assert result.metrics["pixel_acc"] > 0.97, result.metrics
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "curves.png").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text())["iterations"] == 200
+    state = load_checkpoint(result.checkpoint)
+    assert state["config"]["name"] == exp.name and state["git_commit"]
+    assert load_trained(result.checkpoint).num_classes == 6
+
+
+def test_run_folder_records_progress(tmp_path):
+    train(_tiny("train.iterations=4"), tmp_path, progress=False)
+    lines = [json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines if "loss" in r] == [1, 2, 3, 4]
+    assert {"loss", "lr", "img_per_s"} <= set(lines[0])
+    assert any(r.get("split") == "val" and "miou" in r for r in lines)
+
+
+def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path):
+    """Kill -9 a real training process after a checkpoint, resume it, compare with a clean run."""
+    args = [
+        *TINY,
+        "train.iterations=30",
+        "train.checkpoint_every=5",
+        "train.deterministic=true",
+        "model.options={base_channels: 4, depth: 2, batch_norm: true, dropout: 0.3}",
+        "data.augment=deeplab",
+        "data.crop=32",
+        "data.scale=[0.75, 1.25]",
+    ]
+    train(load_experiment(None, args), tmp_path / "clean", progress=False)
+
+    killed = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "densepred",
+        "train",
+        "--config",
+        str(_write_recipe(tmp_path)),
+        "--run-dir",
+        str(killed),
+        "--no-progress",
+        *args,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list((killed / "checkpoints").glob("iter_0000010.pt")) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "metrics.json").exists(), "the run finished before it was killed"
+
+    result = train(load_experiment(None, args), killed, resume=True, progress=False)
+    assert result.iterations == 30
+    clean, resumed = _final_weights(tmp_path / "clean"), _final_weights(killed)
+    for key in clean:
+        assert torch.equal(clean[key], resumed[key]), key
+
+
+def _write_recipe(tmp_path: Path) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text("name: tiny\n")
+    return path
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    exp = _tiny("train.iterations=6", "train.checkpoint_every=2", "optim.lr=1e30", "optim.name=sgd", "optim.momentum=0")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* at iteration \d+.*Last good checkpoint"):
+        train(exp, tmp_path, progress=False)
+    files = sorted((tmp_path / "checkpoints").glob("iter_*.pt"))
+    for f in files:  # whatever was written before the blow-up is intact and finite
+        state = load_checkpoint(f)["model"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_non_finite_steps_can_be_skipped(tmp_path):
+    exp = _tiny(
+        "train.iterations=3", "optim.lr=1e30", "optim.name=sgd", "optim.momentum=0", "train.skip_nonfinite=true"
+    )
+    train(exp, tmp_path, progress=False)
+    assert any("skipped" in json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines())
+
+
+def test_lr_schedules():
+    poly = ScheduleConfig(policy="poly", power=0.9)
+    assert lr_factor(0, 100, poly) == 1.0 and lr_factor(50, 100, poly) == pytest.approx(0.5**0.9)
+    step = ScheduleConfig(policy="step", step_size=2000, gamma=0.1)
+    assert lr_factor(1999, 6000, step) == 1.0 and lr_factor(2000, 6000, step) == pytest.approx(0.1)
+    assert lr_factor(4000, 6000, step) == pytest.approx(0.01)
+    warm = ScheduleConfig(policy="constant", warmup_iters=10, warmup_factor=0.1)
+    assert lr_factor(0, 100, warm) == pytest.approx(0.1) and lr_factor(10, 100, warm) == 1.0
+    cosine = ScheduleConfig(policy="cosine")
+    assert lr_factor(100, 100, cosine) == pytest.approx(0.0)
+
+
+def test_parameter_groups_follow_the_caffe_recipes():
+    from densepred import create_model
+
+    model = create_model("deeplab_v1_largefov", num_classes=21)
+    exp = load_experiment(resolve_config("deeplab_v1_largefov_voc"))
+    groups = param_groups(model, exp.optim)
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    fc8 = model.head.fc8
+    assert by_param[id(fc8.weight)]["lr"] == pytest.approx(1e-2)  # classifier x10
+    assert by_param[id(fc8.bias)]["lr"] == pytest.approx(2e-2)  # and biases x2
+    conv = model.backbone.conv1_1
+    assert by_param[id(conv.weight)]["lr"] == pytest.approx(1e-3)
+    assert by_param[id(conv.weight)]["weight_decay"] == pytest.approx(5e-4)
+    assert by_param[id(conv.bias)]["weight_decay"] == 0.0
+    fcn = create_model("fcn32s")
+    fcn_params = {id(p) for g in param_groups(fcn, exp.optim) for p in g["params"]}
+    assert id(fcn.upscore.weight) not in fcn_params  # the fixed bilinear deconvolution is not trained
+
+
+def _smoke_overrides(name: str) -> list[str]:
+    """Shrink a shipped recipe to a few iterations on synthetic data, keeping its model and loss."""
+    exp = load_experiment(resolve_config(name))
+    crop = {"unet": 188}.get(exp.model.name, 65)
+    extra = [
+        "data.dataset=synthetic",
+        "data.root=null",
+        "data.val_dataset=null",
+        "data.val_root=null",
+        "data.train_split=train",
+        "data.val_split=val",
+        "data.options={num_images: 4, size: 64}",
+        f"data.crop={crop}",
+        "data.batch_size=2",
+        "data.workers=0",
+        "model.pretrained=null",
+        "train.iterations=2",
+        "train.eval_every=0",
+        "train.checkpoint_every=0",
+        "eval.max_images=1",
+        "train.class_weights=null",
+    ]
+    if exp.data.augment == "none":
+        extra.append("data.augment=deeplab")  # synthetic images vary in nothing, but keep crops small
+    if exp.model.options.get("frozen_bn"):
+        # Frozen statistics are for fine-tuning ImageNet weights; from random init they blow up.
+        extra.append("model.options.frozen_bn=false")
+    return extra
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_each_shipped_recipe_builds_and_runs(name, tmp_path):
+    exp = load_experiment(resolve_config(name), _smoke_overrides(name))
+    result = train(exp, tmp_path, progress=False)
+    assert result.iterations == 2 and 0.0 <= result.metrics["pixel_acc"] <= 1.0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    """torchrun with 2 CPU processes (gloo) x batch 2 ends where 1 process x batch 4 does."""
+    args = [*TINY, "train.iterations=4", "train.checkpoint_every=4", "data.options={num_images: 8, size: 32}"]
+    single = load_experiment(None, [*args, "data.batch_size=4"])
+    train(single, tmp_path / "single", progress=False)
+
+    recipe = _write_recipe(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "densepred",
+        "train",
+        "--config",
+        str(recipe),
+        "--run-dir",
+        str(tmp_path / "ddp"),
+        "--no-progress",
+        *args,
+        "data.batch_size=2",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _final_weights(tmp_path / "single"), _final_weights(tmp_path / "ddp")
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6, msg=key)
+    m1 = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert m1["pixel_acc"] == pytest.approx(m2["pixel_acc"], abs=1e-6)  # metrics reduced across ranks
