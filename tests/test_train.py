@@ -250,3 +250,66 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     m1 = json.loads((tmp_path / "single" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert m1["pixel_acc"] == pytest.approx(m2["pixel_acc"], abs=1e-6)  # metrics reduced across ranks
+
+
+def test_training_options_run_together(tmp_path):
+    """Accumulation, clipping, bf16 autocast, channels-last and frozen BN in one short run."""
+    exp = _tiny(
+        "train.iterations=3",
+        "train.iter_size=2",
+        "train.clip_grad_norm=1.0",
+        "train.amp=bf16",
+        "model.channels_last=true",
+        "model.freeze_bn=true",
+        "model.options={base_channels: 4, depth: 2, batch_norm: true}",
+        "schedule.policy=cosine",
+        "schedule.warmup_iters=2",
+    )
+    result = train(exp, tmp_path, progress=False)
+    assert result.iterations == 3
+    trained = load_trained(result.checkpoint)
+    from densepred.models.layers import FrozenBatchNorm2d
+
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in trained.model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in trained.model.modules())
+
+
+def test_eval_and_export_commands_write_their_files(tmp_path, capsys):
+    from densepred.cli import main
+
+    result = train(_tiny("train.iterations=2"), tmp_path / "run", progress=False)
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(result.checkpoint), "--out", str(out), "eval.max_images=3"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"pixel_acc", "mean_acc", "miou", "fwiou", "iou", "dice"} <= set(metrics)
+    assert (out / "confusion.png").stat().st_size > 0 and (out / "per_class_iou.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "background" in table and "mean IoU" in table
+    weights = tmp_path / "w.safetensors"
+    assert (
+        main(["export", "--checkpoint", str(result.checkpoint), "--format", "safetensors", "--out", str(weights)]) == 0
+    )
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(weights))) == set(load_checkpoint(result.checkpoint)["model"])
+
+
+def test_eval_refuses_a_checkpoint_of_another_class_count(tmp_path, capsys):
+    from densepred.cli import main
+
+    sys.path.insert(0, str(Path(__file__).parent / "data"))
+    from fakedata import make_camvid  # the data tests' on-disk dataset builders
+
+    camvid = make_camvid(tmp_path / "camvid")
+    result = train(_tiny("train.iterations=1"), tmp_path / "run", progress=False)
+    args = [
+        "eval",
+        "--checkpoint",
+        str(result.checkpoint),
+        "data.dataset=camvid",
+        f"data.root={camvid}",
+        "data.options={}",
+    ]
+    code = main(args)
+    assert code == 2
+    assert "predicts 6 classes but the dataset has 11" in capsys.readouterr().err

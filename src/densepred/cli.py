@@ -121,6 +121,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .checkpoint import export_safetensors
+
+    out = Path(args.out or Path(args.checkpoint).with_suffix(f".{args.format}"))
+    export_safetensors(args.checkpoint, out)
+    print(f"wrote {out}")
+    return 0
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run folder's newest good checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to log.jsonl)")
@@ -154,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.mode=slide eval.tile=256")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="export a checkpoint's weights (safetensors: tensors only, no code)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", choices=["safetensors"], default="safetensors")
+    p.add_argument("--out", help="output file (default: next to the checkpoint)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("demo", help="the main job: train and evaluate on the built-in synthetic data")
     p.add_argument("--run-dir", default="runs/demo")

@@ -105,7 +105,8 @@ def plot_per_class_iou(iou: list[float], class_names: list[str], palette, out: s
     return out
 
 
-def _legend(ax, class_names: list[str], palette) -> None:
+def _legend(fig, class_names: list[str], palette) -> None:
+    """Class colours as one row under the figure (never over a panel)."""
     from matplotlib.patches import Patch
 
     handles = [
@@ -113,7 +114,7 @@ def _legend(ax, class_names: list[str], palette) -> None:
         for i, name in enumerate(class_names)
         if i < len(palette)
     ]
-    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=9, frameon=False)
 
 
 def plot_side_by_side(rows, class_names: list[str], palette, out: str | Path) -> Path:
@@ -138,7 +139,7 @@ def plot_side_by_side(rows, class_names: list[str], palette, out: str | Path) ->
             ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None, interpolation="nearest")
             ax.set_title(title, fontsize=9)
             ax.axis("off")
-    _legend(axes[0, 2], class_names, palette)
+    _legend(fig, class_names, palette)
     out = Path(out)
     fig.savefig(out, dpi=100)
     plt.close(fig)
