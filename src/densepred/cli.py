@@ -121,6 +121,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .config import EvalConfig
+    from .predict import Predictor, predict_files
+    from .runtime import resolve_device
+
+    device = resolve_device(args.device)
+    cfg = EvalConfig(
+        mode=args.mode,
+        tile=args.tile,
+        overlap=args.overlap,
+        blend=args.blend,
+        scales=args.scales,
+        flip=args.flip,
+        fusion=args.fusion,
+        batch_size=args.batch_size,
+    )
+    cfg.validate()
+    predictor = Predictor.from_checkpoint(args.checkpoint, str(device), cfg)
+    written = predict_files(predictor, args.inputs, args.out, probabilities=args.probs, progress=not args.no_progress)
+    print(f"wrote {len(written)} masks (+ overlays{' and probability maps' if args.probs else ''}) to {args.out}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import export_safetensors
 
@@ -163,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.mode=slide eval.tile=256")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("predict", help="segment image files, folders or globs: masks, overlays, probabilities")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns ('photos/*.jpg')")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--probs", action="store_true", help="also write one probability map per class")
+    p.add_argument("--mode", choices=["whole", "slide", "overlap_tile"], default="whole")
+    p.add_argument("--tile", type=int, help="tile size for slide / overlap_tile")
+    p.add_argument("--overlap", type=float, default=1 / 3, help="sliding-window overlap fraction")
+    p.add_argument("--blend", choices=["uniform", "gaussian"], default="uniform")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="multi-scale inputs, e.g. 0.75 1 1.25")
+    p.add_argument("--flip", action="store_true", help="add horizontally mirrored inputs")
+    p.add_argument("--fusion", choices=["mean", "max"], default="mean")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="export a checkpoint's weights (safetensors: tensors only, no code)")
     p.add_argument("--checkpoint", required=True)

@@ -155,11 +155,16 @@ class EvalConfig:
     mode: Literal["whole", "slide", "overlap_tile"] = "whole"
     tile: int | None = None
     overlap: float = 1 / 3
+    blend: Literal["uniform", "gaussian"] = "uniform"  # sliding-window weighting of overlaps
+    scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale test-time inputs
+    flip: bool = False  # add horizontally mirrored inputs
+    fusion: Literal["mean", "max"] = "mean"  # how scales/flips are fused (DeepLab v2: max)
     batch_size: int = 1
     max_images: int | None = None  # evaluate on a prefix of the split (quick checks)
 
     def validate(self) -> None:
         _require(0 <= self.overlap < 1, f"eval.overlap must be in [0, 1), got {self.overlap}")
+        _require(bool(self.scales) and min(self.scales) > 0, f"eval.scales must be positive numbers, got {self.scales}")
         _require(self.mode != "slide" or (self.tile or 0) > 0, "eval.mode=slide needs eval.tile (the tile size)")
 
 

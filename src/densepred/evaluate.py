@@ -14,7 +14,21 @@ from .inference import predict_logits
 from .metrics import ConfusionMatrix
 from .runtime import DistInfo
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "inference_options"]
+
+
+def inference_options(cfg: EvalConfig) -> dict[str, Any]:
+    """The keyword arguments of :func:`~densepred.inference.predict_logits` an EvalConfig sets."""
+    return dict(
+        mode=cfg.mode,
+        tile=cfg.tile,
+        overlap=cfg.overlap,
+        batch_size=cfg.batch_size,
+        blend=cfg.blend,
+        scales=tuple(cfg.scales),
+        flip=cfg.flip,
+        fusion=cfg.fusion,
+    )
 
 
 @torch.inference_mode()

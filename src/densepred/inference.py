@@ -1,14 +1,27 @@
-"""Inference modes: whole image and sliding window (more modes build on these)."""
+"""Inference modes: whole image, sliding window, overlap-tile, and multi-scale + flip on top.
+
+Every mode returns float logits of shape ``(N, classes, H, W)`` for a normalised batch of
+``(N, C, H, W)`` images, so modes can be swapped without touching the code around them.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["predict_logits", "sliding_window", "overlap_tile", "mirror_pad", "tile_starts", "is_valid_unet"]
+__all__ = [
+    "predict_logits",
+    "sliding_window",
+    "overlap_tile",
+    "multi_scale_flip",
+    "mirror_pad",
+    "tile_starts",
+    "is_valid_unet",
+]
 
 
 def _forward(model: nn.Module, x: Tensor) -> Tensor:
@@ -24,11 +37,14 @@ def tile_starts(size: int, tile: int, stride: int) -> list[int]:
     return starts + [size - tile]
 
 
-def _gaussian_window(tile: int, sigma_scale: float = 0.125) -> Tensor:
+def _gaussian_window(height: int, width: int, sigma_scale: float = 0.125) -> Tensor:
     """A separable Gaussian that trusts tile centres more than tile borders."""
-    coords = torch.arange(tile, dtype=torch.float32) - (tile - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * (sigma_scale * tile) ** 2))
-    return (g[:, None] * g[None, :]).clamp_min(1e-3)
+
+    def g(n: int) -> Tensor:
+        coords = torch.arange(n, dtype=torch.float32) - (n - 1) / 2
+        return torch.exp(-(coords**2) / (2 * (sigma_scale * n) ** 2))
+
+    return (g(height)[:, None] * g(width)[None, :]).clamp_min(1e-3)
 
 
 @torch.inference_mode()
@@ -45,38 +61,39 @@ def sliding_window(
     """Logits of a (N, C, H, W) batch by tiles of ``tile`` pixels overlapping by ``overlap``.
 
     Tiles are run ``batch_size`` at a time and their logits averaged where they overlap
-    (``blend="gaussian"`` weighs tile centres more). An image smaller than a tile is padded with
-    zeros (the normalised mean) and cropped back.
+    (``blend="gaussian"`` weighs tile centres more). Tiles are clipped to the image, so an image
+    within one tile gets exactly whole-image inference.
     """
     if tile < 1 or not 0 <= overlap < 1:
         raise ValueError(f"need tile >= 1 and 0 <= overlap < 1, got tile={tile}, overlap={overlap}")
     if blend not in ("uniform", "gaussian"):
         raise ValueError(f"blend must be 'uniform' or 'gaussian', got {blend!r}")
     n, _, h, w = image.shape
-    ph, pw = max(tile - h, 0), max(tile - w, 0)
-    if ph or pw:
-        image = F.pad(image, (0, pw, 0, ph))
-    H, W = image.shape[-2:]
-    stride = max(1, int(math.ceil(tile * (1 - overlap))))
-    boxes = [(y, x) for y in tile_starts(H, tile, stride) for x in tile_starts(W, tile, stride)]
-    weight = _gaussian_window(tile) if blend == "gaussian" else torch.ones(tile, tile)
-    weight = weight.to(image.device)
+    # A tile never exceeds the image: an image within one tile is simply whole-image inference.
+    th, tw = min(tile, h), min(tile, w)
+    boxes = [
+        (y, x)
+        for y in tile_starts(h, th, max(1, math.ceil(th * (1 - overlap))))
+        for x in tile_starts(w, tw, max(1, math.ceil(tw * (1 - overlap))))
+    ]
+    weight = (_gaussian_window(th, tw) if blend == "gaussian" else torch.ones(th, tw)).to(image.device)
     logits = counts = None
     for b in range(0, len(boxes), batch_size):
         chunk = boxes[b : b + batch_size]
-        tiles = torch.cat([image[:, :, y : y + tile, x : x + tile] for y, x in chunk])
+        tiles = torch.cat([image[:, :, y : y + th, x : x + tw] for y, x in chunk])
         out = _forward(model, tiles).float()
-        if out.shape[-2:] != (tile, tile):
+        if out.shape[-2:] != (th, tw):
             raise ValueError(
-                f"sliding window needs a model whose output has its input's size; got {tuple(out.shape[-2:])}"
+                f"sliding window needs a model whose output has its input's size; got {tuple(out.shape[-2:])} "
+                f"for {th}x{tw} tiles (use mode='overlap_tile' for the valid U-Net)"
             )
         if logits is None:
-            logits = torch.zeros(n, out.shape[1], H, W, device=image.device)
-            counts = torch.zeros(1, 1, H, W, device=image.device)
+            logits = torch.zeros(n, out.shape[1], h, w, device=image.device)
+            counts = torch.zeros(1, 1, h, w, device=image.device)
         for k, (y, x) in enumerate(chunk):
-            logits[:, :, y : y + tile, x : x + tile] += out[k * n : (k + 1) * n] * weight
-            counts[:, :, y : y + tile, x : x + tile] += weight
-    return (logits / counts)[:, :, :h, :w]
+            logits[:, :, y : y + th, x : x + tw] += out[k * n : (k + 1) * n] * weight
+            counts[:, :, y : y + th, x : x + tw] += weight
+    return logits / counts
 
 
 def is_valid_unet(model: nn.Module) -> bool:
@@ -143,6 +160,69 @@ def overlap_tile(model: nn.Module, image: Tensor, tile: int | None = None, *, ba
     return logits[:, :, :h, :w]
 
 
+def _single_scale(
+    model: nn.Module,
+    image: Tensor,
+    mode: str = "whole",
+    tile: int | None = None,
+    overlap: float = 1 / 3,
+    batch_size: int = 4,
+    blend: str = "uniform",
+) -> Tensor:
+    if mode == "overlap_tile" or (mode == "whole" and is_valid_unet(model)):
+        return overlap_tile(model, image, tile, batch_size=batch_size)
+    if mode == "whole":
+        return _forward(model, image).float()
+    if mode == "slide":
+        if not tile:
+            raise ValueError("mode='slide' needs tile=<tile size in pixels>")
+        return sliding_window(model, image, tile, overlap, batch_size=batch_size, blend=blend)
+    raise ValueError(f"unknown inference mode {mode!r}; choose 'whole', 'slide' or 'overlap_tile'")
+
+
+@torch.inference_mode()
+def multi_scale_flip(
+    model: nn.Module,
+    image: Tensor,
+    scales: Sequence[float] = (1.0,),
+    *,
+    flip: bool = True,
+    fusion: str = "mean",
+    **mode_kw,
+) -> Tensor:
+    """Test-time augmentation: logits at several input scales and mirrored, fused per pixel.
+
+    Each scaled (and horizontally flipped) copy is predicted with the chosen mode, its logits
+    resized back to the image size (and un-flipped), and all are fused by ``mean`` or ``max``
+    (DeepLab v2 fuses its multi-scale scores by max, Sec. 3.2).
+    """
+    if not scales or min(scales) <= 0:
+        raise ValueError(f"scales must be positive numbers, got {list(scales)}")
+    if fusion not in ("mean", "max"):
+        raise ValueError(f"fusion must be 'mean' or 'max', got {fusion!r}")
+    h, w = image.shape[-2:]
+    fused: Tensor | None = None
+    count = 0
+    for s in scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        scaled = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
+        for mirrored in (False, True) if flip else (False,):
+            x = scaled.flip(-1) if mirrored else scaled
+            logits = _single_scale(model, x, **mode_kw)
+            logits = logits.flip(-1) if mirrored else logits
+            if logits.shape[-2:] != (h, w):
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+            if fused is None:
+                fused = logits
+            elif fusion == "max":
+                fused = torch.maximum(fused, logits)
+            else:
+                fused = fused + logits
+            count += 1
+    assert fused is not None
+    return fused if fusion == "max" else fused / count
+
+
 @torch.inference_mode()
 def predict_logits(
     model: nn.Module,
@@ -152,18 +232,18 @@ def predict_logits(
     tile: int | None = None,
     overlap: float = 1 / 3,
     batch_size: int = 4,
+    blend: str = "uniform",
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    fusion: str = "mean",
 ) -> Tensor:
     """Logits for a normalised (N, C, H, W) batch with the chosen inference mode.
 
     For a valid-convolution U-Net, ``"whole"`` means overlap-tile: its whole-image output *is*
-    the stitched tiles (U-Net Fig. 2), so the logits always cover the whole image.
+    the stitched tiles (U-Net Fig. 2), so the logits always cover the whole image. ``scales``
+    other than ``(1.0,)`` or ``flip=True`` add multi-scale / mirrored test-time augmentation.
     """
-    if mode == "overlap_tile" or (mode == "whole" and is_valid_unet(model)):
-        return overlap_tile(model, image, tile, batch_size=batch_size)
-    if mode == "whole":
-        return _forward(model, image).float()
-    if mode == "slide":
-        if not tile:
-            raise ValueError("mode='slide' needs tile=<tile size in pixels>")
-        return sliding_window(model, image, tile, overlap, batch_size=batch_size)
-    raise ValueError(f"unknown inference mode {mode!r}; choose 'whole', 'slide' or 'overlap_tile'")
+    mode_kw = dict(mode=mode, tile=tile, overlap=overlap, batch_size=batch_size, blend=blend)
+    if tuple(scales) == (1.0,) and not flip:
+        return _single_scale(model, image, **mode_kw)
+    return multi_scale_flip(model, image, scales, flip=flip, fusion=fusion, **mode_kw)

@@ -2,32 +2,43 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import glob
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
+from .config import EvalConfig
+from .data.files import IMAGE_SUFFIXES
+from .data.io import read_image
 from .data.labels import colorize
+from .evaluate import inference_options
 from .inference import predict_logits
 from .runtime import NORMALIZATIONS, Trained, build_dataset, load_trained
 
-__all__ = ["Predictor", "save_index_png", "overlay", "predict_dataset_figures"]
+__all__ = ["Predictor", "collect_inputs", "predict_files", "save_index_png", "overlay", "predict_dataset_figures"]
 
 
 @dataclass
 class Predictor:
-    """Segment uint8 images (H, W, C) with a trained model: ``labels, probabilities = p(image)``."""
+    """Segment uint8 images (H, W, C) with a trained model: ``labels, probabilities = p(image)``.
+
+    ``options`` are :func:`~densepred.inference.predict_logits` keywords (mode, tile, scales, flip...).
+    """
 
     trained: Trained
     device: torch.device = torch.device("cpu")
-    mode: str = "whole"
-    tile: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kw) -> Predictor:
-        return cls(load_trained(path, device), torch.device(device), **kw)
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", eval_config: EvalConfig | None = None) -> Predictor:
+        trained = load_trained(path, device)
+        cfg = eval_config or trained.experiment.eval
+        return cls(trained, torch.device(device), inference_options(cfg))
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if image.ndim == 2:
@@ -39,7 +50,7 @@ class Predictor:
         if self.trained.normalization == "imagenet" and channels != 3:
             norm = NORMALIZATIONS["unit"]
         x = norm(np.ascontiguousarray(image))[None].to(self.device)
-        logits = predict_logits(self.trained.model, x, mode=self.mode, tile=self.tile)
+        logits = predict_logits(self.trained.model, x, **self.options)
         probs = torch.softmax(logits, 1)[0]
         return probs.argmax(0).cpu().numpy().astype(np.uint8), probs.cpu().numpy()
 
@@ -58,6 +69,48 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette, alpha: float = 0.5) 
     rgb = np.repeat(image, 3, axis=-1) if image.ndim == 3 and image.shape[-1] == 1 else image
     rgb = np.stack([rgb] * 3, -1) if rgb.ndim == 2 else rgb
     return (rgb * (1 - alpha) + colorize(labels, palette) * alpha).astype(np.uint8)
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    """Image files from paths, folders (their images, sorted) and glob patterns; errors name the input."""
+    found: list[Path] = []
+    for item in inputs:
+        if any(ch in item for ch in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise FileNotFoundError(f"the pattern {item!r} matches no file")
+            found += matches
+        elif Path(item).is_dir():
+            images = sorted(p for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise FileNotFoundError(f"the folder {item} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            found += images
+        elif Path(item).is_file():
+            found.append(Path(item))
+        else:
+            raise FileNotFoundError(f"input {item} does not exist")
+    return list(dict.fromkeys(found))  # keep order, drop repeats
+
+
+def predict_files(
+    predictor: Predictor, inputs: list[str], out: str | Path, *, probabilities: bool = False, progress: bool = True
+) -> list[Path]:
+    """Segment every input image: ``NAME.png`` (class ids, palette PNG), ``NAME_overlay.png``,
+    and with ``probabilities`` one 8-bit map per class in ``NAME_probs/``. Returns the masks."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    trained, written = predictor.trained, []
+    for path in tqdm(collect_inputs(inputs), desc="predict", unit="img", disable=not progress):
+        image = read_image(path, channels=trained.in_channels)
+        labels, probs = predictor(image)
+        written.append(save_index_png(labels, trained.palette, out / f"{path.stem}.png"))
+        Image.fromarray(overlay(image, labels, trained.palette)).save(out / f"{path.stem}_overlay.png")
+        if probabilities:
+            folder = out / f"{path.stem}_probs"
+            folder.mkdir(exist_ok=True)
+            for c, name in enumerate(trained.class_names):
+                Image.fromarray((probs[c] * 255).round().astype(np.uint8)).save(folder / f"{c:02d}_{name}.png")
+    return written
 
 
 def predict_dataset_figures(run_dir: str | Path, count: int = 4) -> Path:

@@ -1,0 +1,164 @@
+"""Inference modes: their equivalences, and the prediction command's files."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import densepred
+from densepred.inference import mirror_pad, multi_scale_flip, overlap_tile, predict_logits, sliding_window
+from densepred.models.unet import UNet
+
+
+def _pointwise_model() -> nn.Module:
+    # Per-pixel: every tiling of the image must give exactly the whole-image logits.
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+
+
+@pytest.mark.parametrize("blend", ["uniform", "gaussian"])
+def test_sliding_window_equals_whole_image_for_a_pointwise_model(blend):
+    model, x = _pointwise_model(), torch.randn(2, 3, 70, 53)
+    whole = predict_logits(model, x)
+    tiled = sliding_window(model, x, tile=24, overlap=0.5, blend=blend, batch_size=3)
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tile_covering_the_image_is_whole_image_inference():
+    model = densepred.create_model("unet_padded", num_classes=3, in_channels=3, base_channels=4).eval()
+    x = torch.randn(1, 3, 48, 40)
+    torch.testing.assert_close(sliding_window(model, x, tile=64), predict_logits(model, x))
+
+
+def test_sliding_window_tiles_cover_every_pixel_of_a_large_image():
+    model = densepred.create_model("unet_padded", num_classes=3, in_channels=3, base_channels=4).eval()
+    x = torch.randn(1, 3, 150, 97)
+    out = sliding_window(model, x, tile=64, overlap=0.25)
+    assert out.shape == (1, 3, 150, 97) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("tile", [572, 252, 204])
+def test_overlap_tile_equals_direct_inference_on_the_mirrored_image(tile):
+    model = UNet(3, 1, base_channels=4).eval()
+    x = torch.randn(1, 1, 300, 250)
+    stitched = overlap_tile(model, x, tile=tile)
+    # One pass over the whole image, mirror-padded by the 92-pixel context (fits in memory here).
+    direct = model(mirror_pad(x, 92, 92 + 388 - 300, 92, 92 + 388 - 250))[:, :, :300, :250]
+    assert stitched.shape == (1, 3, 300, 250)
+    torch.testing.assert_close(stitched, direct)
+
+
+def test_valid_unet_whole_image_prediction_uses_overlap_tile():
+    model = UNet(2, 1, base_channels=4).eval()
+    x = torch.randn(1, 1, 37, 45)  # far too small for one valid pass: mirrored context fills in
+    assert predict_logits(model, x).shape == (1, 2, 37, 45)
+
+
+def test_mirror_pad_repeats_reflections_beyond_the_image():
+    x = torch.arange(3.0).view(1, 1, 1, 3).expand(1, 1, 2, 3)
+    padded = mirror_pad(x, 0, 0, 5, 5)
+    assert padded[0, 0, 0].tolist() == [1, 0, 1, 2, 1, 0, 1, 2, 1, 0, 1, 2, 1]  # period 4: 0 1 2 1
+
+
+def test_flip_tta_is_symmetric():
+    model = densepred.create_model("unet_padded", num_classes=3, in_channels=3, base_channels=4).eval()
+    x = torch.randn(1, 3, 32, 40)
+    a = multi_scale_flip(model, x, (1.0,), flip=True)
+    b = multi_scale_flip(model, x.flip(-1), (1.0,), flip=True)
+    torch.testing.assert_close(a.flip(-1), b)
+
+
+def test_multi_scale_fusion():
+    model = densepred.create_model("unet_padded", num_classes=3, in_channels=3, base_channels=4).eval()
+    x = torch.randn(1, 3, 48, 48)
+    torch.testing.assert_close(predict_logits(model, x, scales=(1.0,), flip=False), predict_logits(model, x))
+    mean = predict_logits(model, x, scales=(0.5, 1.0, 1.5), fusion="mean")
+    top = predict_logits(model, x, scales=(0.5, 1.0, 1.5), fusion="max")
+    assert mean.shape == top.shape == (1, 3, 48, 48)
+    assert (top >= mean - 1e-5).all()
+    with pytest.raises(ValueError, match="scales must be positive"):
+        predict_logits(model, x, scales=(0.0, 1.0))
+
+
+def test_tiles_smaller_than_the_model_allows_name_the_minimum():
+    with pytest.raises(ValueError, match=r"not one \(next valid: 204, output 20\)"):
+        overlap_tile(UNet(2, 1, base_channels=4).eval(), torch.randn(1, 1, 64, 64), tile=200)
+    with pytest.raises(ValueError, match="use tile >= 204"):
+        overlap_tile(UNet(2, 1, base_channels=4).eval(), torch.randn(1, 1, 64, 64), tile=188)
+    padded = densepred.create_model("unet_padded", num_classes=2, in_channels=3, base_channels=4).eval()
+    with pytest.raises(ValueError, match="at least 16x16"):
+        sliding_window(padded, torch.randn(1, 3, 64, 64), tile=8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from densepred.config import load_experiment
+    from densepred.train import train
+
+    run = tmp_path_factory.mktemp("run")
+    exp = load_experiment(
+        None,
+        [
+            "model.name=unet_padded",
+            "model.options={base_channels: 4, depth: 2, batch_norm: false}",
+            "data.options={num_images: 4, size: 32}",
+            "data.augment=none",
+            "data.batch_size=2",
+            "data.workers=0",
+            "train.iterations=2",
+            "eval.max_images=1",
+            "train.checkpoint_every=0",
+        ],
+    )
+    return train(exp, run, progress=False).checkpoint
+
+
+def _images(folder, n=3, size=(30, 41)):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+def test_predict_command_writes_masks_overlays_and_probabilities(checkpoint, tmp_path):
+    from densepred.cli import main
+
+    images = _images(tmp_path / "in")
+    out = tmp_path / "out"
+    args = [
+        "predict",
+        "--checkpoint",
+        str(checkpoint),
+        str(images / "img0.png"),
+        str(images),
+        str(tmp_path / "in" / "img*.png"),
+        "--out",
+        str(out),
+        "--probs",
+        "--no-progress",
+        "--flip",
+    ]
+    assert main(args) == 0
+    masks = sorted(out.glob("img?.png"))
+    assert [m.name for m in masks] == ["img0.png", "img1.png", "img2.png"]  # inputs named twice counted once
+    mask = Image.open(masks[0])
+    assert mask.mode == "P" and mask.size == (41, 30)
+    assert mask.getpalette()[3:6] == [230, 25, 75]  # the synthetic set's colour of class 1
+    assert np.asarray(mask).max() < 6
+    probs = sorted((out / "img0_probs").glob("*.png"))
+    assert len(probs) == 6 and probs[0].name == "00_background.png"
+    total = sum(np.asarray(Image.open(p), dtype=np.float64) for p in probs)
+    assert np.abs(total - 255).max() <= 6  # per-pixel probabilities sum to 1 (8-bit rounding)
+    assert (out / "img0_overlay.png").is_file()
+
+
+def test_predict_command_errors(checkpoint, tmp_path, capsys):
+    from densepred.cli import main
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    assert main(["predict", "--checkpoint", str(checkpoint), str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "none*.png"), "--out", str(tmp_path)]) == 2
+    assert "matches no file" in capsys.readouterr().err
