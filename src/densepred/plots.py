@@ -98,7 +98,15 @@ def plot_per_class_iou(iou: list[float], class_names: list[str], palette, out: s
     ax.invert_yaxis()
     ax.set(xlim=(0, 1), xlabel="IoU", title=f"per-class IoU (mean {np.nanmean(iou):.3f})")
     for i, v in enumerate(values):
-        ax.text(min(v + 0.01, 0.93), i, f"{v:.2f}", va="center", fontsize=8)
+        # A white label box stays readable on any class colour, black included.
+        ax.text(
+            min(v + 0.01, 0.9),
+            i,
+            f"{v:.2f}",
+            va="center",
+            fontsize=8,
+            bbox=dict(facecolor="white", edgecolor="none", alpha=0.85, pad=1),
+        )
     out = Path(out)
     fig.savefig(out, dpi=110)
     plt.close(fig)
