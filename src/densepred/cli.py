@@ -216,8 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     from .data.cli import add_data_commands
+    from .visualize import add_visual_commands
 
     add_data_commands(sub)
+    add_visual_commands(sub)
     return parser
 
 
