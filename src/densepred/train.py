@@ -29,6 +29,7 @@ from .checkpoint import CheckpointManager, rng_state, set_rng_state
 from .config import Experiment, OptimConfig, ScheduleConfig
 from .data.loader import worker_init
 from .evaluate import evaluate
+from .inference import is_valid_unet
 from .models.layers import center_crop
 from .runtime import DistInfo, build_dataset, build_model, git_commit, seed_everything, setup_distributed
 from .sampling import ResumableBatchSampler, SeededSamples
@@ -112,33 +113,32 @@ class _StrideOutput(nn.Module):
         return self.model.coarse_logits(x)
 
 
-def _fit_target(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
-    """Labels for a score map that is smaller than the image: the valid U-Net's centre crop,
-    or DeepLab's stride-8 scores (labels sub-sampled by nearest neighbour, never interpolated)."""
+def _fit_target(logits: Tensor, target: Tensor, *, crop: bool) -> Tensor:
+    """Labels (or pixel weights) for a score map smaller than the image: the valid U-Net scores
+    the image's centre (``crop``); DeepLab's stride-8 scores see labels sub-sampled by nearest
+    neighbour, never interpolated."""
     if logits.shape[-2:] == target.shape[-2:]:
         return target
-    h, w = logits.shape[-2:]
-    H, W = target.shape[-2:]
-    if (H - h) % 2 == 0 and (W - w) % 2 == 0 and H - h < H // 2:
-        return center_crop(target[:, None], h, w)[:, 0]
-    return losses.resize_labels(target, (h, w))
+    if crop:
+        return center_crop(target[:, None], *logits.shape[-2:])[:, 0]
+    return losses.resize_labels(target, tuple(logits.shape[-2:]))
 
 
 class _Loss:
     """The recipe's loss, for one output (a tensor, or the multi-scale dict)."""
 
-    def __init__(self, exp: Experiment, ignore_index: int, device: torch.device) -> None:
+    def __init__(self, exp: Experiment, ignore_index: int, device: torch.device, *, crop_target: bool) -> None:
         t = exp.train
-        self.kind, self.ignore_index = t.loss, ignore_index
+        self.kind, self.ignore_index, self.crop_target = t.loss, ignore_index, crop_target
         self.class_weights = torch.tensor(t.class_weights, device=device) if t.class_weights else None
 
     def single(self, logits: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
-        target = _fit_target(logits, target, self.ignore_index)
+        target = _fit_target(logits, target, crop=self.crop_target)
         logits = logits.float()
         if self.kind == "dice":
             return losses.dice_loss(logits, target, ignore_index=self.ignore_index)
         if weight is not None and self.kind == "unet_weighted":
-            weight = weight if weight.shape[-2:] == logits.shape[-2:] else _fit_target(logits, weight, 0)
+            weight = _fit_target(logits, weight, crop=self.crop_target)
         ce = losses.cross_entropy(
             logits,
             target,
@@ -246,7 +246,7 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
         net = torch.compile(net)
-    loss_fn = _Loss(exp, train_set.ignore_index, device)
+    loss_fn = _Loss(exp, train_set.ignore_index, device, crop_target=is_valid_unet(model))
     loader = _make_loader(exp, train_set, info, start_batch=start_iter * t.iter_size)
     batches = iter(loader)
     autocast = (
