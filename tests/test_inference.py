@@ -162,3 +162,41 @@ def test_predict_command_errors(checkpoint, tmp_path, capsys):
     assert "broken.png" in capsys.readouterr().err
     assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "none*.png"), "--out", str(tmp_path)]) == 2
     assert "matches no file" in capsys.readouterr().err
+
+
+def test_eval_uses_the_recipes_inference_options_and_crf(checkpoint):
+    """eval.flip / eval.crf change what evaluate computes (and CRF probabilities stay valid)."""
+    from densepred.config import EvalConfig
+    from densepred.evaluate import evaluate
+    from densepred.runtime import build_dataset, load_trained
+
+    trained = load_trained(checkpoint)
+    dataset = build_dataset(trained.experiment, "val", train=False)
+    plain = evaluate(trained.model, dataset, EvalConfig(max_images=2), progress=False)
+    crf = evaluate(trained.model, dataset, EvalConfig(max_images=2, crf="deeplab_v2", flip=True), progress=False)
+    assert 0 <= crf["pixel_acc"] <= 1 and plain.keys() == crf.keys()
+
+
+def test_predict_with_crf(checkpoint, tmp_path):
+    from densepred.cli import main
+
+    images = _images(tmp_path / "in", n=1)
+    out = tmp_path / "out"
+    args = [
+        "predict",
+        "--checkpoint",
+        str(checkpoint),
+        str(images),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--crf",
+        "deeplab_v2",
+        "--crf-param",
+        "iterations=3",
+        "--crf-param",
+        "w1=5",
+    ]
+    assert main(args) == 0
+    assert (out / "img0.png").is_file()
+    assert main([*args[:-1], "w9=5"]) == 2  # unknown CRF parameter is a clear error

@@ -136,12 +136,22 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         flip=args.flip,
         fusion=args.fusion,
         batch_size=args.batch_size,
+        crf=args.crf,
+        crf_params=dict(_key_value(item) for item in args.crf_param),
     )
     cfg.validate()
     predictor = Predictor.from_checkpoint(args.checkpoint, str(device), cfg)
     written = predict_files(predictor, args.inputs, args.out, probabilities=args.probs, progress=not args.no_progress)
     print(f"wrote {len(written)} masks (+ overlays{' and probability maps' if args.probs else ''}) to {args.out}")
     return 0
+
+
+def _key_value(item: str) -> tuple[str, float]:
+    key, sep, value = item.partition("=")
+    try:
+        return key, float(value)
+    except ValueError:
+        raise ValueError(f"--crf-param {item!r} must look like name=number, e.g. w1=5") from None
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -200,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="add horizontally mirrored inputs")
     p.add_argument("--fusion", choices=["mean", "max"], default="mean")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--crf", choices=["deeplab_v2", "deeplab_v1_largefov"], help="fully-connected CRF preset")
+    p.add_argument(
+        "--crf-param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a CRF parameter (w1, theta_alpha, theta_beta, w2, theta_gamma, iterations)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_predict)

@@ -159,12 +159,21 @@ class EvalConfig:
     scales: list[float] = field(default_factory=lambda: [1.0])  # multi-scale test-time inputs
     flip: bool = False  # add horizontally mirrored inputs
     fusion: Literal["mean", "max"] = "mean"  # how scales/flips are fused (DeepLab v2: max)
+    crf: str | None = None  # fully-connected CRF preset (deeplab_v2, deeplab_v1_largefov) or null
+    crf_params: dict[str, float] = field(default_factory=dict)  # overrides, e.g. {w1: 5}
     batch_size: int = 1
     max_images: int | None = None  # evaluate on a prefix of the split (quick checks)
 
     def validate(self) -> None:
         _require(0 <= self.overlap < 1, f"eval.overlap must be in [0, 1), got {self.overlap}")
         _require(bool(self.scales) and min(self.scales) > 0, f"eval.scales must be positive numbers, got {self.scales}")
+        if self.crf is not None:
+            from .crf import crf_params
+
+            try:
+                crf_params(self.crf, self.crf_params)
+            except ValueError as exc:
+                raise ConfigError(f"eval.crf: {exc}") from None
         _require(self.mode != "slide" or (self.tile or 0) > 0, "eval.mode=slide needs eval.tile (the tile size)")
 
 

@@ -22,6 +22,7 @@ kernels, for tests on small images.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, fields
@@ -33,6 +34,7 @@ from torch import Tensor
 __all__ = [
     "CRFParams",
     "PRESETS",
+    "crf_params",
     "dense_crf",
     "dense_crf_torch",
     "dense_crf_exact",
@@ -367,6 +369,20 @@ def _check_single(image: np.ndarray, probs: np.ndarray) -> None:
             f"image {image.shape} is {image.shape[:2]} pixels but probs {probs.shape} is {probs.shape[1:]}; "
             "resize the probabilities to the image size first"
         )
+
+
+def crf_params(preset: str, overrides: dict[str, float] | None = None) -> CRFParams:
+    """A preset's parameters with some overridden, e.g. ``crf_params("deeplab_v2", {"w1": 5})``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown CRF preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
+    fields = set(CRFParams.__dataclass_fields__)
+    unknown = sorted(set(overrides or {}) - fields)
+    if unknown:
+        raise ValueError(f"unknown CRF parameter(s) {', '.join(unknown)}; parameters: {', '.join(sorted(fields))}")
+    values = {k: (int(v) if k == "iterations" else float(v)) for k, v in (overrides or {}).items()}
+    params = dataclasses.replace(PRESETS[preset], **values)
+    params.validate()
+    return params
 
 
 def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams, *, logits: bool = False) -> np.ndarray:

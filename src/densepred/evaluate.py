@@ -55,13 +55,21 @@ def evaluate(
     cm = confusion or ConfusionMatrix(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
     count = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     indices = range(info.rank, count, info.world_size)
+    crf = None
+    if cfg.crf:
+        from .crf import crf_params
+
+        crf = crf_params(cfg.crf, cfg.crf_params)
     for i in tqdm(indices, desc="eval", unit="img", disable=not (progress and info.is_main), leave=False):
         sample = dataset[i]
         image = sample["image"][None].to(device)
         target = sample["mask"][None].to(device)
-        logits = predict_logits(
-            model, image, mode=cfg.mode, tile=cfg.tile, overlap=cfg.overlap, batch_size=cfg.batch_size
-        )
+        logits = predict_logits(model, image, **inference_options(cfg))
+        if crf is not None:  # DeepLab's CRF post-processing on the raw RGB pixels
+            from .predict import refine_with_crf
+
+            probs = refine_with_crf(dataset.load(i).image, torch.softmax(logits, 1)[0].cpu().numpy(), crf)
+            logits = torch.from_numpy(probs)[None].to(device)
         cm.update(logits.argmax(1), target)
     if info.enabled and dist.is_initialized():
         cm.all_reduce()

@@ -13,6 +13,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import EvalConfig
+from .crf import CRFParams, crf_params, dense_crf
 from .data.files import IMAGE_SUFFIXES
 from .data.io import read_image
 from .data.labels import colorize
@@ -33,12 +34,14 @@ class Predictor:
     trained: Trained
     device: torch.device = torch.device("cpu")
     options: dict[str, Any] = field(default_factory=dict)
+    crf: CRFParams | None = None  # refine probabilities with the fully-connected CRF
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", eval_config: EvalConfig | None = None) -> Predictor:
         trained = load_trained(path, device)
         cfg = eval_config or trained.experiment.eval
-        return cls(trained, torch.device(device), inference_options(cfg))
+        crf = crf_params(cfg.crf, cfg.crf_params) if cfg.crf else None
+        return cls(trained, torch.device(device), inference_options(cfg), crf)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if image.ndim == 2:
@@ -51,8 +54,17 @@ class Predictor:
             norm = NORMALIZATIONS["unit"]
         x = norm(np.ascontiguousarray(image))[None].to(self.device)
         logits = predict_logits(self.trained.model, x, **self.options)
-        probs = torch.softmax(logits, 1)[0]
-        return probs.argmax(0).cpu().numpy().astype(np.uint8), probs.cpu().numpy()
+        probs = torch.softmax(logits, 1)[0].cpu().numpy()
+        if self.crf is not None:
+            probs = refine_with_crf(image, probs, self.crf)
+        return probs.argmax(0).astype(np.uint8), probs
+
+
+def refine_with_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
+    """DeepLab's post-processing (v1 Sec. 4): the CRF's appearance kernel reads RGB, so a gray
+    image is repeated into three channels."""
+    rgb = np.repeat(image, 3, axis=-1) if image.ndim == 3 and image.shape[-1] == 1 else image
+    return dense_crf(np.ascontiguousarray(rgb), probs, params)
 
 
 def save_index_png(labels: np.ndarray, palette, path: str | Path) -> Path:
