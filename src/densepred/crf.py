@@ -35,6 +35,7 @@ __all__ = [
     "CRFParams",
     "PRESETS",
     "crf_params",
+    "dense_crf_any_channels",
     "dense_crf",
     "dense_crf_torch",
     "dense_crf_exact",
@@ -396,6 +397,15 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams, *, logits
     images = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
     p = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None]
     return dense_crf_torch(images, p, params, logits=logits)[0].numpy()
+
+
+def dense_crf_any_channels(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
+    """:func:`dense_crf` for (H, W) or (H, W, 1) gray images too: the appearance kernel reads RGB,
+    so a gray image is repeated into three channels (DeepLab's post-processing, v1 Sec. 4)."""
+    if image.ndim == 2:
+        image = image[..., None]
+    rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+    return dense_crf(np.ascontiguousarray(rgb), probs, params)
 
 
 def dense_crf_exact(image: np.ndarray, probs: np.ndarray, params: CRFParams, *, logits: bool = False) -> np.ndarray:

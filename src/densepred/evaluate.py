@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import EvalConfig
+from .crf import crf_params, dense_crf_any_channels
 from .inference import predict_logits
 from .metrics import ConfusionMatrix
 from .runtime import DistInfo
@@ -55,20 +56,14 @@ def evaluate(
     cm = confusion or ConfusionMatrix(dataset.num_classes, ignore_index=dataset.ignore_index, device=device)
     count = len(dataset) if cfg.max_images is None else min(cfg.max_images, len(dataset))
     indices = range(info.rank, count, info.world_size)
-    crf = None
-    if cfg.crf:
-        from .crf import crf_params
-
-        crf = crf_params(cfg.crf, cfg.crf_params)
+    crf = crf_params(cfg.crf, cfg.crf_params) if cfg.crf else None
     for i in tqdm(indices, desc="eval", unit="img", disable=not (progress and info.is_main), leave=False):
         sample = dataset[i]
         image = sample["image"][None].to(device)
         target = sample["mask"][None].to(device)
         logits = predict_logits(model, image, **inference_options(cfg))
         if crf is not None:  # DeepLab's CRF post-processing on the raw RGB pixels
-            from .predict import refine_with_crf
-
-            probs = refine_with_crf(dataset.load(i).image, torch.softmax(logits, 1)[0].cpu().numpy(), crf)
+            probs = dense_crf_any_channels(dataset.load(i).image, torch.softmax(logits, 1)[0].cpu().numpy(), crf)
             logits = torch.from_numpy(probs)[None].to(device)
         cm.update(logits.argmax(1), target)
     if info.enabled and dist.is_initialized():

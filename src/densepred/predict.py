@@ -13,13 +13,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .config import EvalConfig
-from .crf import CRFParams, crf_params, dense_crf
+from .crf import CRFParams, crf_params, dense_crf_any_channels
 from .data.files import IMAGE_SUFFIXES
 from .data.io import read_image
 from .data.labels import colorize
 from .evaluate import inference_options
 from .inference import predict_logits
-from .runtime import NORMALIZATIONS, Trained, build_dataset, load_trained
+from .runtime import Trained, build_dataset, load_trained, normalization_for
 
 __all__ = ["Predictor", "collect_inputs", "predict_files", "save_index_png", "overlay", "predict_dataset_figures"]
 
@@ -49,22 +49,13 @@ class Predictor:
         channels = self.trained.in_channels
         if image.shape[-1] != channels:
             raise ValueError(f"the model takes {channels}-channel images, got shape {image.shape}")
-        norm = NORMALIZATIONS[self.trained.normalization]
-        if self.trained.normalization == "imagenet" and channels != 3:
-            norm = NORMALIZATIONS["unit"]
+        norm = normalization_for(self.trained.normalization, channels)
         x = norm(np.ascontiguousarray(image))[None].to(self.device)
         logits = predict_logits(self.trained.model, x, **self.options)
         probs = torch.softmax(logits, 1)[0].cpu().numpy()
         if self.crf is not None:
-            probs = refine_with_crf(image, probs, self.crf)
+            probs = dense_crf_any_channels(image, probs, self.crf)
         return probs.argmax(0).astype(np.uint8), probs
-
-
-def refine_with_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
-    """DeepLab's post-processing (v1 Sec. 4): the CRF's appearance kernel reads RGB, so a gray
-    image is repeated into three channels."""
-    rgb = np.repeat(image, 3, axis=-1) if image.ndim == 3 and image.shape[-1] == 1 else image
-    return dense_crf(np.ascontiguousarray(rgb), probs, params)
 
 
 def save_index_png(labels: np.ndarray, palette, path: str | Path) -> Path:

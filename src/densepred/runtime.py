@@ -22,6 +22,7 @@ from .data import (
     CAFFE_BGR,
     IMAGENET,
     UNIT,
+    Normalization,
     SegmentationDataset,
     create_dataset,
     deeplab_train,
@@ -41,9 +42,21 @@ __all__ = [
     "freeze_batch_norm",
     "git_commit",
     "NORMALIZATIONS",
+    "normalization_for",
 ]
 
 NORMALIZATIONS = {"imagenet": IMAGENET, "caffe": CAFFE_BGR, "unit": UNIT}
+
+
+def normalization_for(name: str, channels: int) -> Normalization:
+    """The recipe's normalisation for images of ``channels`` channels.
+
+    ImageNet statistics are per RGB channel, so gray images are scaled to [0, 1] instead;
+    Caffe's BGR mean needs RGB images.
+    """
+    if name == "caffe" and channels != 3:
+        raise ValueError(f"data.normalization=caffe needs RGB images; these have {channels} channel(s)")
+    return UNIT if name == "imagenet" and channels != 3 else NORMALIZATIONS[name]
 
 
 @dataclass(frozen=True)
@@ -101,11 +114,7 @@ def build_dataset(exp: Experiment, split: str, *, train: bool, seed: int | None 
     if not train and d.val_dataset:
         name, root = d.val_dataset, d.val_root or d.root
     probe = create_dataset(name, root, split=split, **d.options)
-    norm = NORMALIZATIONS[d.normalization]
-    if d.normalization == "caffe" and probe.in_channels != 3:
-        raise ValueError(f"data.normalization=caffe needs RGB images; {d.dataset} has {probe.in_channels} channel(s)")
-    if d.normalization == "imagenet" and probe.in_channels != 3:
-        norm = UNIT  # ImageNet statistics are per RGB channel; gray images are scaled to [0, 1]
+    norm = normalization_for(d.normalization, probe.in_channels)
     if not train or d.augment == "none":
         transform = eval_transform(norm)
     elif d.augment == "deeplab":

@@ -697,11 +697,9 @@ def _read_resized(path: str | Path, channels: int, size: int | None) -> np.ndarr
 
 
 def _normalise(image: np.ndarray, normalization: str) -> Tensor:
-    from .runtime import NORMALIZATIONS
+    from .runtime import normalization_for
 
-    # As Predictor: ImageNet statistics are per RGB channel; gray images are scaled to [0, 1].
-    name = "unit" if normalization == "imagenet" and image.shape[-1] != 3 else normalization
-    return NORMALIZATIONS[name](np.ascontiguousarray(image))
+    return normalization_for(normalization, image.shape[-1])(np.ascontiguousarray(image))
 
 
 def _resolve_class(value: str, names: Sequence[str]) -> int:
