@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass, fields
+from functools import partial
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -102,179 +103,257 @@ class _Lattice:
     """A permutohedral lattice over ``features`` (P, d), ready to filter (P, C) values.
 
     ``groups`` (P,) int64 keeps points of different images on disjoint lattices.
-    Construction mirrors pydensecrf's ``Permutohedral::init`` so the two agree closely.
+    Construction mirrors pydensecrf's ``Permutohedral::init`` (float32, same rounding and rank
+    tie-breaking) so the two agree closely.
     """
 
     def __init__(self, features: Tensor, groups: Tensor) -> None:
         device = features.device
         p, d = features.shape
-        f = features.to(torch.float64)
+        f = features.to(torch.float32)
         # Elevate onto the hyperplane x . 1 = 0 (Adams et al. Sec. 3.1, the matrix E), scaled so
         # that the [1 2 1] blur approximates a unit-variance Gaussian in feature space.
         inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
-        i = torch.arange(d, dtype=torch.float64, device=device)
+        i = torch.arange(d, dtype=torch.float32, device=device)
         cf = f * (inv_std / torch.sqrt((i + 2) * (i + 1)))
         suffix = torch.flip(torch.cumsum(torch.flip(cf, [1]), 1), [1])  # suffix[:, i] = sum_{k>=i} cf
-        elevated = torch.empty(p, d + 1, dtype=torch.float64, device=device)
+        elevated = torch.empty(p, d + 1, dtype=torch.float32, device=device)
         elevated[:, 0] = suffix[:, 0]
-        j = torch.arange(1, d + 1, dtype=torch.float64, device=device)
-        tail = torch.cat([suffix[:, 1:], torch.zeros(p, 1, dtype=torch.float64, device=device)], 1)
-        elevated[:, 1:] = tail - j * cf
+        elevated[:, 1:d] = suffix[:, 1:]
+        elevated[:, d] = 0
+        elevated[:, 1:] -= cf * torch.arange(1, d + 1, dtype=torch.float32, device=device)
         # Nearest remainder-0 point, then the simplex containing the point from the rank order
         # of the differential (Sec. 3.1, "finding the enclosing simplex").
-        v = elevated / (d + 1)
-        up = torch.ceil(v) * (d + 1)
-        down = torch.floor(v) * (d + 1)
+        v = elevated * (1.0 / (d + 1))
+        up = torch.ceil(v).mul_(d + 1)
+        down = torch.floor(v).mul_(d + 1)
         rem0 = torch.where(up - elevated < elevated - down, up, down)
         total = torch.round(rem0.sum(1) / (d + 1)).to(torch.int64)
         diff = elevated - rem0
-        order = torch.argsort(-diff, dim=1, stable=True)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(d + 1, device=device).expand(p, d + 1).contiguous())
-        rank = rank + total[:, None]
+        # rank_i = #{j > i: diff_j > diff_i} + #{j < i: diff_j >= diff_i}: pydensecrf's pairwise
+        # tie-breaking, by broadcasting (cheaper than a per-row sort of d+1 values).
+        later = torch.ones(d + 1, d + 1, dtype=torch.bool, device=device).triu(1)  # later[i, j] = j > i
+        greater = diff[:, None, :] > diff[:, :, None]
+        ties = diff[:, None, :] == diff[:, :, None]
+        rank = (greater | (ties & ~later)).sum(2) - 1  # minus the j == i tie
+        rank += total[:, None]
         rem0 = rem0.to(torch.int64)
         low, high = rank < 0, rank > d
-        rank = torch.where(low, rank + d + 1, torch.where(high, rank - d - 1, rank))
-        rem0 = torch.where(low, rem0 + d + 1, torch.where(high, rem0 - d - 1, rem0))
+        wrap = (d + 1) * (low.to(torch.int64) - high.to(torch.int64))
+        rank += wrap
+        rem0 += wrap
         # Barycentric coordinates (Sec. 3.1, p. 10).
-        bary = torch.zeros(p, d + 2, dtype=torch.float64, device=device)
-        frac = (elevated - rem0) / (d + 1)
+        bary = torch.zeros(p, d + 2, dtype=torch.float32, device=device)
+        frac = (elevated - rem0) * (1.0 / (d + 1))
         bary.scatter_add_(1, d - rank, frac)
         bary.scatter_add_(1, d - rank + 1, -frac)
         bary[:, 0] += 1.0 + bary[:, d + 1]
         bary = bary[:, : d + 1]
-        # The d+1 vertices: vertex r has coordinate rem0[i] + r, minus d+1 where rank[i] > d - r.
-        r = torch.arange(d + 1, device=device)
-        keys = rem0[:, None, :d] + r[None, :, None] - (d + 1) * (rank[:, None, :d] > (d - r)[None, :, None])
-        keys = keys.reshape(-1, d)
 
-        # Encode each integer key (plus its image index) as one int64, mixed radix. Padding each
-        # coordinate's range by d+1 keeps every blur neighbour's code inside the encoding, so a
-        # neighbour's code is the vertex's code plus a constant per direction.
-        lo = keys.amin(0) - (d + 1)
-        span = keys.amax(0) + (d + 1) - lo + 1
-        n_groups = int(groups.max()) + 1
+        # The d+1 enclosing vertices: vertex r has key_i = rem0_i + r - (d+1) [rank_i > d - r]
+        # (i < d; coordinate d is implied). Each key (plus its image index) is encoded as one
+        # int64 in mixed radix, straight from rem0 and rank without materialising the keys.
+        # Padding each coordinate's range by d+1 keeps every blur neighbour's code inside the
+        # encoding, so a neighbour's code is the vertex's code plus a constant per direction.
+        lo = rem0[:, :d].amin(0) - 2 * (d + 1)
+        span = rem0[:, :d].amax(0) + 2 * (d + 1) - lo + 1
         strides = [1]
         for s in span.tolist():
             strides.append(strides[-1] * int(s))
-        if strides[-1] * n_groups >= 2**62:
+        if strides[-1] * (int(groups.max()) + 1) >= 2**62:
             raise ValueError(
                 "CRF features span too large a lattice to encode in 64 bits; use larger kernel widths "
                 "(theta_*) or fewer images per batch"
             )
         stride_t = torch.tensor(strides[:-1], dtype=torch.int64, device=device)
-        codes = ((keys - lo) * stride_t).sum(1) + groups.repeat_interleave(d + 1) * strides[-1]
+        base = ((rem0[:, :d] - lo) * stride_t).sum(1) + groups * strides[-1]
+        # by_rank[:, k] = sum of stride_i over coordinates with rank k; vertex r subtracts (d+1)
+        # times the strides of ranks > d - r, a suffix sum over ranks.
+        by_rank = torch.zeros(p, d + 2, dtype=torch.int64, device=device)
+        by_rank.scatter_add_(1, rank[:, :d], stride_t.expand(p, d))
+        above = torch.flip(torch.cumsum(torch.flip(by_rank, [1]), 1), [1])  # above[:, k] = sum over ranks >= k
+        r = torch.arange(d + 1, device=device)
+        codes = base[:, None] + r * int(stride_t.sum()) - (d + 1) * above[:, d + 1 - r]
         # One sort gives the vertex ids, the splat matrix's row order and the slice's columns.
-        sorted_codes, perm = torch.sort(codes)
+        sorted_codes, perm = torch.sort(codes.reshape(-1))
         uniq, sorted_ids, counts = torch.unique_consecutive(sorted_codes, return_inverse=True, return_counts=True)
         inverse = torch.empty_like(sorted_ids)
         inverse[perm] = sorted_ids
         m = uniq.numel()
+        self.num_vertices = m
+        self.neighbours = self._neighbours(uniq, stride_t, d)
 
-        # Blur neighbours along each of the d+1 lattice directions: all coordinates -1 except
-        # +d at coordinate j (j = d is the implicit last coordinate). Missing ones point at the
-        # zero row m.
-        self.neighbours: list[tuple[Tensor, Tensor]] = []
+        # Splat (M x P) and slice (P x M) are sparse: entry (pixel, r) carries barycentric weight
+        # bary[pixel, r] to vertex vertex_of[pixel * (d+1) + r]. Pixel-major order gives the
+        # slice's rows, the sort order gives the splat's rows.
+        self.num_points, self.dim, self.device = p, d, device
+        self.weights = bary.reshape(-1)
+        self.vertex_of = inverse
+        self.pixel_ptr = torch.arange(0, p * (d + 1), d + 1, device=device)
+        self.sorted_weights, self.sorted_pixel = self.weights[perm], perm // (d + 1)
+        self.vertex_ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:-1], 0)])
+        self.blurs = self._blurs()
+
+    # pydensecrf's "magic" slice constant 1 / (1 + 2^-d); it cancels under normalisation anyway.
+    @property
+    def alpha(self) -> float:
+        return 1.0 / (1.0 + 2.0 ** (-self.dim))
+
+    @staticmethod
+    def _neighbours(uniq: Tensor, stride_t: Tensor, d: int) -> list[tuple[Tensor, Tensor]]:
+        """Blur neighbours along each of the d+1 lattice directions: all coordinates -1 except +d
+        at coordinate j (j = d is the implied last one). Missing ones point at row m."""
+        m, device = uniq.numel(), uniq.device
+        on_cpu = device.type == "cpu"
+        keys = uniq.numpy() if on_cpu else uniq
+        found_at = torch.arange(m, device=device)
+        neighbours = []
         for axis in range(d + 1):
             delta = torch.full((d,), -1, dtype=torch.int64, device=device)
             if axis < d:
                 delta[axis] = d
-            offset = int((delta * stride_t).sum())
-            pair = []
-            for sign in (1, -1):
-                target = uniq + sign * offset
-                pos = torch.searchsorted(uniq, target).clamp_(max=m - 1)
-                pair.append(torch.where(uniq[pos] == target, pos, torch.full_like(pos, m)))
-            self.neighbours.append((pair[0], pair[1]))
+            target = uniq + int((delta * stride_t).sum())
+            # Sorted queries: NumPy's search reuses the previous bound (~3x torch's on CPU).
+            if on_cpu:
+                pos = torch.from_numpy(np.searchsorted(keys, target.numpy()))
+            else:
+                pos = torch.searchsorted(uniq, target)
+            pos.clamp_(max=m - 1)
+            forward = torch.where(uniq[pos] == target, pos, m)
+            # The backward neighbour is the inverse relation: if u + delta = v then v - delta = u.
+            # Misses all write into the spare slot m, which is dropped.
+            backward = torch.full((m + 1,), m, dtype=torch.int64, device=device)
+            backward[forward] = found_at
+            neighbours.append((forward, backward[:m]))
+        return neighbours
 
-        # Splat (M x P) and slice (P x M) as sparse matrices. pydensecrf's "magic" slice constant
-        # alpha = 1 / (1 + 2^-d) is kept; it cancels under normalisation anyway.
-        alpha = 1.0 / (1.0 + 2.0 ** (-d))
-        weights = bary.reshape(-1).to(torch.float32)
-        index = torch.int64
-        # torch warns that sparse CSR is "beta" on every construction; the ops used here are stable.
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        self.slice = torch.sparse_csr_tensor(
-            torch.arange(0, p * (d + 1) + 1, d + 1, dtype=index, device=device), inverse, weights * alpha, (p, m)
-        )
-        crow = torch.cat([torch.zeros(1, dtype=index, device=device), torch.cumsum(counts, 0)])
-        self.splat = torch.sparse_csr_tensor(crow, perm // (d + 1), weights[perm], (m, p))
-        self.num_vertices = m
-        self._cpu_operators = self._scipy_operators() if device.type == "cpu" else None
-
-    def _scipy_operators(self) -> list:
-        """Splat, the d+1 blurs and slice as SciPy CSR matrices: on one CPU thread SciPy's sparse
-        products over (M, C) blocks are about 1.4x faster than gather + add in torch."""
-        import scipy.sparse as sparse
-
-        def csr(t: Tensor):
-            return sparse.csr_matrix(
-                (t.values().numpy(), t.col_indices().numpy(), t.crow_indices().numpy()), shape=tuple(t.shape)
-            )
-
-        m = self.num_vertices
-        rows = np.arange(m)
+    def _blurs(self) -> list[_RowSums]:
+        """The d+1 blurs [1/2, 1, 1/2] (Adams et al. Sec. 4, as pydensecrf) as sparse row sums."""
+        m, device = self.num_vertices, self.device
+        rows = torch.arange(m, device=device)
         blurs = []
-        for n1, n2 in self.neighbours:  # [1/2, 1, 1/2] along each lattice direction
-            a, b = n1.numpy(), n2.numpy()
-            ka, kb = a < m, b < m
-            r = np.concatenate([rows, rows[ka], rows[kb]])
-            c = np.concatenate([rows, a[ka], b[kb]])
-            v = np.concatenate([np.ones(m), np.full(int(ka.sum()), 0.5), np.full(int(kb.sum()), 0.5)])
-            blurs.append(sparse.csr_matrix((v.astype(np.float32), (r, c)), shape=(m, m)))
-        return [csr(self.splat), *blurs, csr(self.slice)]
+        for forward, backward in self.neighbours:
+            # Row v holds v itself (weight 1) then whichever of its two neighbours exist (1/2),
+            # placed by scatter (a spare last slot takes the misses): faster than a boolean mask.
+            has_f, has_b = (forward < m).long(), (backward < m).long()
+            ends = torch.cumsum(1 + has_f + has_b, 0)
+            nnz, first = int(ends[-1]), ends - (1 + has_f + has_b)
+            cols = torch.empty(nnz + 1, dtype=torch.int64, device=device)
+            cols[first] = rows
+            cols[torch.where(has_f.bool(), first + 1, nnz)] = forward
+            cols[torch.where(has_b.bool(), first + 1 + has_f, nnz)] = backward
+            values = torch.full((nnz,), 0.5, device=device)
+            values[first] = 1.0
+            blurs.append(_RowSums(cols[:nnz], first, values))
+        return blurs
+
+    def _chain(self, scale_in: Tensor | None, scale_out: Tensor | None) -> list[_RowSums]:
+        """``diag(scale_out) Slice Blur Splat diag(scale_in)``, the diagonal scalings folded into
+        the splat's and slice's weights so that they cost nothing per iteration."""
+        into = self.sorted_weights
+        if scale_in is not None:
+            into = into * scale_in.reshape(-1)[self.sorted_pixel]
+        out = self.weights * self.alpha
+        if scale_out is not None:
+            out *= scale_out.reshape(-1).repeat_interleave(self.dim + 1)
+        splat = _RowSums(self.sorted_pixel, self.vertex_ptr, into)
+        return [splat, *self.blurs, _RowSums(self.vertex_of, self.pixel_ptr, out)]
 
     def filter(self, values: Tensor) -> Tensor:
         """Approximate Gaussian filtering: ``out_i = sum_j exp(-|f_i - f_j|^2 / 2) values_j`` (P, C)."""
-        if self._cpu_operators is not None:
-            x = values.numpy()
-            for op in self._cpu_operators:
-                x = op @ x
-            return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        m, c = self.num_vertices, values.shape[1]
-        # Two ping-pong buffers with a zero last row (the "missing neighbour").
-        lattice = values.new_zeros(m + 1, c)
-        lattice[:m] = self.splat @ values
-        other, gathered, gathered2 = values.new_zeros(m + 1, c), values.new_empty(m, c), values.new_empty(m, c)
-        for n1, n2 in self.neighbours:
-            # [1/2, 1, 1/2] along this direction, as pydensecrf's Permutohedral::compute.
-            torch.index_select(lattice, 0, n1, out=gathered)
-            torch.index_select(lattice, 0, n2, out=gathered2)
-            gathered += gathered2
-            torch.add(lattice[:m], gathered, alpha=0.5, out=other[:m])
-            lattice, other = other, lattice
-        return self.slice @ lattice[:m]
+        return _apply_chain(self._chain(None, None), values)
+
+    def normalised(self, weight: float):
+        """The message ``q -> w D^-1/2 K D^-1/2 q`` with ``D = K 1`` (pydensecrf's NORMALIZE_SYMMETRIC)."""
+        norm = self.filter(torch.ones(self.num_points, 1, device=self.device)).clamp_(min=1e-20).rsqrt_()
+        return partial(_apply_chain, self._chain(norm, weight * norm))
+
+
+@dataclass(frozen=True)
+class _RowSums:
+    """A sparse matrix by rows: ``out[i] = sum_k weights[k] * x[indices[k]]`` over row i's
+    entries, which start at ``offsets[i]`` (CSR without the last pointer).
+
+    ``x @ matrix`` runs as ``embedding_bag(mode="sum")``, whose CPU kernel (FBGEMM) is
+    vectorised over the C columns: about 2x SciPy's CSR product over (M, 21) blocks, and the
+    same code runs on GPU.
+    """
+
+    indices: Tensor
+    offsets: Tensor
+    weights: Tensor
+
+    def __matmul__(self, x: Tensor) -> Tensor:
+        return F.embedding_bag(self.indices, x, self.offsets, mode="sum", per_sample_weights=self.weights)
+
+
+def _apply_chain(matrices: list[_RowSums], values: Tensor) -> Tensor:
+    for matrix in matrices:
+        values = matrix @ values
+    return values
 
 
 class _GridGaussian:
     """Exact position-only Gaussian ``exp(-|p_i - p_j|^2 / (2 theta^2))`` on the pixel grid.
 
     The smoothness kernel depends on position alone, so it is separable and shift-invariant:
-    two 1-D convolutions (truncated at 4 theta, where the weight is e^-8) replace a lattice that
+    two 1-D filterings (truncated at 4 theta, where the weight is e^-8) replace a lattice that
     would have more vertices than pixels at theta ~ 1. Zero padding: no pixels outside the image.
+    Both passes are banded sparse row sums on the (P, C) layout, with no transposes: the
+    (N*H, W*C) rows filtered along H, then (P, C) along W. Its normaliser is separable too,
+    ``D(y, x) = D_h(y) D_w(x)``, so the symmetric normalisation and the weight fold into the
+    two 1-D kernels and cost nothing per iteration.
     """
 
     def __init__(self, n: int, h: int, w: int, theta: float, device: torch.device) -> None:
         radius = max(1, math.ceil(4.0 * theta))
+        self.offsets = torch.arange(-radius, radius + 1, device=device)
+        self.taps = torch.exp(-0.5 * (self.offsets / theta) ** 2)
+        self.shape = (n, h, w)
 
-        def banded(size: int) -> Tensor:
-            # A sparse banded (size x size) Gaussian: one sparse-dense product filters a whole axis
-            # for all classes at once, several times faster on CPU than a depthwise conv2d.
-            i = torch.arange(size, device=device)
-            offset = (i[:, None] - i[None, :]).to(torch.float32)
-            kernel = torch.exp(-0.5 * (offset / theta) ** 2) * (offset.abs() <= radius)
-            return kernel.to_sparse_csr()
+    def _banded(self, size: int, blocks: int, scale: float = 1.0, normalise: bool = False) -> _RowSums:
+        """``blocks`` copies of the (size x size) banded Gaussian ``s K`` (or ``s D^-1/2 K D^-1/2``
+        with ``D = K 1`` when ``normalise``) along the diagonal. Every row keeps all taps; those
+        outside the image get weight 0."""
+        i = torch.arange(size, device=self.taps.device)
+        j = i[:, None] + self.offsets
+        inside = (j >= 0) & (j < size)
+        j = j.clamp(0, size - 1)
+        weights = self.taps * inside
+        if normalise:
+            norm = weights.sum(1).rsqrt()
+            weights = norm[:, None] * weights * norm[j]
+        base = (torch.arange(blocks, device=j.device) * size).repeat_interleave(size)[:, None]
+        return _RowSums(
+            (j.repeat(blocks, 1) + base).reshape(-1),
+            torch.arange(0, blocks * size * len(self.taps), len(self.taps), device=j.device),
+            (scale * weights).repeat(blocks, 1).reshape(-1).float(),
+        )
 
-        self.rows, self.cols, self.shape = banded(h), banded(w), (n, h, w)
+    def _message(self, along_h: _RowSums, along_w: _RowSums):
+        n, h, w = self.shape
+        return lambda q: along_w @ (along_h @ q.reshape(n * h, -1)).view(n * h * w, -1)
 
     def filter(self, values: Tensor) -> Tensor:
         n, h, w = self.shape
-        c = values.shape[1]
-        out = []
-        for image in values.view(n, h, w * c):
-            x = (self.rows @ image).view(h, w, c).transpose(0, 1).reshape(w, h * c)
-            out.append((self.cols @ x).view(w, h, c).transpose(0, 1).reshape(h * w, c))
-        return torch.cat(out)
+        return self._message(self._banded(h, n), self._banded(w, n * h))(values)
+
+    def normalised(self, weight: float):
+        """``q -> w D^-1/2 K D^-1/2 q``, all of it inside the two banded kernels."""
+        n, h, w = self.shape
+        return self._message(self._banded(h, n, normalise=True), self._banded(w, n * h, weight, normalise=True))
+
+
+class _DenseGaussian:
+    """The exact kernel ``exp(-|f_i - f_j|^2 / 2)`` as a dense (N, N) float64 matrix (reference only)."""
+
+    def __init__(self, features: Tensor) -> None:
+        f = features.to(torch.float64)
+        self.kernel = torch.exp(-0.5 * torch.cdist(f, f).square())
+
+    def normalised(self, weight: float):
+        norm = (self.kernel @ torch.ones_like(self.kernel[:, :1])).rsqrt()
+        return lambda q: weight * norm * (self.kernel @ (q * norm))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,16 +397,32 @@ def _features(images: Tensor, params: CRFParams) -> tuple[Tensor, Tensor]:
     return bilateral, pos / params.theta_gamma
 
 
-def _mean_field(unary: Tensor, kernels: list[tuple[float, object]], iterations: int) -> Tensor:
-    """Krähenbühl & Koltun Alg. 1 with Potts compatibility; ``kernels`` are (w, filter) pairs."""
-    q = torch.softmax(-unary, dim=1)
-    norms = [(w, filt, filt(torch.ones_like(unary[:, :1])).clamp(min=1e-20).rsqrt()) for w, filt in kernels]
+def _mean_field(unary: Tensor, messages: list, iterations: int) -> Tensor:
+    """Krähenbühl & Koltun Alg. 1 with Potts compatibility (the constant term cancels in the
+    softmax). ``messages`` are the kernels' normalised, weighted filters ``q -> w Kn q``."""
+    # Shifting each pixel's unary by its minimum leaves the softmax unchanged and makes the
+    # best class's energy >= 0, so exp never underflows to an all-zero row.
+    neg_unary = unary.amin(1, keepdim=True) - unary
+    q = torch.softmax(neg_unary, dim=1)
+    if not messages or iterations == 0:
+        return q
+    # A message is largest where every q is 1; while energies stay below float32's exp range
+    # (about 88), exp needs no max subtraction: 3x faster than torch.softmax over 21 classes.
+    ones = torch.ones_like(unary[:, :1])
+    bound = sum(float(message(ones).max()) for message in messages)
+    softmax = _softmax_unshifted if bound < 80 else partial(torch.softmax, dim=1)
     for _ in range(iterations):
-        energy = -unary
-        for w, filt, norm in norms:
-            energy = energy + w * norm * filt(norm * q)
-        q = torch.softmax(energy, dim=1)
+        energy = neg_unary + messages[0](q)
+        for message in messages[1:]:
+            energy += message(q)
+        q = softmax(energy)
     return q
+
+
+def _softmax_unshifted(energy: Tensor) -> Tensor:
+    """Softmax over dim 1, in place, without subtracting the maximum; the caller bounds ``energy``."""
+    e = energy.exp_()
+    return e.div_(e.sum(1, keepdim=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -347,15 +442,16 @@ def dense_crf_torch(images: Tensor, probs: Tensor, params: CRFParams, *, logits:
     if images.device != probs.device:
         raise ValueError(f"images on {images.device} and probs on {probs.device} must be on one device")
     n, c, h, w = probs.shape
-    unary = _unary(probs.to(torch.float32).permute(0, 2, 3, 1).reshape(-1, c), logits)
+    # (P, C) row-major: the filters read each pixel's C values as one contiguous row.
+    unary = _unary(probs.to(torch.float32).permute(0, 2, 3, 1).contiguous().view(-1, c), logits)
     groups = torch.arange(n, device=probs.device).repeat_interleave(h * w)
     bilateral, smooth = _features(images, params)
-    kernels: list[tuple[float, object]] = []
-    if params.w1 > 0:
-        kernels.append((float(params.w1), _Lattice(bilateral, groups).filter))
-    if params.w2 > 0:
-        kernels.append((float(params.w2), _GridGaussian(n, h, w, params.theta_gamma, probs.device).filter))
-    q = _mean_field(unary, kernels, params.iterations)
+    messages = []
+    if params.w1 > 0 and params.iterations > 0:
+        messages.append(_Lattice(bilateral, groups).normalised(float(params.w1)))
+    if params.w2 > 0 and params.iterations > 0:
+        messages.append(_GridGaussian(n, h, w, params.theta_gamma, probs.device).normalised(float(params.w2)))
+    q = _mean_field(unary, messages, params.iterations)
     return q.reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 
@@ -428,11 +524,8 @@ def dense_crf_exact(image: np.ndarray, probs: np.ndarray, params: CRFParams, *, 
     unary = (-torch.log_softmax(p, 1) if logits else -torch.log(p.clamp(min=_PROB_CLIP))).to(torch.float64)
     bilateral, smooth = _features(images, params)
 
-    def dense(features: Tensor):
-        f = features.to(torch.float64)
-        kernel = torch.exp(-0.5 * torch.cdist(f, f).square())
-        return lambda values: kernel @ values
-
-    kernels = [(float(w_), dense(f)) for w_, f in ((params.w1, bilateral), (params.w2, smooth)) if w_ > 0]
-    q = _mean_field(unary, kernels, params.iterations)
+    messages = [
+        _DenseGaussian(f).normalised(float(w_)) for w_, f in ((params.w1, bilateral), (params.w2, smooth)) if w_ > 0
+    ]
+    q = _mean_field(unary, messages, params.iterations)
     return q.T.reshape(c, h, w).to(torch.float32).numpy()
