@@ -490,8 +490,9 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CRFParams, *, logits
     probabilities (or logits with ``logits=True``). Returns float32 (C, H, W) probabilities.
     """
     _check_single(image, probs)
-    images = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
-    p = torch.from_numpy(np.ascontiguousarray(probs, dtype=np.float32))[None]
+    # np.require copies only arrays torch cannot wrap (read-only, strided, other dtypes).
+    images = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None]
+    p = torch.from_numpy(np.require(probs, np.float32, ["C", "W"]))[None]
     return dense_crf_torch(images, p, params, logits=logits)[0].numpy()
 
 
@@ -519,7 +520,7 @@ def dense_crf_exact(image: np.ndarray, probs: np.ndarray, params: CRFParams, *, 
             f"dense_crf_exact is O(N^2): {h}x{w} = {h * w} pixels exceeds EXACT_MAX_PIXELS={EXACT_MAX_PIXELS}; "
             "use dense_crf for large images"
         )
-    images = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
+    images = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None]
     p = torch.from_numpy(np.asarray(probs, dtype=np.float64)).permute(1, 2, 0).reshape(-1, c)
     unary = (-torch.log_softmax(p, 1) if logits else -torch.log(p.clamp(min=_PROB_CLIP))).to(torch.float64)
     bilateral, smooth = _features(images, params)
