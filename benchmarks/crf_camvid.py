@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densepred.config import EvalConfig
 from densepred.crf import PRESETS, CRFParams, dense_crf
 from densepred.data.factory import create_dataset
 from densepred.data.labels import colorize
@@ -126,23 +125,18 @@ def _boundary_figure(best: dict, palette, class_names, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--root", default="../shared/data/camvid")
-    parser.add_argument("--out", default="runs/bench/crf_camvid")
-    parser.add_argument("--tune", type=int, default=12, help="train images for the grid search (0: preset only)")
-    parser.add_argument("--max-images", type=int, default=None, help="val images to score (default all)")
-    args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-
-    trained = load_trained(args.checkpoint)
-    options = inference_options(EvalConfig())
-    val = create_dataset("camvid", args.root, "val")
-    count = len(val) if args.max_images is None else min(args.max_images, len(val))
+def camvid_crf_scores(
+    checkpoint: str | Path, root: str | Path, out: str | Path, *, tune: int = 12, max_images: int | None = None
+) -> dict:
+    """Score ``checkpoint`` on CamVid val without CRF, with the DeepLab v2 preset and with the
+    setting tuned on ``tune`` train images; write results.json and boundary.png under ``out``."""
+    trained = load_trained(checkpoint)
+    options = inference_options(trained.experiment.eval)
+    val = create_dataset("camvid", root, "val")
+    count = len(val) if max_images is None else min(max_images, len(val))
     settings: dict[str, CRFParams | None] = {"no CRF": None, "deeplab_v2 preset": PRESETS["deeplab_v2"]}
-    if args.tune > 0:
-        settings["tuned on train"] = _tune(trained, args.root, args.tune, options)
+    if tune > 0:
+        settings["tuned on train"] = _tune(trained, root, tune, options)
 
     best: dict = {"gain": -1}
 
@@ -163,14 +157,14 @@ def main() -> None:
             )
 
     scores = _score(settings, trained, val, range(count), options, keep)
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"CamVid val, {count} images, checkpoint {args.checkpoint} (iteration {trained.iteration})")
+    print(f"CamVid val, {count} images, checkpoint {checkpoint} (iteration {trained.iteration})")
     print(f"{'setting':<20} {'mIoU':>7} {'pixel acc':>9} {'CRF s/img':>9}")
     for name, s in scores.items():
         print(f"{name:<20} {s['miou']:7.4f} {s['pixel_acc']:9.4f} {s['crf_seconds_per_image']:9.3f}")
     results = {
-        "checkpoint": str(args.checkpoint),
+        "checkpoint": str(checkpoint),
         "iteration": trained.iteration,
         "images": count,
         "settings": {name: (None if p is None else asdict(p)) for name, p in settings.items()},
@@ -180,10 +174,23 @@ def main() -> None:
             for name, s in scores.items()
         },
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
     if best["gain"] >= 0:
         _boundary_figure(best, trained.palette, trained.class_names, out / "boundary.png")
+        results["picture"] = str(out / "boundary.png")
         print(f"picture: {out / 'boundary.png'} ({best['name']}, {best['gain']} more correct pixels with the CRF)")
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--root", default="../shared/data/camvid")
+    parser.add_argument("--out", default="runs/bench/crf_camvid")
+    parser.add_argument("--tune", type=int, default=12, help="train images for the grid search (0: preset only)")
+    parser.add_argument("--max-images", type=int, default=None, help="val images to score (default all)")
+    args = parser.parse_args()
+    camvid_crf_scores(args.checkpoint, args.root, args.out, tune=args.tune, max_images=args.max_images)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ resolved config is saved with every run and checkpoint, so a result can always b
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,6 +101,9 @@ class OptimConfig:
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         for key in ("bias_lr_mult", "bias_decay_mult", "head_lr_mult"):
             _require(getattr(self, key) >= 0, f"optim.{key} must be >= 0, got {getattr(self, key)}")
+        _require(
+            all(0 <= b < 1 for b in self.betas), f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}"
+        )
 
 
 @dataclass
@@ -114,6 +118,9 @@ class ScheduleConfig:
 
     def validate(self) -> None:
         _require(self.step_size >= 1, f"schedule.step_size must be >= 1, got {self.step_size}")
+        _require(self.power >= 0, f"schedule.power must be >= 0, got {self.power}")
+        _require(self.gamma > 0, f"schedule.gamma must be > 0, got {self.gamma}")
+        _require(0 <= self.min_lr_factor <= 1, f"schedule.min_lr_factor must be in [0, 1], got {self.min_lr_factor}")
         _require(self.warmup_iters >= 0, f"schedule.warmup_iters must be >= 0, got {self.warmup_iters}")
         _require(0 < self.warmup_factor <= 1, f"schedule.warmup_factor must be in (0, 1], got {self.warmup_factor}")
 
@@ -135,7 +142,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     checkpoint_every: int = 500
     keep_last: int = 2
-    max_minutes: float | None = None  # stop (with a checkpoint) after this much training time
+    max_minutes: float | None = None  # stop (with a checkpoint) after this much run time, resumes included
     device: str = "auto"
 
     def validate(self) -> None:
@@ -144,6 +151,15 @@ class TrainConfig:
         for key in ("log_every", "eval_every", "checkpoint_every"):
             _require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
         _require(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
+        _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        _require(
+            self.max_minutes is None or self.max_minutes > 0,
+            f"train.max_minutes must be > 0 or null, got {self.max_minutes}",
+        )
+        _require(
+            self.class_weights is None or all(w >= 0 for w in self.class_weights),
+            f"train.class_weights must be >= 0 (one per class), got {self.class_weights}",
+        )
         _require(
             self.clip_grad_norm is None or self.clip_grad_norm > 0,
             f"train.clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}",
@@ -166,6 +182,12 @@ class EvalConfig:
 
     def validate(self) -> None:
         _require(0 <= self.overlap < 1, f"eval.overlap must be in [0, 1), got {self.overlap}")
+        _require(self.tile is None or self.tile >= 1, f"eval.tile must be a positive size or null, got {self.tile}")
+        _require(self.batch_size >= 1, f"eval.batch_size must be >= 1, got {self.batch_size}")
+        _require(
+            self.max_images is None or self.max_images >= 1,
+            f"eval.max_images must be >= 1 or null, got {self.max_images}",
+        )
         _require(bool(self.scales) and min(self.scales) > 0, f"eval.scales must be positive numbers, got {self.scales}")
         if self.crf is not None:
             from .crf import crf_params
@@ -257,9 +279,12 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if annotation is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{where} must be a whole number, got {value!r}")
         try:
-            return annotation(value)
-        except (TypeError, ValueError):
+            number = annotation(value)
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
+        if not math.isfinite(number):  # .inf / .nan parse as YAML floats, and would pass "lr > 0"
+            raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
@@ -300,6 +325,8 @@ def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings to a raw config dict (values parsed as YAML)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping with sections {', '.join(_SECTIONS)}; got {type(raw).__name__}")
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -307,7 +334,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=0.01")
         try:
             value = yaml.safe_load(text) if text != "" else None
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, RecursionError) as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
         parts = key.split(".")
         if len(parts) == 1:
@@ -317,6 +344,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if section not in _SECTIONS:
             raise ConfigError(f"override {item!r}: unknown section {section!r}; sections: {', '.join(_SECTIONS)}")
         node = raw.setdefault(section, {}) or {}
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: section '{section}' must be a mapping of key: value, got {node!r}")
         raw[section] = node
         for p in rest[:-1]:  # nested dict options, e.g. model.options.base_channels=16
             node = node.setdefault(p, {})
@@ -334,9 +363,9 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; shipped recipes are in configs/")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+            raise ConfigError(f"config file {path} is not valid UTF-8 YAML: {exc}") from None
     try:
         return experiment_from_dict(apply_overrides(raw, list(overrides)))
     except ConfigError as exc:

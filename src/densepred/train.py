@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from . import losses
 from .checkpoint import CheckpointManager, rng_state, set_rng_state
-from .config import Experiment, OptimConfig, ScheduleConfig
+from .config import ConfigError, Experiment, OptimConfig, ScheduleConfig
+from .data.errors import DataError
 from .data.loader import worker_init
 from .evaluate import evaluate
 from .inference import is_valid_unet
@@ -34,11 +36,15 @@ from .models.layers import center_crop
 from .runtime import DistInfo, build_dataset, build_model, git_commit, seed_everything, setup_distributed
 from .sampling import ResumableBatchSampler, SeededSamples
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "param_groups", "lr_factor"]
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "DataLoaderWorkerError", "param_groups", "lr_factor"]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradients became NaN/inf; the last good checkpoint is kept."""
+
+
+class DataLoaderWorkerError(RuntimeError):
+    """A DataLoader worker process died (killed, out of memory); the run can be resumed."""
 
 
 @dataclass
@@ -172,6 +178,74 @@ class _WithWeightMaps(torch.utils.data.Dataset):
         return sample
 
 
+def _collate(samples: list[dict]) -> dict:
+    """``default_collate``, except that images of different sizes are a clear error, not a stack error."""
+    sizes = {tuple(s["image"].shape[-2:]) for s in samples}
+    if len(sizes) > 1:
+        shown = ", ".join(f"{s['name']} ({s['image'].shape[-1]}x{s['image'].shape[-2]})" for s in samples)
+        raise DataError(
+            f"cannot batch images of different sizes: {shown}; with data.augment=none whole images are used, "
+            "so set data.batch_size=1, or train on crops (data.augment=deeplab and data.crop=<size>)"
+        )
+    return default_collate(samples)
+
+
+def _check_recipe_fits(exp: Experiment, model: nn.Module, dataset) -> None:
+    """Recipe errors that need the model or the dataset to see, caught before the first iteration."""
+    d, t = exp.data, exp.train
+    if d.crop is not None and d.augment == "none":
+        raise ConfigError(
+            f"data.crop={d.crop} has no effect with data.augment=none (whole images are used); "
+            "set data.crop=null, or data.augment=deeplab or unet to train on crops"
+        )
+    if d.crop is not None and is_valid_unet(model):
+        try:
+            model.output_size(d.crop, d.crop)
+        except ValueError as exc:
+            raise ConfigError(f"data.crop={d.crop} does not fit {exp.model.name}: {exc}") from None
+    if t.class_weights is not None and len(t.class_weights) != dataset.num_classes:
+        raise ConfigError(
+            f"train.class_weights has {len(t.class_weights)} values but {d.dataset} has {dataset.num_classes} "
+            f"classes ({', '.join(dataset.class_names)}); give one weight per class or set train.class_weights=null"
+        )
+
+
+def _grad_norm(model: nn.Module) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+
+def _original_message(exc: BaseException) -> str:
+    """The message of an exception re-raised from a DataLoader worker, without the worker's traceback."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    name, sep, message = last.partition(": ")
+    return message if sep and name.endswith(type(exc).__name__) else last
+
+
+@contextmanager
+def _explain_stops(iteration: Callable[[], int], last_good: Callable[[], str]) -> Iterator[None]:
+    """Say where training stopped and how to continue when a data file or a loader worker fails."""
+    try:
+        yield
+    except DataError as exc:
+        raise type(exc)(
+            f"{_original_message(exc)} (training stopped at iteration {iteration()}; last good checkpoint: "
+            f"{last_good()}; fix or restore the file, then rerun with --resume)"
+        ) from exc
+    except RuntimeError as exc:
+        # PyTorch's SIGCHLD handler raises this wherever the main process is when a worker dies.
+        if "DataLoader worker (pid" not in str(exc):
+            raise
+        raise DataLoaderWorkerError(
+            f"a data loader worker died during iteration {iteration()} ({str(exc).strip()}); last good "
+            f"checkpoint: {last_good()}. Rerun with --resume to continue from it; if the system killed the "
+            "worker for lack of memory, lower data.workers or data.batch_size"
+        ) from exc
+
+
 def _make_loader(exp: Experiment, dataset, info: DistInfo, start_batch: int) -> DataLoader:
     data: torch.utils.data.Dataset = SeededSamples(dataset)
     if exp.train.loss == "unet_weighted":
@@ -195,6 +269,7 @@ def _make_loader(exp: Experiment, dataset, info: DistInfo, start_batch: int) -> 
         # resumed run's dropout masks would differ from an uninterrupted run's.
         generator=torch.Generator().manual_seed(exp.train.seed),
         pin_memory=False,
+        collate_fn=_collate,
     )
 
 
@@ -213,6 +288,7 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
     train_set = build_dataset(exp, exp.data.train_split, train=True, seed=t.seed)
     val_set = build_dataset(exp, exp.data.val_split, train=False)
     model = build_model(exp, train_set.num_classes, train_set.in_channels).to(device)
+    _check_recipe_fits(exp, model, train_set)
     if exp.model.sync_bn and info.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if exp.model.channels_last:
@@ -222,7 +298,14 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
     scaler = torch.amp.GradScaler(device.type) if use_fp16 else None
 
     ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=t.keep_last)
-    start_iter, best = 0, None
+    if info.is_main:
+        ckpts.remove_stale_temporaries()  # torn writes of a killed run; the checkpoints themselves are whole
+
+    def last_good() -> str:
+        files = ckpts.iteration_files()
+        return str(files[-1]) if files else "none written yet"
+
+    start_iter, best, trained_before = 0, None, 0.0
     if resume and (found := ckpts.latest()) is not None:
         path, state = found
         model.load_state_dict(state["model"])
@@ -231,6 +314,7 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
             scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         start_iter, best = state["iteration"], state.get("best_miou")
+        trained_before = float(state.get("train_seconds", 0.0))  # time and budgets add up across resumes
         if info.is_main:
             print(f"resuming from {path} (iteration {start_iter} of {t.iterations})")
     elif info.is_main:
@@ -264,6 +348,7 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
             "config": exp.to_dict(),
             "git_commit": commit,
             "best_miou": best,
+            "train_seconds": elapsed(),
             "metrics": metrics or {},
             "dataset": {
                 "name": exp.data.dataset,
@@ -279,93 +364,108 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
     def run_eval(iteration: int) -> dict[str, Any]:
         metrics = evaluate(model, val_set, exp.eval, device=device, dist_info=info, progress=False)
         if info.is_main:
-            _log(run_dir / "log.jsonl", {"iter": iteration, "split": "val", **_scalars(metrics)})
+            _log(run_dir / "log.jsonl", {"iter": iteration, "split": "val", "time": elapsed(), **_scalars(metrics)})
         return metrics
 
     bar = tqdm(total=t.iterations, initial=start_iter, disable=not (progress and info.is_main), desc="train", unit="it")
     started, last_ckpt, metrics, stopped = time.perf_counter(), None, {}, False
+
+    def elapsed() -> float:
+        """Seconds of this run so far, earlier (resumed) processes included."""
+        return trained_before + time.perf_counter() - started
+
     images_per_iter = exp.data.batch_size * info.world_size * t.iter_size
     it = start_iter
     tick, tick_it = time.perf_counter(), it
     model.train()
-    while it < t.iterations:
-        factor = lr_factor(it, t.iterations, exp.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = exp.optim.lr * group["lr_mult"] * factor
-        optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in range(t.iter_size):
-            batch = next(batches)
-            images = batch["image"].to(device, non_blocking=True)
-            if exp.model.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            target = batch["mask"].to(device)
-            weight = batch["weight"].to(device) if "weight" in batch else None
-            sync = nullcontext() if not info.enabled or micro == t.iter_size - 1 else net.no_sync()
-            with sync:
-                with autocast:
-                    output = net(images)
-                loss = loss_fn(output, target, weight) / t.iter_size
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-            total += float(loss.detach())
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = None
-        if t.clip_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm))
-        finite = math.isfinite(total) and (grad_norm is None or math.isfinite(grad_norm))
-        if not finite:
-            where = f"loss {total} at iteration {it + 1}"
-            if not t.skip_nonfinite:
-                kept = str(last_ckpt or ckpts.iteration_files()[-1:] or "none written yet")
-                raise NonFiniteLossError(
-                    f"non-finite {where}; stopped. Last good checkpoint: {kept}. Lower optim.lr, set "
-                    f"train.clip_grad_norm, or set train.skip_nonfinite=true to skip such steps"
-                )
+    with _explain_stops(lambda: it + 1, last_good):
+        while it < t.iterations:
+            factor = lr_factor(it, t.iterations, exp.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = exp.optim.lr * group["lr_mult"] * factor
             optimizer.zero_grad(set_to_none=True)
-            if info.is_main:
-                _log(run_dir / "log.jsonl", {"iter": it + 1, "skipped": where})
-        elif scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        it += 1
+            total = 0.0
+            for micro in range(t.iter_size):
+                batch = next(batches)
+                images = batch["image"].to(device, non_blocking=True)
+                if exp.model.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                target = batch["mask"].to(device)
+                weight = batch["weight"].to(device) if "weight" in batch else None
+                sync = nullcontext() if not info.enabled or micro == t.iter_size - 1 else net.no_sync()
+                with sync:
+                    with autocast:
+                        output = net(images)
+                    loss = loss_fn(output, target, weight) / t.iter_size
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                total += float(loss.detach())
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = None
+            if t.clip_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm))
+            elif scaler is None:
+                # A NaN gradient with a finite loss would poison the weights, and the next checkpoint, silently.
+                grad_norm = _grad_norm(model)
+            bad = None
+            if not math.isfinite(total):
+                bad = f"loss ({total})"
+            elif scaler is None and grad_norm is not None and not math.isfinite(grad_norm):
+                bad = f"gradient (norm {grad_norm})"  # fp16: the GradScaler skips such steps itself
+            if bad is not None:
+                where = f"non-finite {bad} at iteration {it + 1}"
+                if not t.skip_nonfinite:
+                    raise NonFiniteLossError(
+                        f"{where}; stopped. Last good checkpoint: {last_good()}. Lower optim.lr, set "
+                        f"train.clip_grad_norm, or set train.skip_nonfinite=true to skip such steps"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                if info.is_main:
+                    _log(run_dir / "log.jsonl", {"iter": it + 1, "skipped": where})
+            elif scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            it += 1
 
-        if info.is_main and (it % max(t.log_every, 1) == 0 or it == t.iterations):
-            now = time.perf_counter()
-            rate = (it - tick_it) * images_per_iter / max(now - tick, 1e-9)
-            tick, tick_it = now, it
-            lr = exp.optim.lr * factor
-            _log(run_dir / "log.jsonl", {"iter": it, "loss": total, "lr": lr, "img_per_s": rate, "time": now - started})
-            bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-        bar.update(1)
+            if info.is_main and (it % max(t.log_every, 1) == 0 or it == t.iterations):
+                now = time.perf_counter()
+                rate = (it - tick_it) * images_per_iter / max(now - tick, 1e-9)
+                tick, tick_it = now, it
+                lr = exp.optim.lr * factor
+                _log(
+                    run_dir / "log.jsonl",
+                    {"iter": it, "loss": total, "lr": lr, "img_per_s": rate, "time": elapsed()},
+                )
+                bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            bar.update(1)
 
-        out_of_time = t.max_minutes is not None and (time.perf_counter() - started) > 60 * t.max_minutes
-        if out_of_time and info.enabled:  # every rank must stop at the same iteration
-            flag = torch.tensor([float(out_of_time)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
-        evaluate_now = (t.eval_every and it % t.eval_every == 0) or it == t.iterations or out_of_time
-        is_best = False
-        if evaluate_now:
-            metrics = run_eval(it)
-            model.train()
-            if best is None or metrics["miou"] > best:
-                best, is_best = metrics["miou"], True
-        if (t.checkpoint_every and it % t.checkpoint_every == 0) or it == t.iterations or out_of_time:
-            if info.is_main:
-                last_ckpt = ckpts.save(checkpoint_state(it, metrics if evaluate_now else None), it, best=is_best)
-            if info.enabled:
-                dist.barrier()
-        if out_of_time:
-            stopped = True
-            break
+            out_of_time = t.max_minutes is not None and elapsed() > 60 * t.max_minutes
+            if out_of_time and info.enabled:  # every rank must stop at the same iteration
+                flag = torch.tensor([float(out_of_time)], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                out_of_time = bool(flag.item())
+            evaluate_now = (t.eval_every and it % t.eval_every == 0) or it == t.iterations or out_of_time
+            is_best = False
+            if evaluate_now:
+                metrics = run_eval(it)
+                model.train()
+                if best is None or metrics["miou"] > best:
+                    best, is_best = metrics["miou"], True
+            if (t.checkpoint_every and it % t.checkpoint_every == 0) or it == t.iterations or out_of_time:
+                if info.is_main:
+                    last_ckpt = ckpts.save(checkpoint_state(it, metrics if evaluate_now else None), it, best=is_best)
+                if info.enabled:
+                    dist.barrier()
+            if out_of_time:
+                stopped = True
+                break
     bar.close()
-    seconds = time.perf_counter() - started
+    seconds = elapsed()
     if info.is_main:
         summary = {"iterations": it, "train_seconds": seconds, "best_miou": best, **_scalars(metrics)}
         save_atomic_json(run_dir / "metrics.json", {**summary, "per_class": _per_class(metrics, val_set)})
