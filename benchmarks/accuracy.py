@@ -58,10 +58,11 @@ RUNS = [
         "isbi_unet",
         "isbi2012",
         "isbi_unet_cpu",
-        "U-Net, valid convolutions, overlap-tile, weight maps (paper); 16 base channels + BN (ours)",
+        "U-Net, valid convolutions, overlap-tile, weight maps (paper); 16 base channels (ours)",
         [
             "model.name=unet",
-            "model.options={base_channels: 16, batch_norm: true}",
+            "model.options={base_channels: 16}",
+            "optim.lr=0.001",
             "data.crop=252",
             "data.batch_size=2",
             "data.workers=1",

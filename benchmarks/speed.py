@@ -1,0 +1,221 @@
+"""Inference and training speed and peak memory of every registered model, variants side by side.
+
+    python -m benchmarks speed [--only fcn8s,unet]
+
+Per model:
+- inference, eager fp32, at the paper's resolution (FCN 500, DeepLab 513, U-Net 572) and at
+  256, batch 1 and 8: images/s, latency per batch, peak resident memory of the call;
+- variants at 256 x 256, batch 1, each as a ratio to eager fp32 measured in the same run:
+  channels-last, bf16 autocast, torch.compile, ONNX Runtime (CPU) when it is installed;
+- a full training step (forward, loss, backward, SGD) at the recipe's crop, batch 2.
+Each measurement is written to the JSON file as soon as it is taken; reruns skip what exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from densepred.registry import create_model, list_models, model_entry
+
+# The papers' test resolutions (FCN Sec. 4.3 / PASCAL 500x500, DeepLab 513x513, U-Net 572 tile).
+PAPER_SIZE = {"fcn": 500, "deeplab": 513, "unet": 572}
+# Training crops of the shipped recipes (FCN trains on whole ~500x500 images, batch 1).
+TRAIN_CROP = {"fcn": 500, "deeplab": 321, "unet": 572}
+TRAIN_BATCH = 2  # the recipes use 1-20; 2 keeps the biggest models within minutes on a CPU
+
+
+def _family(name: str) -> str:
+    return next(f for f in PAPER_SIZE if name.startswith(f))
+
+
+def _build(name: str) -> torch.nn.Module:
+    classes, channels = (2, 1) if name.startswith("unet") else (21, 3)
+    return create_model(name, num_classes=classes, in_channels=channels).eval()
+
+
+def _channels(name: str) -> int:
+    return 1 if name.startswith("unet") else 3
+
+
+def _input_size(name: str, size: int) -> int:
+    if name == "unet":  # the valid U-Net needs a side on its grid (572 is one)
+        from densepred.models.unet import unet_valid_size
+
+        return unet_valid_size(size)[0]
+    return size
+
+
+def reset_peak_memory() -> None:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory_mib() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def timed(fn: Callable[[], object], *, min_runs: int = 2, max_seconds: float = 20.0) -> float:
+    """Median seconds per call after one warm-up call; stops early once ``max_seconds`` are spent."""
+    fn()
+    times: list[float] = []
+    while len(times) < min_runs or (sum(times) < max_seconds / 4 and len(times) < 10):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        if sum(times) > max_seconds:
+            break
+    return statistics.median(times)
+
+
+def _inference(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    with torch.inference_mode():
+        reset_peak_memory()
+        seconds = timed(lambda: model(x))
+        peak = peak_memory_mib()
+    return {"latency_s": seconds, "images_per_s": x.shape[0] / seconds, "peak_rss_mib": peak}
+
+
+def _variants(name: str, model: torch.nn.Module, size: int) -> dict:
+    x = torch.randn(1, _channels(name), size, size)
+    out: dict[str, dict] = {}
+    # A converted copy, made outside inference mode so the model's own parameters stay trainable.
+    cl_model, cl_x = copy.deepcopy(model).to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out["eager fp32"] = {"latency_s": timed(lambda: model(x))}
+        out["channels-last"] = {"latency_s": timed(lambda: cl_model(cl_x))}
+
+    def bf16():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x)
+
+    out["bf16 autocast"] = {"latency_s": timed(bf16)}
+    try:
+        compiled = torch.compile(model)
+        with torch.inference_mode():
+            start = time.perf_counter()
+            compiled(x)
+            compile_s = time.perf_counter() - start
+            out["torch.compile"] = {"latency_s": timed(lambda: compiled(x)), "compile_s": compile_s}
+    except Exception as exc:  # noqa: BLE001 - a failed variant is a result, not a crash
+        out["torch.compile"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    out["onnxruntime"] = _onnxruntime(model, x)
+    base = out["eager fp32"]["latency_s"]
+    for result in out.values():
+        if "latency_s" in result:
+            result["speedup"] = base / result["latency_s"]
+    return out
+
+
+def _onnxruntime(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    try:
+        import onnxruntime as ort
+
+        from densepred.export import export_onnx
+    except ImportError as exc:
+        return {"error": f"not available ({exc.name})"}
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        try:
+            export_onnx(model, path, metadata={})
+        except Exception as exc:  # noqa: BLE001
+            return {"error": f"export failed: {type(exc).__name__}: {str(exc)[:200]}"}
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        return {"latency_s": timed(lambda: session.run(None, feed))}
+
+
+def _train_step(name: str, model: torch.nn.Module) -> dict:
+    crop = _input_size(name, TRAIN_CROP[_family(name)])
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
+    x = torch.randn(TRAIN_BATCH, _channels(name), crop, crop)
+
+    def step():
+        out = model(x)
+        target = torch.zeros(out.shape[0], *out.shape[2:], dtype=torch.long)
+        loss = F.cross_entropy(out, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    reset_peak_memory()
+    seconds = timed(step, min_runs=1, max_seconds=30.0)
+    model.eval()
+    return {
+        "crop": crop,
+        "batch": TRAIN_BATCH,
+        "images_per_s": TRAIN_BATCH / seconds,
+        "peak_rss_mib": peak_memory_mib(),
+    }
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def run_speed(path: Path, *, only: list[str] | None = None, force: bool = False) -> dict:
+    results = json.loads(path.read_text()) if path.exists() and not force else {}
+    results["machine"] = machine()
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        path.write_text(json.dumps(results, indent=2))
+
+    for name in list_models():
+        if only and name not in only:
+            continue
+        entry = results.setdefault("models", {}).setdefault(name, {"paper": model_entry(name).paper})
+        model = _build(name)
+        for size in (PAPER_SIZE[_family(name)], 256):
+            side = _input_size(name, size)
+            for batch in (1, 8):
+                key = f"infer {side}x{side} b{batch}"
+                if key not in entry:
+                    print(f"{name}: {key}", flush=True)
+                    entry[key] = _inference(model, torch.randn(batch, _channels(name), side, side))
+                    save()
+        if "variants 256 b1" not in entry:
+            print(f"{name}: variants", flush=True)
+            entry["variants 256 b1"] = _variants(name, model, _input_size(name, 256))
+            save()
+        if "train step" not in entry:
+            print(f"{name}: train step", flush=True)
+            entry["train step"] = _train_step(name, model)
+            save()
+    return results
