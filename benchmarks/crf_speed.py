@@ -41,7 +41,7 @@ def input_from_photo(path: str, c: int = 21, seed: int = 0) -> tuple[np.ndarray,
     return np.array(image), (np.exp(logits) / np.exp(logits).sum(0)).astype(np.float32)
 
 
-def _best_of(run, repeats: int = 3):
+def best_of(run, repeats: int = 3):
     """Result and best wall time of ``repeats`` timed runs after one untimed warm-up run."""
     result = run()
     best = float("inf")
@@ -52,6 +52,25 @@ def _best_of(run, repeats: int = 3):
     return result, best
 
 
+def pydensecrf_reference(image: np.ndarray, probs: np.ndarray, params):
+    """A no-argument callable running pydensecrf on the same input, or None if it is not installed."""
+    try:
+        import pydensecrf.densecrf as dcrf
+    except ImportError:
+        return None
+    c, h, w = probs.shape
+    unary = np.ascontiguousarray(-np.log(np.clip(probs, 1e-5, None)).reshape(c, -1))
+
+    def reference() -> np.ndarray:
+        crf = dcrf.DenseCRF2D(w, h, c)
+        crf.setUnaryEnergy(unary)
+        crf.addPairwiseGaussian(sxy=params.theta_gamma, compat=params.w2)
+        crf.addPairwiseBilateral(sxy=params.theta_alpha, srgb=params.theta_beta, rgbim=image, compat=params.w1)
+        return np.array(crf.inference(params.iterations)).reshape(c, h, w)
+
+    return reference
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", help="a photo to use instead of the synthetic image")
@@ -59,23 +78,13 @@ def main() -> None:
     torch.set_num_threads(1)
     params = PRESETS["deeplab_v2"]
     image, probs = make_input() if args.image is None else input_from_photo(args.image)
-    ours, ours_s = _best_of(lambda: dense_crf(image, probs, params))
+    ours, ours_s = best_of(lambda: dense_crf(image, probs, params))
     print(f"densepred.crf: {ours_s:.3f} s (best of 3, after a warm-up run)")
-    try:
-        import pydensecrf.densecrf as dcrf
-    except ImportError:
+    reference = pydensecrf_reference(image, probs, params)
+    if reference is None:
         print("pydensecrf not installed (pip install pydensecrf2); ours only")
         return
-    c, h, w = probs.shape
-
-    def reference() -> np.ndarray:
-        crf = dcrf.DenseCRF2D(w, h, c)
-        crf.setUnaryEnergy(np.ascontiguousarray(-np.log(np.clip(probs, 1e-5, None)).reshape(c, -1)))
-        crf.addPairwiseGaussian(sxy=params.theta_gamma, compat=params.w2)
-        crf.addPairwiseBilateral(sxy=params.theta_alpha, srgb=params.theta_beta, rgbim=image, compat=params.w1)
-        return np.array(crf.inference(params.iterations)).reshape(c, h, w)
-
-    ref, ref_s = _best_of(reference)
+    ref, ref_s = best_of(reference)
     print(f"pydensecrf:    {ref_s:.3f} s (best of 3, after a warm-up run)")
     print(f"label agreement: {(ours.argmax(0) == ref.argmax(0)).mean():.4%}")
 

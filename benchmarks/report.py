@@ -1,0 +1,277 @@
+"""docs/benchmarks.md from the JSON results of ``python -m benchmarks speed|system|accuracy``.
+
+Every number in the page comes from a results file; a section whose file is missing says how
+to produce it. Pictures (accuracy-versus-time curves, the CRF boundary crop) are written to
+docs/benchmarks/ next to the page.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+from .accuracy import CAMVID_PAPERS, ISBI_PAPER, RUNS
+from .speed import PAPER_SIZE, _family, _input_size
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _fmt(value, digits: int = 2, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _speed_section(speed: dict | None) -> list[str]:
+    if not speed:
+        return ["No speed results yet: `python -m benchmarks speed`.", ""]
+    m = speed["machine"]
+    out = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads"
+        + (f", GPU {m['cuda']}" if m.get("cuda") else ", no GPU (no GPU column: none was available for this run)")
+        + ".",
+        "",
+        "### Inference, eager fp32 (images/s, latency per batch, peak resident memory of the process)",
+        "",
+    ]
+    rows = []
+    for name, r in speed.get("models", {}).items():
+        paper = _input_size(name, PAPER_SIZE[_family(name)])
+        small = _input_size(name, 256)
+        cells = [name]
+        for side in (paper, small):
+            for batch in (1, 8):
+                x = r.get(f"infer {side}x{side} b{batch}")
+                cells.append(
+                    "-" if x is None else f"{x['images_per_s']:.2f} / {x['latency_s']:.2f} s / {x['peak_rss_mib']:.0f}"
+                )
+        rows.append(cells)
+    out += _table(
+        ["model", "paper size, b1", "paper size, b8", "256 (U-Net valid: 268), b1", "256, b8"],
+        rows,
+    )
+    out += [
+        "",
+        "Paper sizes: FCN 500x500, DeepLab 513x513, U-Net 572x572. Cell: images/s / seconds per batch / "
+        "peak RSS in MiB.",
+        "",
+        "### Variants at 256x256, batch 1 (speed-up over eager fp32 measured in the same run)",
+        "",
+    ]
+    rows = []
+    names = ["channels-last", "bf16 autocast", "torch.compile", "onnxruntime"]
+    for name, r in speed.get("models", {}).items():
+        v = r.get("variants 256 b1")
+        if not v:
+            continue
+        cells = [name, f"{1000 * v['eager fp32']['latency_s']:.0f} ms"]
+        for key in names:
+            x = v.get(key, {})
+            cells.append(f"{x['speedup']:.2f}x" if "speedup" in x else "n/a")
+        rows.append(cells)
+    out += _table(["model", "eager fp32", *names], rows)
+    out += ["", "### Training step (forward, loss, backward, SGD) at the recipe's crop, batch 2", ""]
+    rows = []
+    for name, r in speed.get("models", {}).items():
+        t = r.get("train step")
+        if t:
+            rows.append([name, f"{t['crop']}x{t['crop']}", f"{t['images_per_s']:.2f}", f"{t['peak_rss_mib']:.0f}"])
+    out += _table(["model", "crop", "images/s", "peak RSS (MiB)"], rows)
+    return out + [""]
+
+
+def _system_section(system: dict | None, speed: dict | None) -> list[str]:
+    if not system:
+        return ["No system results yet: `python -m benchmarks system`.", ""]
+    out = ["### Data loading against training, per shipped recipe", ""]
+    rows = []
+    models = (speed or {}).get("models", {})
+    for recipe, r in system.get("loader", {}).items():
+        train = models.get(r["model"], {}).get("train step", {}).get("images_per_s")
+        ok = "-" if train is None else ("yes" if r["images_per_s"] > train else "**no**")
+        rows.append(
+            [
+                recipe,
+                r["model"],
+                r["data"],
+                f"{r['images_per_s']:.1f}",
+                _fmt(train),
+                ok,
+                f"{r['batch']} / {r['workers']}",
+            ]
+        )
+    out += _table(
+        ["recipe", "model", "images read", "loader img/s", "training img/s", "loader faster", "batch / workers"], rows
+    )
+    out += [
+        "",
+        "Loader: the recipe's own augmentation, crop and normalisation on real images (CamVid stands in for "
+        "VOC-style RGB recipes, ISBI for the gray ones). Training: the speed table's step for the recipe's model.",
+        "",
+    ]
+    t = system.get("trainer_overhead")
+    if t:
+        out += [
+            "### Trainer overhead",
+            "",
+            f"densepred's training loop {t['densepred_images_per_s']:.1f} images/s against a bare PyTorch loop "
+            f"{t['bare_images_per_s']:.1f} images/s on the same model, data and batch ({t['recipe']}, best of "
+            f"{len(t['runs']['bare'])} alternating runs): overhead **{t['overhead_percent']:+.1f}%** (bound: 5%).",
+            "",
+        ]
+    c = system.get("crf")
+    if c:
+        line = f"Fully-connected CRF, {c['image']}, {c['classes']} classes, {c['iterations']} iterations, one thread: "
+        line += f"densepred {c['ours_s']:.3f} s"
+        if "pydensecrf_s" in c:
+            line += f", pydensecrf {c['pydensecrf_s']:.3f} s, labels agree on {100 * c['agreement']:.2f}% of pixels"
+        out += ["### CRF", "", line + ".", ""]
+    return out
+
+
+def _curves(results: dict, path: Path) -> bool:
+    curves = {name: r["curve"] for name, r in results.items() if r.get("curve")}
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, dataset in zip(axes, ("isbi2012", "camvid"), strict=True):
+        for name, curve in curves.items():
+            if results[name]["dataset"] != dataset:
+                continue
+            ax.plot([p["time"] / 60 for p in curve], [p["miou"] for p in curve], marker="o", label=name)
+        ax.set_title(f"{dataset}: validation mIoU over training time")
+        ax.set_xlabel("minutes of training (2 CPU cores)")
+        ax.set_ylabel("mIoU")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def _accuracy_section(out_dir: Path, figures: Path) -> list[str]:
+    results = {r.name: _load(out_dir / r.name / "result.json") for r in RUNS}
+    results = {k: v for k, v in results.items() if v}
+    if not results:
+        return ["No accuracy results yet: `python -m benchmarks accuracy --data-root ../shared/data`.", ""]
+    out = ["### ISBI 2012 membranes: train25 (slices 0-24) -> val5 (slices 25-29)", ""]
+    rows = []
+    for name, r in results.items():
+        if r["dataset"] != "isbi2012":
+            continue
+        s = r["scores"]
+        rows.append(
+            [
+                name,
+                r["model"],
+                str(r["iterations"]),
+                _fmt(r["train_seconds"] / 60 if r["train_seconds"] else None, 1),
+                _fmt(s["pixel_error"], 4),
+                _fmt(s["rand_error"], 4),
+                _fmt(s["membrane_iou"], 4),
+            ]
+        )
+    for paper, s in ISBI_PAPER.items():
+        rows.append(
+            [
+                paper,
+                "paper, test set, 30 training images, hours on a GPU",
+                "-",
+                "-",
+                str(s["pixel_error"]),
+                str(s["rand_error"]),
+                "-",
+            ]
+        )
+    out += _table(["run", "model", "iterations", "train min", "pixel error", "Rand error", "membrane IoU"], rows)
+    out += ["", "### CamVid (11 classes, 360x480): train (367) -> val (101)", ""]
+    rows, per_class = [], []
+    for name, r in results.items():
+        if r["dataset"] != "camvid":
+            continue
+        scores = r["scores"]["scores"]
+        plain, preset = scores["no CRF"], scores.get("deeplab_v2 preset")
+        tuned = scores.get("tuned on train")
+        rows.append(
+            [
+                name,
+                r["model"],
+                str(r["iterations"]),
+                _fmt(r["train_seconds"] / 60 if r["train_seconds"] else None, 1),
+                _fmt(100 * plain["miou"], 1),
+                _fmt(100 * plain["pixel_acc"], 1),
+                _fmt(100 * preset["miou"], 1) if preset else "-",
+                _fmt(100 * tuned["miou"], 1) if tuned else "-",
+            ]
+        )
+        per_class.append([name, *(_fmt(100 * v, 1) for v in plain["iou"])])
+        class_names = r["scores"]["class_names"]
+        if r["scores"].get("picture") and Path(r["scores"]["picture"]).exists():
+            shutil.copy(r["scores"]["picture"], figures / f"crf_{name}.png")
+    for paper, miou in CAMVID_PAPERS.items():
+        rows.append([paper, "paper, test set, ImageNet pre-training, GPU", "-", "-", str(miou), "-", "-", "-"])
+    out += _table(
+        [
+            "run",
+            "model",
+            "iterations",
+            "train min",
+            "mIoU",
+            "pixel acc",
+            "mIoU + CRF (v2 preset)",
+            "mIoU + CRF (tuned)",
+        ],
+        rows,
+    )
+    if per_class:
+        out += ["", "Per-class IoU (%) without CRF:", ""]
+        out += _table(["run", *class_names], per_class)
+    if _curves(results, figures / "accuracy_vs_time.png"):
+        out += ["", "![validation mIoU over training time](benchmarks/accuracy_vs_time.png)", ""]
+    pictures = sorted(figures.glob("crf_*.png"))
+    for p in pictures:
+        out += [f"![CRF before/after, {p.stem[4:]}](benchmarks/{p.name})", ""]
+    return out
+
+
+def write_report(out_dir: Path, doc: Path) -> Path:
+    figures = doc.parent / "benchmarks"
+    figures.mkdir(parents=True, exist_ok=True)
+    speed = _load(out_dir / "speed.json")
+    system = _load(out_dir / "system.json")
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m benchmarks report` from the results of `python -m benchmarks speed`, "
+        "`system` and `accuracy --data-root ../shared/data` (all four: `python -m benchmarks all`). "
+        "Speed figures are ratios-friendly: each variant is compared with eager fp32 in the same run, "
+        "because absolute numbers move with whatever else the machine runs.",
+        "",
+        "## Speed and memory",
+        "",
+        *_speed_section(speed),
+        "## System",
+        "",
+        *_system_section(system, speed),
+        "## Accuracy on real data",
+        "",
+        *_accuracy_section(out_dir, figures),
+    ]
+    doc.write_text("\n".join(lines) + "\n")
+    print(f"wrote {doc}")
+    return doc

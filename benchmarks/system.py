@@ -1,0 +1,137 @@
+"""Whole-system figures: loader vs training throughput per recipe, trainer overhead, CRF speed.
+
+    python -m benchmarks system --data-root ../shared/data
+
+- Loader: each shipped recipe's training pipeline (its augmentation, crop, normalisation,
+  batch and workers) over real images: CamVid stands in for VOC/Cityscapes-style RGB recipes,
+  ISBI 2012 for the gray ones, the synthetic set for the synthetic recipe. Compared with the
+  recipe model's training images/s from the speed benchmark (same crop family, batch 2).
+- Trainer overhead: densepred's loop against a bare PyTorch loop (benchmarks/trainer_overhead.py).
+- CRF: ours against pydensecrf on the same input (benchmarks/crf_speed.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from densepred.config import apply_overrides, experiment_from_dict, load_experiment
+from densepred.data import make_loader
+from densepred.runtime import build_dataset, resolve_config
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "src" / "densepred" / "configs"
+
+
+def _stand_in(exp, data_root: Path):
+    """The recipe with its dataset swapped for real data that is here (same pipeline otherwise)."""
+    raw = exp.to_dict()
+    if exp.data.dataset == "synthetic":
+        return exp, "synthetic"
+    if exp.data.dataset == "isbi2012" or exp.model.name.startswith("unet") and exp.data.normalization == "unit":
+        overrides = [f"data.root={data_root / 'isbi2012'}", "data.dataset=isbi2012", "data.train_split=train25"]
+        return experiment_from_dict(apply_overrides(raw, overrides)), "isbi2012"
+    overrides = [
+        f"data.root={data_root / 'camvid'}",
+        "data.dataset=camvid",
+        "data.train_split=train",
+        "data.options={}",
+    ]
+    return experiment_from_dict(apply_overrides(raw, overrides)), "camvid"
+
+
+def loader_rate(exp, batches: int = 25, max_seconds: float = 30.0) -> float:
+    dataset = build_dataset(exp, exp.data.train_split, train=True, seed=0)
+    loader = make_loader(
+        dataset, exp.data.batch_size, shuffle=True, num_workers=exp.data.workers, drop_last=True, seed=0
+    )
+    iterator = iter(loader)
+    next(iterator)  # worker start-up is not throughput
+    images, start = 0, time.perf_counter()
+    while images < batches * exp.data.batch_size and time.perf_counter() - start < max_seconds:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            continue
+        images += batch["image"].shape[0]
+    return images / (time.perf_counter() - start)
+
+
+def run_system(path: Path, data_root: Path, *, force: bool = False) -> dict:
+    results = json.loads(path.read_text()) if path.exists() and not force else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        path.write_text(json.dumps(results, indent=2))
+
+    loaders = results.setdefault("loader", {})
+    for recipe in sorted(RECIPES_DIR.glob("*.yaml")):
+        if recipe.stem in loaders:
+            continue
+        exp, data = _stand_in(load_experiment(recipe), data_root)
+        if data != "synthetic" and not Path(exp.data.root).is_dir():
+            print(f"loader {recipe.stem}: skipped, no {exp.data.root}")
+            continue
+        rate = loader_rate(exp)
+        loaders[recipe.stem] = {
+            "images_per_s": rate,
+            "data": data,
+            "model": exp.model.name,
+            "batch": exp.data.batch_size,
+            "workers": exp.data.workers,
+            "crop": exp.data.crop,
+            "augment": exp.data.augment,
+            "load_average": os.getloadavg()[0],
+        }
+        print(f"loader {recipe.stem}: {rate:.1f} images/s on {data}", flush=True)
+        save()
+    if "trainer_overhead" not in results:
+        from .trainer_overhead import bare_loop, trainer_loop
+
+        iterations = 120
+        overrides = [
+            f"train.iterations={iterations + 10}",
+            "train.eval_every=0",
+            "train.checkpoint_every=0",
+            "eval.max_images=1",
+            "train.max_minutes=null",
+        ]
+        exp = load_experiment(resolve_config("synthetic_unet"), overrides)
+        bare, ours = [], []
+        for _ in range(2):  # alternate so a noisy machine affects both alike
+            bare.append(bare_loop(exp, iterations))
+            ours.append(trainer_loop(exp, iterations))
+        b, o = max(bare), max(ours)
+        results["trainer_overhead"] = {
+            "recipe": "synthetic_unet",
+            "bare_images_per_s": b,
+            "densepred_images_per_s": o,
+            "overhead_percent": 100 * (b - o) / b,
+            "runs": {"bare": bare, "densepred": ours},
+        }
+        print(f"trainer overhead: {results['trainer_overhead']['overhead_percent']:+.1f}%", flush=True)
+        save()
+    if "crf" not in results:
+        from densepred.crf import PRESETS, dense_crf
+
+        from .crf_speed import best_of, make_input, pydensecrf_reference
+
+        torch.set_num_threads(1)
+        try:
+            image, probs = make_input()
+            params = PRESETS["deeplab_v2"]
+            ours, ours_s = best_of(lambda: dense_crf(image, probs, params))
+            entry = {"image": "500x375 synthetic", "classes": 21, "iterations": 10, "ours_s": ours_s}
+            reference = pydensecrf_reference(image, probs, params)
+            if reference is not None:
+                ref, ref_s = best_of(reference)
+                entry.update(pydensecrf_s=ref_s, agreement=float((ours.argmax(0) == ref.argmax(0)).mean()))
+        finally:
+            torch.set_num_threads(os.cpu_count() or 1)
+        results["crf"] = entry
+        save()
+    return results
