@@ -155,11 +155,47 @@ def _key_value(item: str) -> tuple[str, float]:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import export_safetensors
+    from .export import DEFAULT_OPSET, export_checkpoint
 
-    out = Path(args.out or Path(args.checkpoint).with_suffix(f".{args.format}"))
-    export_safetensors(args.checkpoint, out)
+    if args.opset is not None and args.format != "onnx":
+        raise ValueError("--opset applies to --format onnx only")
+    try:
+        out = export_checkpoint(args.checkpoint, args.format, args.out, opset=args.opset or DEFAULT_OPSET)
+    except ImportError as exc:
+        print(
+            f"densepred export: {exc.name} is missing; install the export extra: pip install 'densepred[export]'",
+            file=sys.stderr,
+        )
+        return 2
     print(f"wrote {out}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from .serve import create_app
+    except ImportError as exc:
+        print(
+            f"densepred serve: {exc.name} is missing; install the web extra: pip install 'densepred[serve]'",
+            file=sys.stderr,
+        )
+        return 2
+    from .predict import Predictor
+    from .runtime import resolve_device
+
+    # The model is loaded once, before the server starts, and shared by every request.
+    predictor = Predictor.from_checkpoint(args.checkpoint, str(resolve_device(args.device)))
+    app = create_app(
+        predictor,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_concurrency=args.concurrency,
+        queue_size=args.queue,
+    )
+    print(f"densepred serve: {args.checkpoint} on http://{args.host}:{args.port}/ (API docs at /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
 
@@ -222,11 +258,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="export a checkpoint's weights (safetensors: tensors only, no code)")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", choices=["safetensors"], default="safetensors")
-    p.add_argument("--out", help="output file (default: next to the checkpoint)")
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint: ONNX or TorchScript (any input size, preprocessing in the file) or weights",
+    )
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint (run/checkpoints/*.pt)")
+    p.add_argument("--format", choices=["onnx", "torchscript", "safetensors"], default="safetensors")
+    p.add_argument(
+        "--out", help="output file (default: next to the checkpoint, .onnx / .torchscript.pt / .safetensors)"
+    )
+    p.add_argument("--opset", type=int, help="ONNX opset, 11..20 (default 17)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="a web page and HTTP API that segment uploaded images (needs [serve])")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload, in MiB")
+    p.add_argument("--max-pixels", type=int, default=25_000_000, help="largest accepted image, width x height")
+    p.add_argument("--concurrency", type=int, default=2, help="inferences run at once")
+    p.add_argument("--queue", type=int, default=16, help="requests that may wait; more get 503")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="the main job: train and evaluate on the built-in synthetic data")
     p.add_argument("--run-dir", default="runs/demo")

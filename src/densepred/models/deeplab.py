@@ -136,6 +136,19 @@ class DeepLab(nn.Module):
         return caffe_resize(self.coarse_logits(x), x.shape[-2:])
 
 
+def _rescale(x: Tensor, s: float) -> Tensor:
+    """``x`` resized by Caffe's ``(size - 1) * s + 1`` rule, rounded down (DeepLab v2's MSC inputs)."""
+    height, width = x.shape[-2:]
+    if torch.jit.is_tracing():
+        # Traced sizes are tensors: keeping the arithmetic in the graph (in float64, as Python's)
+        # lets an exported model rescale any input size, not only the one it was traced at.
+        if s == 1:
+            return x
+        return caffe_resize(x, [((d - 1).to(torch.float64) * s).floor().to(torch.int64) + 1 for d in (height, width)])
+    size = (int((height - 1) * s) + 1, int((width - 1) * s) + 1)
+    return x if size == (height, width) else caffe_resize(x, size)
+
+
 class MultiScaleInputs(nn.Module):
     """DeepLab v2's multi-scale inputs ("MSC", v2 Sec. 4.1), wrapping any :class:`DeepLab`.
 
@@ -166,18 +179,21 @@ class MultiScaleInputs(nn.Module):
         return self._fuse(self.branches(x))
 
     def _fuse(self, branches: dict[str, Tensor]) -> Tensor:
-        ref = branches[f"scale_{self.scales[0]:g}"].shape[-2:]
-        aligned = torch.stack([b if b.shape[-2:] == ref else caffe_resize(b, ref) for b in branches.values()])
+        first = f"scale_{self.scales[0]:g}"
+        ref = branches[first].shape[-2:]
+        # A trace records one side of a shape test; exported graphs resize every other branch
+        # (a same-size corner-aligned resize is the identity, so the maths is unchanged).
+        tracing = torch.jit.is_tracing()
+        aligned = torch.stack(
+            [
+                b if k == first or (not tracing and b.shape[-2:] == ref) else caffe_resize(b, ref)
+                for k, b in branches.items()
+            ]
+        )
         return aligned.amax(0) if self.fusion == "max" else aligned.mean(0)
 
     def branches(self, x: Tensor) -> dict[str, Tensor]:
-        height, width = x.shape[-2:]
-        out = {}
-        for s in self.scales:
-            size = (int((height - 1) * s) + 1, int((width - 1) * s) + 1)
-            xs = x if size == (height, width) else caffe_resize(x, size)
-            out[f"scale_{s:g}"] = self.model.coarse_logits(xs)
-        return out
+        return {f"scale_{s:g}": self.model.coarse_logits(_rescale(x, s)) for s in self.scales}
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
         branches = self.branches(x)

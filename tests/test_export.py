@@ -1,0 +1,281 @@
+"""ONNX and TorchScript exports: parity with eager PyTorch for every registered model, metadata, CLI."""
+
+import json
+from typing import NamedTuple
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import densepred
+from densepred.export import (
+    DEFAULT_OPSET,
+    export_onnx,
+    export_torchscript,
+    model_metadata,
+    onnx_session,
+    read_metadata,
+)
+from densepred.models.layers import FrozenBatchNorm2d
+
+pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+
+MAX_ABS_DIFF = 1e-4  # fp32 logits
+MIN_ARGMAX_AGREEMENT = 0.9999
+
+
+class Case(NamedTuple):
+    name: str  # registered model
+    options: dict
+    sizes: list[tuple[int, int, int]]  # (batch, height, width) to compare at; none is the traced size
+    trace: tuple[int, int] | None = None  # traced size (None: the exporter's default)
+    slim: bool = False  # every convolution's channels / 16, same geometry (kernels, strides, dilations, crops)
+    slow: bool = False
+
+
+# Odd, non-square sizes exercise FCN's crops and DeepLab's corner-aligned resizing; batch 2 the
+# dynamic batch axis. DeepLab is traced at 33x25 (small: ResNet-101 at stride 8 is costly on CPU).
+ODD = [(1, 41, 57), (2, 25, 35)]
+FCN_ODD = [(1, 67, 93)]  # FCN pads by 100: any size costs a ~270x290 VGG16 pass
+# The 134M-parameter VGG16 nets (fc6 7x7x512x4096, 540 MB) cost 15-50 s each on two busy cores:
+# full size under `slow`, and a slim copy with the same graph in the default run.
+HEAVY = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce", "deeplab_v1_7x7")
+CASES: dict[str, Case] = {
+    "unet": Case("unet", {"base_channels": 4}, [(2, 204, 188), (1, 220, 236)]),
+    "unet_padded": Case("unet_padded", {"base_channels": 4}, [*ODD, (1, 16, 17)], trace=(32, 48)),
+    "deeplab_v1_largefov": Case("deeplab_v1_largefov", {}, ODD, trace=(33, 25)),
+    # MSC wraps the plain DeepLab graph, so this case covers deeplab_v2_vgg16 with and without it.
+    "deeplab_v2_vgg16-msc": Case("deeplab_v2_vgg16", {"msc": True}, ODD, trace=(33, 25)),
+    "deeplab_v2_resnet101": Case("deeplab_v2_resnet101", {}, ODD, trace=(33, 25)),
+}
+for _name in HEAVY:
+    _fcn = _name.startswith("fcn")
+    CASES[f"{_name}-slim"] = Case(_name, {}, [*FCN_ODD, (2, 31, 20)] if _fcn else ODD, slim=True)
+    CASES[_name] = Case(_name, {}, FCN_ODD if _fcn else ODD, slow=True)
+assert {case.name for case in CASES.values()} == set(densepred.list_models())  # every registered model
+
+
+def _params(case: str) -> list:
+    marks = [pytest.mark.slow] if CASES[case].slow else []
+    return [pytest.param(case, fmt, marks=marks, id=f"{case}-{fmt}") for fmt in ("onnx", "torchscript")]
+
+
+def _randomize(model: nn.Module) -> nn.Module:
+    """Non-trivial values where the init is trivial: zero scoring layers, identity batch norm."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d) and not m.weight.any():  # FCN's zero-initialised scoring layers
+                m.weight.normal_(0, 0.01, generator=g)
+                m.bias.uniform_(-0.1, 0.1, generator=g)
+            if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                m.running_mean.uniform_(-0.1, 0.1, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+                m.weight.uniform_(0.5, 1.0, generator=g)
+                m.bias.uniform_(-0.1, 0.1, generator=g)
+    return model.eval()
+
+
+def _slim(model: nn.Module, divisor: int = 16) -> nn.Module:
+    """The VGG16 nets with 1/``divisor`` of the channels: the same graph, a fraction of the work.
+
+    Image and class channels keep their widths (no hidden width is 3 or 5). Batch-norm-free
+    nets only; He init keeps activations at the scale of the full net's.
+    """
+    keep = {model.in_channels, model.num_classes}
+    for parent in list(model.modules()):
+        for attr, conv in list(parent.named_children()):
+            if type(conv) is nn.Conv2d:
+                cin, cout = (c if c in keep else c // divisor for c in (conv.in_channels, conv.out_channels))
+                slim = nn.Conv2d(cin, cout, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+                nn.init.kaiming_normal_(slim.weight, nonlinearity="relu")
+                nn.init.uniform_(slim.bias, -0.1, 0.1)
+                setattr(parent, attr, slim)
+    return model
+
+
+_built: dict[str, tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]] = {}
+
+
+def _model_and_reference(case: str):
+    """The model, inputs and eager logits for ``case``; one case kept at a time (the big nets are 540 MB)."""
+    if case not in _built:
+        _built.clear()
+        c = CASES[case]
+        channels = 1 if c.name.startswith("unet") else 3
+        torch.manual_seed(0)
+        model = densepred.create_model(c.name, num_classes=5, in_channels=channels, **c.options)
+        model = _randomize(_slim(model) if c.slim else model)
+        inputs = [torch.randn(n, channels, h, w) for n, h, w in c.sizes]
+        with torch.inference_mode():
+            refs = [model(x) for x in inputs]
+        assert all(ref.std() > 1e-2 for ref in refs)  # logits large enough for the tolerance to mean something
+        _built[case] = (model, inputs, refs)
+    return _built[case]
+
+
+def _check_parity(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape
+    diff = (out - ref).abs().max().item()
+    assert diff <= MAX_ABS_DIFF, f"max abs logit difference {diff:.3g}"
+    agreement = (out.argmax(1) == ref.argmax(1)).double().mean().item()
+    assert agreement >= MIN_ARGMAX_AGREEMENT, f"argmax agrees on {agreement:.6%} of pixels"
+    return diff
+
+
+@pytest.mark.parametrize(("case", "fmt"), [p for case in CASES for p in _params(case)])
+def test_export_matches_eager_at_other_sizes(case, fmt, tmp_path):
+    model, inputs, refs = _model_and_reference(case)
+    if fmt == "onnx":
+        session = onnx_session(export_onnx(model, tmp_path / "m.onnx", example_size=CASES[case].trace))
+        run = lambda x: torch.from_numpy(session.run(None, {"image": x.numpy()})[0])
+    else:
+        export_torchscript(model, tmp_path / "m.pt", example_size=CASES[case].trace)
+        loaded = torch.jit.load(str(tmp_path / "m.pt"))
+        run = lambda x: loaded(x)
+    with torch.inference_mode():
+        for x, ref in zip(inputs, refs, strict=True):
+            _check_parity(run(x), ref)
+    assert not model.training  # export restored the mode it found
+
+
+def test_valid_unet_metadata_states_the_output_size():
+    model = densepred.create_model("unet", base_channels=2).eval()
+    out = model_metadata(model)["output"]
+    assert out["shrink"] == 572 - 388 and "188 + 16*k" in out["input_sizes"]
+    with torch.inference_mode():
+        assert model(torch.zeros(1, 1, 188, 204)).shape[-2:] == (188 - out["shrink"], 204 - out["shrink"])
+    assert model_metadata(densepred.create_model("unet_padded", base_channels=2))["output"]["shrink"] == 0
+
+
+def test_metadata_round_trips(tmp_path):
+    import onnx
+
+    model = densepred.create_model("unet_padded", num_classes=3, in_channels=3, base_channels=2, depth=2)
+    names, palette = ["sky", "road", "car"], [(0, 0, 255), (128, 64, 128), (255, 0, 0)]
+    meta = model_metadata(model, model_name="unet_padded", normalization="imagenet", class_names=names, palette=palette)
+    onnx_file = export_onnx(model, tmp_path / "m.onnx", metadata=meta, opset=DEFAULT_OPSET)
+    ts_file = export_torchscript(model, tmp_path / "m.pt", metadata=meta)
+    for path in (onnx_file, ts_file):
+        back = read_metadata(path)
+        assert back == json.loads(json.dumps(meta))
+        assert back["class_names"] == names and back["palette"] == [list(c) for c in palette]
+        pre = back["preprocessing"]
+        assert pre["channel_order"] == "RGB" and pre["normalization"] == "imagenet"
+        np.testing.assert_allclose(pre["mean"], [0.485 * 255, 0.456 * 255, 0.406 * 255], rtol=1e-6)
+        np.testing.assert_allclose(pre["std"], [0.229 * 255, 0.224 * 255, 0.225 * 255], rtol=1e-6)
+        assert back["input"]["layout"] == "NCHW" and back["model"] == "unet_padded"
+        assert back["densepred_version"] == densepred.__version__ and back["output_stride"] == 1
+    props = {p.key: p.value for p in onnx.load(str(onnx_file)).metadata_props}
+    assert json.loads(props["class_names"]) == names and json.loads(props["std"]) == meta["preprocessing"]["std"]
+    assert props["model"] == "unet_padded" and props["output_size_rule"] == "same as input"
+    # The preprocessing in the file is enough to reproduce the eager pipeline from 0..255 pixels.
+    from densepred.data import IMAGENET
+
+    pixels = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    mean, std = np.array(pre["mean"], np.float32), np.array(pre["std"], np.float32)
+    by_metadata = ((pixels.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+    np.testing.assert_allclose(by_metadata, IMAGENET(pixels).numpy(), atol=1e-5)
+
+
+def test_caffe_metadata_says_bgr_in_pixel_units():
+    model = densepred.create_model("unet_padded", num_classes=2, in_channels=3, base_channels=2, depth=2)
+    pre = model_metadata(model, normalization="caffe")["preprocessing"]
+    assert pre["channel_order"] == "BGR" and pre["std"] == [1.0, 1.0, 1.0]
+    np.testing.assert_allclose(pre["mean"], [104.00699, 116.66877, 122.67892])
+
+
+def test_bad_opset_and_foreign_files_are_clear_errors(tmp_path):
+    model = densepred.create_model("unet_padded", base_channels=2, depth=2)
+    with pytest.raises(ValueError, match="opset 9 is not supported; use 11..20"):
+        export_onnx(model, tmp_path / "m.onnx", opset=9)
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="neither an ONNX file nor a TorchScript archive"):
+        read_metadata(tmp_path / "junk.onnx")
+
+
+# --- the `densepred export` command on a checkpoint from a 2-iteration training run -------------
+
+TINY = [
+    "model.name=unet_padded",
+    "model.options={base_channels: 4, depth: 2, batch_norm: true, dropout: 0.0}",
+    "data.dataset=synthetic",
+    "data.options={num_images: 2, size: 32}",
+    "data.augment=none",
+    "data.normalization=imagenet",
+    "data.batch_size=2",
+    "data.workers=0",
+    "optim.name=adam",
+    "optim.lr=0.01",
+    "schedule.policy=constant",
+    "train.iterations=2",
+    "train.checkpoint_every=0",
+    "eval.max_images=1",
+]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from densepred.config import load_experiment
+    from densepred.train import train
+
+    run = tmp_path_factory.mktemp("run")
+    return train(load_experiment(None, TINY), run, progress=False).checkpoint
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
+def test_cli_export_writes_next_to_the_checkpoint(checkpoint, fmt, capsys):
+    from densepred.cli import main
+    from densepred.runtime import load_trained
+
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", fmt]) == 0
+    suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}[fmt]
+    out = checkpoint.with_name(checkpoint.stem + suffix)
+    assert f"wrote {out}" in capsys.readouterr().out
+    if fmt == "safetensors":
+        from safetensors.torch import load_file
+
+        assert set(load_file(str(out))) == set(load_trained(checkpoint).model.state_dict())
+        return
+    trained = load_trained(checkpoint)
+    meta = read_metadata(out)
+    assert meta["model"] == "unet_padded" and meta["class_names"] == trained.class_names
+    assert meta["palette"] == [list(c) for c in trained.palette] and meta["iteration"] == 2
+    assert meta["preprocessing"]["normalization"] == "imagenet" and len(meta["preprocessing"]["mean"]) == 3
+    x = torch.randn(1, 3, 37, 45)
+    with torch.inference_mode():
+        ref = trained.model(x)
+        if fmt == "onnx":
+            got = torch.from_numpy(onnx_session(out).run(None, {"image": x.numpy()})[0])
+        else:
+            got = torch.jit.load(str(out))(x)
+    _check_parity(got, ref)
+
+
+def test_cli_export_options_and_errors(checkpoint, tmp_path, capsys):
+    from densepred.checkpoint import save_atomic
+    from densepred.cli import main
+
+    out = tmp_path / "model.onnx"
+    assert (
+        main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(out), "--opset", "13"]) == 0
+    )
+    import onnx
+
+    assert next(o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")) == 13
+
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(checkpoint), "--format", "tflite"])
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err
+
+    weights_only = save_atomic({"weights": {"w": torch.zeros(2)}}, tmp_path / "weights.pt")
+    for fmt in ("onnx", "torchscript", "safetensors"):
+        assert main(["export", "--checkpoint", str(weights_only), "--format", fmt]) == 2
+        assert "is not a densepred training checkpoint" in capsys.readouterr().err
+
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "torchscript", "--opset", "13"]) == 2
+    assert "--opset applies to --format onnx only" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(checkpoint)]) == 2
+    assert "would overwrite the checkpoint" in capsys.readouterr().err
