@@ -198,31 +198,12 @@ def test_bad_opset_and_foreign_files_are_clear_errors(tmp_path):
 
 # --- the `densepred export` command on a checkpoint from a 2-iteration training run -------------
 
-TINY = [
-    "model.name=unet_padded",
-    "model.options={base_channels: 4, depth: 2, batch_norm: true, dropout: 0.0}",
-    "data.dataset=synthetic",
-    "data.options={num_images: 2, size: 32}",
-    "data.augment=none",
-    "data.normalization=imagenet",
-    "data.batch_size=2",
-    "data.workers=0",
-    "optim.name=adam",
-    "optim.lr=0.01",
-    "schedule.policy=constant",
-    "train.iterations=2",
-    "train.checkpoint_every=0",
-    "eval.max_images=1",
-]
-
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from densepred.config import load_experiment
-    from densepred.train import train
+    from tiny import tiny_checkpoint
 
-    run = tmp_path_factory.mktemp("run")
-    return train(load_experiment(None, TINY), run, progress=False).checkpoint
+    return tiny_checkpoint(tmp_path_factory.mktemp("run"), "data.normalization=imagenet", "train.iterations=2")
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])

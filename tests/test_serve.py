@@ -17,36 +17,15 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from densepred.config import load_experiment  # noqa: E402
 from densepred.data.synthetic import SyntheticShapes  # noqa: E402
 from densepred.predict import Predictor  # noqa: E402
 from densepred.serve import create_app, running_server, sniff_format  # noqa: E402
-from densepred.train import train  # noqa: E402
-
-# One iteration of a 4-channel padded U-Net on two 64x64 synthetic scenes: a real checkpoint in ~1 s.
-TINY = [
-    "data.dataset=synthetic",
-    "data.options={num_images: 2, size: 64}",
-    "data.augment=none",
-    "data.normalization=unit",
-    "data.batch_size=1",
-    "data.workers=0",
-    "optim.name=sgd",
-    "optim.lr=0.001",
-    "optim.bias_lr_mult=1",
-    "schedule.policy=constant",
-    "train.iterations=1",
-    "train.log_every=1",
-    "train.checkpoint_every=0",
-    "eval.max_images=1",
-    "model.name=unet_padded",
-    "model.options={base_channels: 4, depth: 2, batch_norm: false, dropout: 0.0}",
-]
+from tiny import tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory):
-    ckpt = train(load_experiment(None, TINY), tmp_path_factory.mktemp("serve"), progress=False).checkpoint
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("serve"))
     return Predictor.from_checkpoint(ckpt)
 
 

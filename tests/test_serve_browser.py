@@ -21,28 +21,10 @@ pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn, python
 from PIL import Image  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
-from densepred.config import load_experiment  # noqa: E402
 from densepred.data.synthetic import SyntheticShapes  # noqa: E402
 from densepred.predict import Predictor  # noqa: E402
 from densepred.serve import create_app, running_server  # noqa: E402
-from densepred.train import train  # noqa: E402
-
-TINY = [
-    "data.dataset=synthetic",
-    "data.options={num_images: 2, size: 64}",
-    "data.augment=none",
-    "data.normalization=unit",
-    "data.batch_size=1",
-    "data.workers=0",
-    "optim.name=sgd",
-    "optim.lr=0.001",
-    "schedule.policy=constant",
-    "train.iterations=1",
-    "train.checkpoint_every=0",
-    "eval.max_images=1",
-    "model.name=unet_padded",
-    "model.options={base_channels: 4, depth: 2, batch_norm: false, dropout: 0.0}",
-]
+from tiny import tiny_checkpoint  # noqa: E402
 
 # Opaque overlay pixels grouped by colour, read back from the overlay canvas.
 OVERLAY_COLOURS = """() => {
@@ -62,7 +44,7 @@ OVERLAY_COLOURS = """() => {
 def predictor(tmp_path_factory):
     ckpt = os.environ.get("DENSEPRED_SERVE_CHECKPOINT")
     if not ckpt:
-        ckpt = train(load_experiment(None, TINY), tmp_path_factory.mktemp("ckpt"), progress=False).checkpoint
+        ckpt = tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
     return Predictor.from_checkpoint(ckpt)
 
 

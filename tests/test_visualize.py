@@ -10,12 +10,10 @@ from PIL import Image
 from torch import nn
 
 import densepred
-from densepred.config import load_experiment
 from densepred.data.synthetic import SyntheticShapes
 from densepred.models.backbones import VGG16
 from densepred.models.backbones.vgg import vgg16_classifier
 from densepred.models.fcn import FCN_CROP_OFFSETS
-from densepred.train import train
 from densepred.visualize import (
     _sequential_key,
     add_visual_commands,
@@ -28,39 +26,17 @@ from densepred.visualize import (
     resolve_layer,
 )
 from densepred.weights import WeightsError
-
-# One iteration on two 64x64 synthetic scenes: a real checkpoint in about a second.
-TINY = [
-    "data.dataset=synthetic",
-    "data.options={num_images: 2, size: 64}",
-    "data.augment=none",
-    "data.normalization=unit",
-    "data.batch_size=1",
-    "data.workers=0",
-    "optim.name=sgd",
-    "optim.lr=0.001",
-    "optim.bias_lr_mult=1",
-    "schedule.policy=constant",
-    "train.iterations=1",
-    "train.log_every=1",
-    "train.checkpoint_every=0",
-    "eval.max_images=1",
-]
-TINY_UNET = ["model.name=unet_padded", "model.options={base_channels: 4, depth: 2, batch_norm: false, dropout: 0.0}"]
-
-
-def _checkpoint(root, *model):
-    return train(load_experiment(None, [*TINY, *model]), root, progress=False).checkpoint
+from tiny import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def unet_ckpt(tmp_path_factory):
-    return _checkpoint(tmp_path_factory.mktemp("unet"), *TINY_UNET)
+    return tiny_checkpoint(tmp_path_factory.mktemp("unet"))
 
 
 @pytest.fixture(scope="module")
 def deeplab_ckpt(tmp_path_factory):
-    return _checkpoint(tmp_path_factory.mktemp("deeplab"), "model.name=deeplab_v1_largefov")
+    return tiny_checkpoint(tmp_path_factory.mktemp("deeplab"), "model.name=deeplab_v1_largefov", "model.options={}")
 
 
 @pytest.fixture(scope="module")
