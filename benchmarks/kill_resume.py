@@ -7,7 +7,8 @@ augmentation on the synthetic data, a checkpoint every few iterations, determini
 SIGKILLs it, and resumes it with ``--resume``; with ``--kills-per-trial 2`` the resumed run is
 killed once more before the last resume. Kills are of two kinds, drawn per kill:
 
-* ``random``: after a uniformly random delay over the training loop (measured on the clean run);
+* ``random``: at a uniformly random iteration of what is left to train, a random fraction of an
+  iteration after the one before it was logged;
 * ``write``: during a checkpoint write. The child's ``torch.save`` is slowed down (it writes a
   random fraction of the file, then sleeps), the parent polls for save_atomic's temporary file
   and kills while it is open, leaving a torn temporary file, as a crash at that moment would.
@@ -164,22 +165,54 @@ class Kill:
     mode: str  # "random" or "write"
     happened: bool = False  # False: the run finished (or never reached the target) before the kill
     during_write: bool = False  # a torn temporary checkpoint file was left behind
+    iteration: int = 0  # the iteration (or checkpoint) the kill was aimed at
     delay_s: float = 0.0
     checkpoints_after: list[str] = field(default_factory=list)
     corrupt_after: list[str] = field(default_factory=list)
 
 
+def _resume_point(run: Path) -> int:
+    """The iteration a resumed run starts from: its newest checkpoint's (0 without one)."""
+    folder = run / "checkpoints"
+    done = [int(p.name[5:12]) for p in folder.glob("iter_*.pt")] if folder.is_dir() else []
+    return max(done, default=0)
+
+
+def _logged(log: Path, offset: int) -> int:
+    """The last training iteration written to ``log`` after byte ``offset`` (what this process did)."""
+    if not log.exists():
+        return 0
+    with log.open("rb") as f:
+        f.seek(offset)
+        lines = f.read().decode(errors="replace").splitlines()
+    last = 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line being written
+            continue
+        if "loss" in record:
+            last = record["iter"]
+    return last
+
+
 def kill_once(
     run: Path, rng: random.Random, mode: str, loop_seconds: float, *, resume: bool, slow: float, workers: int = 0
 ) -> Kill:
-    """Start the run (resuming when ``resume``), SIGKILL it as ``mode`` says, check the folder."""
+    """Start the run (resuming when ``resume``), SIGKILL it as ``mode`` says, check the folder.
+
+    ``random``: at a uniformly random iteration of what is left, a random fraction of an iteration
+    after the one before it was logged (so the machine's speed does not decide where kills land).
+    ``write``: during the write of a random checkpoint that is still to come.
+    """
     kill = Kill(mode)
     stale = set(temporaries(run))  # torn files of an earlier kill: the resumed run deletes them
-    if mode == "write":
-        target = EVERY * rng.randint(1, ITERATIONS // EVERY - 1)  # not the last: the run ends right after it
+    begin = _resume_point(run) if resume else 0
+    writes = range(begin // EVERY + 1, ITERATIONS // EVERY)  # not the last: the run ends right after it
+    if mode == "write" and len(writes):
+        target = EVERY * rng.choice(writes)
         proc = start(run, resume=resume, slow=slow, cut=rng.random(), workers=workers)
         name = f".iter_{target:07d}.pt."
-        # A resumed run may already be past the target; then any later write is the target.
         reached = _wait_for(
             lambda: any(p.name.startswith(name) or _later(p, target) for p in set(temporaries(run)) - stale), proc, 300
         )
@@ -187,10 +220,14 @@ def kill_once(
             kill.delay_s = rng.uniform(0, slow * 0.9)
             time.sleep(kill.delay_s)
     else:
+        kill.mode = "random"
+        target = rng.randint(begin + 1, ITERATIONS)  # killed while doing this iteration (or its checkpoint)
+        log = run / "log.jsonl"
+        offset = log.stat().st_size if resume and log.exists() else 0
         proc = start(run, resume=resume, workers=workers)
-        reached = _wait_for(lambda: (run / ".loop_started").exists(), proc, 300, poll=0.01)
+        reached = _wait_for(lambda: _logged(log, offset) >= target - 1, proc, 300, poll=0.005)
         if reached:
-            kill.delay_s = rng.uniform(0, 1.1 * loop_seconds)
+            kill.delay_s = rng.uniform(0, loop_seconds / ITERATIONS)
             time.sleep(kill.delay_s)
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
@@ -199,6 +236,7 @@ def kill_once(
     if not kill.happened and code != 0:
         raise RuntimeError(f"training failed (exit {code}): {proc.stderr.read().decode()[-2000:]}")
     proc.stderr.close()
+    kill.iteration = target
     kill.during_write = kill.happened and bool(set(temporaries(run)) - stale)
     kill.checkpoints_after, kill.corrupt_after = check_folder(run)
     return kill
@@ -277,8 +315,9 @@ def run_trials(
         log(
             f"trial {k:3d}: "
             + ", ".join(
-                f"{x.mode}{'' if x.happened else ' (finished first)'}{' [torn write]' if x.during_write else ''}"
-                f" after {x.delay_s:.2f}s -> {len(x.checkpoints_after)} ckpt, {len(x.corrupt_after)} corrupt"
+                f"{x.mode} at it {x.iteration}{'' if x.happened else ' (finished first)'}"
+                f"{' [torn write]' if x.during_write else ''} -> {len(x.checkpoints_after)} ckpt, "
+                f"{len(x.corrupt_after)} corrupt"
                 for x in kills
             )
             + f"; resume {'ok' if code == 0 else 'FAILED'}, identical={identical}"

@@ -114,6 +114,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 _ITER_FILE = re.compile(r"^iter_(\d+)\.pt$")
+_TEMP_FILE = re.compile(r"^\.(iter_\d+|best)\.pt\..+\.tmp$")  # what save_atomic writes before its rename
 
 
 class CheckpointManager:
@@ -136,6 +137,15 @@ class CheckpointManager:
         for old in self.iteration_files()[: -self.keep_last]:
             old.unlink(missing_ok=True)
         return path
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files of writes that a killed process never finished (never a checkpoint)."""
+        if not self.folder.is_dir():
+            return []
+        stale = [p for p in self.folder.iterdir() if _TEMP_FILE.match(p.name)]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
 
     def latest(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest checkpoint that loads; a damaged newer file is skipped with a warning."""

@@ -297,10 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
+    from .data.errors import DownloadError
+    from .download import TransferError
+    from .train import DataLoaderWorkerError, NonFiniteLossError
 
+    # Errors that explain themselves (what failed, the file or option, how to resume) print as
+    # one message; anything else keeps its traceback.
+    expected = (ValueError, FileNotFoundError, CheckpointError, DownloadError, TransferError)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+    except (*expected, NonFiniteLossError, DataLoaderWorkerError) as exc:
         print(f"densepred {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

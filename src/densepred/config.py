@@ -10,6 +10,7 @@ resolved config is saved with every run and checkpoint, so a result can always b
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import types
 import typing
@@ -53,9 +54,22 @@ class ModelConfig:
     sync_bn: bool = False  # SyncBatchNorm under torchrun
 
     def validate(self) -> None:
-        from .registry import model_entry
+        from .registry import UnknownModelError, model_entry
 
-        model_entry(self.name)  # unknown names list the close matches
+        try:
+            entry = model_entry(self.name)
+        except UnknownModelError as exc:  # unknown names list the close matches
+            raise ConfigError(f"model.name: {exc}") from None
+        params = inspect.signature(entry.builder).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return
+        allowed = sorted(set(params) - {"num_classes", "in_channels", "pretrained"})
+        unknown = sorted(set(self.options) - set(allowed))
+        _require(
+            not unknown,
+            f"model.options.{', model.options.'.join(unknown)}: not an option of {self.name}; its options: "
+            f"{', '.join(allowed)} (num_classes and in_channels come from the dataset)",
+        )
 
 
 @dataclass
@@ -151,7 +165,7 @@ class TrainConfig:
         for key in ("log_every", "eval_every", "checkpoint_every"):
             _require(getattr(self, key) >= 0, f"train.{key} must be >= 0, got {getattr(self, key)}")
         _require(self.keep_last >= 1, f"train.keep_last must be >= 1, got {self.keep_last}")
-        _require(self.seed >= 0, f"train.seed must be >= 0, got {self.seed}")
+        _require(0 <= self.seed < 2**63, f"train.seed must be in [0, 2**63), got {self.seed}")
         _require(
             self.max_minutes is None or self.max_minutes > 0,
             f"train.max_minutes must be > 0 or null, got {self.max_minutes}",
@@ -266,7 +280,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of key: value, got {value!r}")
-        return dict(value)
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise ConfigError(f"{where}: keys must be names, got {bad!r}")
+        inner = args[1] if len(args) == 2 else Any
+        return {k: _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
     if annotation is Any:
         return value
     if annotation is bool:
@@ -282,7 +300,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             number = annotation(value)
         except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
-        if not math.isfinite(number):  # .inf / .nan parse as YAML floats, and would pass "lr > 0"
+        if isinstance(number, float) and not math.isfinite(number):  # .inf / .nan would pass "lr > 0"
             raise ConfigError(f"{where} must be a finite number, got {value!r}")
         return number
     if annotation is str:
@@ -323,6 +341,26 @@ def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
     return Experiment(**kwargs).validate()
 
 
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without aliases: nested ``*refs`` ("billion laughs") would expand exponentially when
+    the resolved config is copied and saved. Recipes never need them."""
+
+    def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"YAML aliases (*{event.anchor}) are not allowed in recipes; write the values out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings to a raw config dict (values parsed as YAML)."""
     if not isinstance(raw, dict):
@@ -333,7 +371,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=0.01")
         try:
-            value = yaml.safe_load(text) if text != "" else None
+            value = _load_yaml(text) if text != "" else None
         except (yaml.YAMLError, RecursionError) as exc:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
         parts = key.split(".")
@@ -363,7 +401,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; shipped recipes are in configs/")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raw = _load_yaml(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
             raise ConfigError(f"config file {path} is not valid UTF-8 YAML: {exc}") from None
     try:

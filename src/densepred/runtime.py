@@ -202,6 +202,24 @@ class Trained:
     iteration: int
 
 
+def _misfit(expected: dict, found: dict) -> str:
+    """Missing, unexpected and mis-shaped keys of a state dict, a few of each."""
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = [
+        f"{k} is {tuple(found[k].shape)}, expected {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(found))
+        if tuple(found[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [f"missing keys ({len(missing)}): {some(missing)}"] if missing else []
+    parts += [f"unexpected keys ({len(unexpected)}): {some(unexpected)}"] if unexpected else []
+    parts += [f"wrong shapes: {some(shapes)}"] if shapes else []
+    return "; ".join(parts) or "the state dict does not load"
+
+
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Trained:
     """Rebuild the model a checkpoint was trained as and load its weights (no code executed)."""
     from .checkpoint import CheckpointError, load_checkpoint
@@ -218,8 +236,13 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Traine
         model = build_model(exp, meta["num_classes"], meta["in_channels"])
     try:
         model.load_state_dict(state["model"], strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit {exp.model.name}: {exc}") from None
+    except RuntimeError:
+        raise CheckpointError(
+            f"{path}: weights do not fit {exp.model.name} with {meta['num_classes']} classes and "
+            f"{meta['in_channels']} input channel(s), as the checkpoint's own config says: "
+            f"{_misfit(model.state_dict(), state['model'])}. The file was edited or damaged; "
+            "use a checkpoint as training wrote it"
+        ) from None
     model = model.to(device).eval()
     return Trained(
         model,

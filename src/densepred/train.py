@@ -225,24 +225,53 @@ def _original_message(exc: BaseException) -> str:
     return message if sep and name.endswith(type(exc).__name__) else last
 
 
+def _dead_workers(batches: Any) -> list[str]:
+    """The loader's worker processes that have exited (``_workers`` is private to PyTorch, hence getattr)."""
+    return [f"pid {w.pid}, exit code {w.exitcode}" for w in getattr(batches, "_workers", []) if w.exitcode is not None]
+
+
+def _worker_death(exc: BaseException, dead_workers: Callable[[], list[str]]) -> str | None:
+    """What killed a loader worker, if ``exc`` comes from a dead one; None otherwise.
+
+    A dead worker shows up either as the RuntimeError of PyTorch's SIGCHLD handler, raised
+    wherever the main process is, or as a broken connection while a batch was being received,
+    possibly before the dead process can be seen to have exited (hence the short wait).
+    """
+    if "DataLoader worker (pid" in str(exc):
+        return str(exc).strip()
+    if isinstance(exc, RuntimeError):
+        return None
+    deadline = time.monotonic() + 2.0
+    try:
+        while not (dead := dead_workers()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except RuntimeError as signalled:  # the SIGCHLD handler, arriving while we wait
+        if "DataLoader worker (pid" not in str(signalled):
+            raise
+        return str(signalled).strip()
+    return f"{'; '.join(dead)}; {type(exc).__name__}: {exc}" if dead else None
+
+
 @contextmanager
-def _explain_stops(iteration: Callable[[], int], last_good: Callable[[], str]) -> Iterator[None]:
+def _explain_stops(
+    iteration: Callable[[], int], last_good: Callable[[], str], dead_workers: Callable[[], list[str]]
+) -> Iterator[None]:
     """Say where training stopped and how to continue when a data file or a loader worker fails."""
     try:
         yield
     except DataError as exc:
         raise type(exc)(
             f"{_original_message(exc)} (training stopped at iteration {iteration()}; last good checkpoint: "
-            f"{last_good()}; fix or restore the file, then rerun with --resume)"
+            f"{last_good()}; once the data is fixed, rerun with --resume to continue)"
         ) from exc
-    except RuntimeError as exc:
-        # PyTorch's SIGCHLD handler raises this wherever the main process is when a worker dies.
-        if "DataLoader worker (pid" not in str(exc):
+    except (RuntimeError, ConnectionError, EOFError) as exc:
+        detail = _worker_death(exc, dead_workers)
+        if detail is None:
             raise
         raise DataLoaderWorkerError(
-            f"a data loader worker died during iteration {iteration()} ({str(exc).strip()}); last good "
-            f"checkpoint: {last_good()}. Rerun with --resume to continue from it; if the system killed the "
-            "worker for lack of memory, lower data.workers or data.batch_size"
+            f"a data loader worker died during iteration {iteration()} ({detail}); last good checkpoint: "
+            f"{last_good()}. Rerun with --resume to continue from it; if the system killed the worker for "
+            "lack of memory, lower data.workers or data.batch_size"
         ) from exc
 
 
@@ -378,7 +407,7 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
     it = start_iter
     tick, tick_it = time.perf_counter(), it
     model.train()
-    with _explain_stops(lambda: it + 1, last_good):
+    with _explain_stops(lambda: it + 1, last_good, lambda: _dead_workers(batches)):
         while it < t.iterations:
             factor = lr_factor(it, t.iterations, exp.schedule)
             for group in optimizer.param_groups:

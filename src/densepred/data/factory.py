@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,20 @@ def list_datasets() -> list[str]:
     return list(DATASETS)
 
 
+def _check_options(name: str, cls: type, options: dict) -> None:
+    """Unknown keyword options are an error listing the dataset's options (not a TypeError from deep inside)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = sorted(set(params) - {"self", "root", "split", "transform"})
+    unknown = sorted(set(options) - set(allowed), key=str)
+    if unknown:
+        raise DataError(
+            f"dataset {name!r} has no option(s) {', '.join(map(str, unknown))} (data.options in a recipe); "
+            f"its options: {', '.join(allowed) or 'none'}"
+        )
+
+
 def create_dataset(
     name: str, root: str | Path | None = None, split: str = "train", transform: Transform | None = None, **kwargs
 ) -> SegmentationDataset:
@@ -82,6 +97,7 @@ def create_dataset(
     ``create_dataset("synthetic", split="train", num_images=..., size=..., seed=...)`` needs no root.
     """
     entry = dataset_entry(name)
+    _check_options(name, entry.cls, kwargs)
     if not entry.needs_root:
         if root is not None:
             raise DataError(f"dataset {name!r} is generated and takes no root (got root={root!r})")

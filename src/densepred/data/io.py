@@ -43,6 +43,8 @@ _CONVERT_TO_RGB = {"P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
 def _opened(path: str | Path, max_pixels: int) -> Iterator[Image.Image]:
     """Open ``path`` lazily (header only) and refuse it if it is too large or not an image."""
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes), not an image; re-download or re-export the file")
     try:
         with warnings.catch_warnings():
             # PIL only warns between its own limits; we want one clear error instead.
@@ -79,12 +81,28 @@ def image_size(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, int
         return im.size[1], im.size[0]
 
 
-def _frames(im: Image.Image, path: Path) -> list[Image.Image]:
-    """Every frame of a multi-page file, decoded (a truncated stack fails here with its name)."""
+def _frames(im: Image.Image, path: Path, max_pixels: int) -> list[Image.Image]:
+    """Every frame of a multi-page file, decoded (a truncated stack fails here with its name).
+
+    Each frame has its own header, so each is checked before it is decoded, and the whole stack
+    shares one pixel budget: a small first page cannot smuggle in a huge second one.
+    """
+    frames, total = [], 0
     try:
-        return [frame.copy() for frame in ImageSequence.Iterator(im)]
+        for k, frame in enumerate(ImageSequence.Iterator(im)):
+            w, h = frame.size
+            total += w * h
+            if total > max_pixels:
+                raise DataError(
+                    f"{path}: frame {k} ({w}x{h}) brings the stack to {total} pixels, over the limit of "
+                    f"{max_pixels} (decompression-bomb guard); if the file is trusted, pass a larger max_pixels"
+                )
+            frames.append(frame.copy())
     except (OSError, SyntaxError, ValueError, EOFError) as e:
+        if isinstance(e, DataError):
+            raise
         raise DataError(f"{path}: truncated or corrupt image stack ({e}); re-download the file") from None
+    return frames
 
 
 def _drop_opaque_alpha(arr: np.ndarray, path: Path) -> np.ndarray:
@@ -182,7 +200,7 @@ def read_image_stack(path: str | Path, channels: int = 1, max_pixels: int = MAX_
     """All frames of a multi-page image (e.g. the ISBI 2012 ``train-volume.tif``), each as :func:`read_image`."""
     path = Path(path)
     with _opened(path, max_pixels) as im:
-        return [_image_array(frame, path, channels) for frame in _frames(im, path)]
+        return [_image_array(frame, path, channels) for frame in _frames(im, path, max_pixels)]
 
 
 def _mask_array(im: Image.Image, path: Path, colours: Mapping[tuple[int, int, int], int] | None) -> np.ndarray:
@@ -228,7 +246,7 @@ def read_mask_stack(path: str | Path, max_pixels: int = MAX_PIXELS) -> list[np.n
     """All frames of a multi-page label file, each as :func:`read_mask`."""
     path = Path(path)
     with _opened(path, max_pixels) as im:
-        return [_mask_array(frame, path, None) for frame in _frames(im, path)]
+        return [_mask_array(frame, path, None) for frame in _frames(im, path, max_pixels)]
 
 
 def colours_to_index(rgb: np.ndarray, colours: Mapping[tuple[int, int, int], int], path: str | Path) -> np.ndarray:
@@ -259,8 +277,16 @@ def check_same_size(
 ) -> None:
     """Refuse an image/mask pair whose height and width differ (they would silently misalign)."""
     if tuple(image_shape[:2]) != tuple(mask_shape[:2]):
+        hint = "re-export the mask at the image's size with nearest-neighbour resampling"
+        if tuple(image_shape[:2]) == tuple(mask_shape[:2])[::-1]:
+            # Photos often carry an EXIF orientation; densepred reads pixels as stored (no rotation),
+            # while an annotation tool may have drawn the mask on the rotated view.
+            hint = (
+                "the sizes are transposed: if the image has an EXIF orientation tag, densepred reads its pixels "
+                "as stored, without rotating them; save the image with the rotation applied "
+                "(PIL.ImageOps.exif_transpose) so that it matches the mask"
+            )
         raise DataError(
             f"image {image} is {image_shape[1]}x{image_shape[0]} but its mask {mask} is "
-            f"{mask_shape[1]}x{mask_shape[0]} (width x height); they must be the same size, so re-export "
-            "the mask at the image's size with nearest-neighbour resampling"
+            f"{mask_shape[1]}x{mask_shape[0]} (width x height); they must be the same size: {hint}"
         )
