@@ -213,7 +213,16 @@ def _score_camvid(run: Run, checkpoint: Path, data_root: Path, run_dir: Path) ->
 def _curve(run_dir: Path) -> list[dict]:
     log = run_dir / "log.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-    return [r for r in records if r.get("split") == "val" and "time" in r]
+    curve, last_time = [], None
+    for r in records:
+        if "loss" in r:
+            last_time = r.get("time", last_time)
+        elif r.get("split") == "val":
+            # Logs from before evaluations carried a time: take the last training record's.
+            time_s = r.get("time", last_time)
+            if time_s is not None:
+                curve.append({**r, "time": time_s})
+    return curve
 
 
 def run_all(data_root: Path, out: Path, minutes: float | None = None, only: list[str] | None = None) -> dict:
