@@ -37,13 +37,14 @@ def _family(name: str) -> str:
     return next(f for f in PAPER_SIZE if name.startswith(f))
 
 
-def _build(name: str) -> torch.nn.Module:
-    classes, channels = (2, 1) if name.startswith("unet") else (21, 3)
-    return create_model(name, num_classes=classes, in_channels=channels).eval()
-
-
 def _channels(name: str) -> int:
+    """The papers' inputs: gray EM slices for U-Net, RGB for FCN and DeepLab."""
     return 1 if name.startswith("unet") else 3
+
+
+def _build(name: str) -> torch.nn.Module:
+    classes = 2 if name.startswith("unet") else 21  # ISBI membranes / PASCAL VOC
+    return create_model(name, num_classes=classes, in_channels=_channels(name)).eval()
 
 
 def _input_size(name: str, size: int) -> int:

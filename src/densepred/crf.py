@@ -181,7 +181,7 @@ class _Lattice:
         inverse[perm] = sorted_ids
         m = uniq.numel()
         self.num_vertices = m
-        self.neighbours = self._neighbours(uniq, stride_t, d)
+        neighbours = self._neighbours(uniq, stride_t, d)
 
         # Splat (M x P) and slice (P x M) are sparse: entry (pixel, r) carries barycentric weight
         # bary[pixel, r] to vertex vertex_of[pixel * (d+1) + r]. Pixel-major order gives the
@@ -192,7 +192,7 @@ class _Lattice:
         self.pixel_ptr = torch.arange(0, p * (d + 1), d + 1, device=device)
         self.sorted_weights, self.sorted_pixel = self.weights[perm], perm // (d + 1)
         self.vertex_ptr = torch.cat([counts.new_zeros(1), torch.cumsum(counts[:-1], 0)])
-        self.blurs = self._blurs()
+        self.blurs = self._blurs(neighbours)  # the neighbour lists are not needed after this
 
     # pydensecrf's "magic" slice constant 1 / (1 + 2^-d); it cancels under normalisation anyway.
     @property
@@ -227,12 +227,12 @@ class _Lattice:
             neighbours.append((forward, backward[:m]))
         return neighbours
 
-    def _blurs(self) -> list[_RowSums]:
+    def _blurs(self, neighbours: list[tuple[Tensor, Tensor]]) -> list[_RowSums]:
         """The d+1 blurs [1/2, 1, 1/2] (Adams et al. Sec. 4, as pydensecrf) as sparse row sums."""
         m, device = self.num_vertices, self.device
         rows = torch.arange(m, device=device)
         blurs = []
-        for forward, backward in self.neighbours:
+        for forward, backward in neighbours:
             # Row v holds v itself (weight 1) then whichever of its two neighbours exist (1/2),
             # placed by scatter (a spare last slot takes the misses): faster than a boolean mask.
             has_f, has_b = (forward < m).long(), (backward < m).long()
