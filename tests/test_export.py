@@ -260,3 +260,46 @@ def test_cli_export_options_and_errors(checkpoint, tmp_path, capsys):
     assert "--opset applies to --format onnx only" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--out", str(checkpoint)]) == 2
     assert "would overwrite the checkpoint" in capsys.readouterr().err
+
+
+class _FullDisk:
+    """A file object that accepts ``room`` bytes, then fails as a full disk does (ENOSPC)."""
+
+    def __init__(self, f, room: int):
+        self._f, self._room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self._room:
+            raise OSError(28, "No space left on device")
+        self._room -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
+def test_full_disk_during_export_is_an_error_and_keeps_the_previous_file(
+    checkpoint, fmt, tmp_path, capsys, monkeypatch
+):
+    """A failed write raises (torch.jit.save given a path aborts the process instead) and leaves no torn file."""
+    import os
+
+    from densepred.cli import main
+
+    out = tmp_path / f"model.{fmt}"
+    out.write_bytes(b"previous export")
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: _FullDisk(real_fdopen(fd, *a, **k), room=4096))
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    what = {"onnx": "ONNX file", "torchscript": "TorchScript file", "safetensors": "safetensors file"}[fmt]
+    assert f"writing {what} {out} failed (No space left on device); any previous {what} is intact" in err
+    assert out.read_bytes() == b"previous export"
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the temporary file is gone

@@ -23,7 +23,7 @@ import torch
 
 import densepred.data.files as files
 import densepred.train as train_module
-from densepred.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
+from densepred.checkpoint import CheckpointError, CheckpointManager, WriteError, load_checkpoint
 from densepred.config import load_experiment
 from densepred.data.errors import DataError
 from densepred.sampling import SeededSamples
@@ -140,9 +140,10 @@ def _fail_second_write(monkeypatch, error: OSError, *, half_written: bool) -> No
         real_mkstemp = checkpoint_module.tempfile.mkstemp
 
         def mkstemp(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 2:
-                raise error
+            if kwargs.get("prefix", "").startswith(".iter_"):  # checkpoints, not the run's config
+                calls.append(1)
+                if len(calls) == 2:
+                    raise error
             return real_mkstemp(*args, **kwargs)
 
         monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", mkstemp)
@@ -153,7 +154,7 @@ def _fail_second_write(monkeypatch, error: OSError, *, half_written: bool) -> No
     [
         (
             "disk full midway",
-            r"writing checkpoint \S+iter_0000004.pt failed \(No space left on device\); the previous ",
+            r"writing checkpoint \S+iter_0000004.pt failed \(No space left on device\); any previous checkpoint",
         ),
         ("unwritable folder", r"cannot write checkpoint \S+iter_0000004.pt: Permission denied"),
     ],
@@ -179,6 +180,28 @@ def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint_and_the_run_res
     _assert_same_weights(
         run / "checkpoints" / "iter_0000006.pt", tmp_path / "clean" / "checkpoints" / "iter_0000006.pt"
     )
+
+
+def test_a_full_disk_while_logging_names_the_log_and_the_run_resumes(tmp_path, monkeypatch):
+    """log.jsonl is appended, not replaced: a failed append names the file and loses no checkpoint."""
+    exp, run = _tiny(), tmp_path / "run"
+    real_open = Path.open
+
+    def open_(self, mode="r", *args, **kwargs):
+        f = real_open(self, mode, *args, **kwargs)
+        if self.name == "log.jsonl" and "a" in mode and (run / "checkpoints" / "iter_0000004.pt").exists():
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return f
+
+    monkeypatch.setattr(Path, "open", open_)
+    with pytest.raises(WriteError, match=r"appending to the training log \S+log.jsonl failed \(No space left"):
+        train(exp, run, progress=False)
+    assert _iter_files(run)[-1] == "iter_0000004.pt"
+    monkeypatch.undo()
+    assert train(exp, run, resume=True, progress=False).iterations == 6
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert records and all("iter" in r for r in records)  # every line whole
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")

@@ -14,8 +14,9 @@ import pickle
 import random
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ import torch
 __all__ = [
     "CheckpointError",
     "save_atomic",
+    "write_atomic",
+    "WriteError",
     "load_checkpoint",
     "rng_state",
     "set_rng_state",
@@ -45,17 +48,29 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
-    """``torch.save(obj, path)`` that is all-or-nothing, even on a crash or a full disk."""
+class WriteError(OSError):
+    """A file that could not be written (full disk, no permission); any previous version is intact."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], *, what: str = "file") -> Path:
+    """Run ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
+
+    All-or-nothing, even on a crash or a full disk. Writers that accept a file object are given
+    one on purpose: some C++ writers (``torch.jit.save`` with a path) abort the process on a
+    failed write instead of raising.
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from exc
+        raise WriteError(exc.errno, f"cannot write {what} {path}: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -63,11 +78,19 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise CheckpointError(
-                f"writing checkpoint {path} failed ({exc.strerror or exc}); the previous checkpoint is intact"
+            raise WriteError(
+                exc.errno, f"writing {what} {path} failed ({exc.strerror or exc}); any previous {what} is intact"
             ) from exc
         raise
     return path
+
+
+def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
+    """``torch.save(obj, path)`` that is all-or-nothing, even on a crash or a full disk."""
+    try:
+        return write_atomic(path, lambda f: torch.save(obj, f), what="checkpoint")
+    except WriteError as exc:
+        raise CheckpointError(str(exc)) from exc.__cause__
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -159,9 +182,8 @@ class CheckpointManager:
 
 def export_safetensors(checkpoint: str | Path, out: str | Path) -> Path:
     """Write a checkpoint's model weights as a .safetensors file (no pickle at all)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     state = load_checkpoint(checkpoint)["model"]
-    out = Path(out)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out))
-    return out
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    return write_atomic(out, lambda f: f.write(save(tensors)), what="safetensors file")

@@ -296,14 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, WriteError
     from .data.errors import DownloadError
     from .download import TransferError
     from .train import DataLoaderWorkerError, NonFiniteLossError
 
     # Errors that explain themselves (what failed, the file or option, how to resume) print as
     # one message; anything else keeps its traceback.
-    expected = (ValueError, FileNotFoundError, CheckpointError, DownloadError, TransferError)
+    expected = (ValueError, FileNotFoundError, CheckpointError, WriteError, DownloadError, TransferError)
     try:
         return int(args.func(args) or 0)
     except (*expected, NonFiniteLossError, DataLoaderWorkerError) as exc:

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .checkpoint import write_atomic
+
 if TYPE_CHECKING:
     import onnxruntime
 
@@ -225,7 +227,6 @@ def export_onnx(
         )
     model, meta = _resolve(source, metadata)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     example = _example_input(model, example_size)
     buffer = io.BytesIO()
     with _tracing(model):
@@ -259,8 +260,7 @@ def export_onnx(
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     proto.doc_string = f"densepred {meta.get('model')}: NCHW float32 normalised image -> NCHW class logits"
-    onnx.save_model(proto, str(path))
-    return path
+    return write_atomic(path, lambda f: f.write(proto.SerializeToString()), what="ONNX file")
 
 
 def export_torchscript(
@@ -276,13 +276,12 @@ def export_torchscript(
     """
     model, meta = _resolve(source, metadata)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     example = _example_input(model, example_size)
     with _tracing(model):
         # check_trace would rerun both at the traced size only; parity tests check other sizes.
         traced = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={_TS_EXTRA_FILE: json.dumps(meta)})
-    return path
+        extra = {_TS_EXTRA_FILE: json.dumps(meta)}
+        return write_atomic(path, lambda f: torch.jit.save(traced, f, _extra_files=extra), what="TorchScript file")
 
 
 def default_export_path(checkpoint: str | Path, fmt: str) -> Path:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from . import losses
-from .checkpoint import CheckpointManager, rng_state, set_rng_state
+from .checkpoint import CheckpointManager, WriteError, rng_state, set_rng_state, write_atomic
 from .config import ConfigError, Experiment, OptimConfig, ScheduleConfig
 from .data.errors import DataError
 from .data.loader import worker_init
@@ -303,8 +303,13 @@ def _make_loader(exp: Experiment, dataset, info: DistInfo, start_batch: int) -> 
 
 
 def _log(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+        raise WriteError(
+            exc.errno, f"appending to the training log {path} failed ({exc.strerror or exc}); checkpoints are intact"
+        ) from exc
 
 
 def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -348,7 +353,8 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
             print(f"resuming from {path} (iteration {start_iter} of {t.iterations})")
     elif info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(exp.to_yaml())
+        config_text = exp.to_yaml().encode()
+        write_atomic(run_dir / "config.yaml", lambda f: f.write(config_text), what="run config")
         (run_dir / "log.jsonl").unlink(missing_ok=True)
     commit = git_commit()
     if info.is_main:
@@ -518,6 +524,5 @@ def _per_class(metrics: dict[str, Any], dataset) -> dict[str, dict[str, float]]:
 
 
 def save_atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)
+    text = json.dumps(obj, indent=2, default=float)
+    write_atomic(path, lambda f: f.write(text.encode()), what="results file")
