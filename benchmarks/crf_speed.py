@@ -1,6 +1,6 @@
 """Fully-connected CRF speed and agreement: densepred.crf vs pydensecrf, one thread, one run.
 
-    python benchmarks/crf_speed.py [--image PHOTO]
+    python benchmarks/crf_speed.py [--image PHOTO] [--bilateral-kernel {auto,lattice}]
 
 500x375 RGB image, 21 noisy classes, DeepLab v2 preset (10 iterations). The image is synthetic
 (discs of noisy colour) unless ``--image`` names a photo, which is resized to 500x375; its
@@ -19,14 +19,17 @@ import torch
 from densepred.crf import PRESETS, dense_crf
 
 
-def make_input(h: int = 375, w: int = 500, c: int = 21, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def make_input(
+    h: int = 375, w: int = 500, c: int = 21, seed: int = 0, noise: float = 10.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Discs of ``c`` colours with Gaussian colour noise (std ``noise``), and noisy unaries that favour the discs."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:h, :w]
     labels = np.zeros((h, w), int)
     for k in range(1, c):
         cy, cx, r = rng.integers(0, h), rng.integers(0, w), rng.integers(h // 8, h // 3)
         labels[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = k
-    image = np.clip(rng.integers(0, 256, (c, 3))[labels] + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+    image = np.clip(rng.integers(0, 256, (c, 3))[labels] + rng.normal(0, noise, (h, w, 3)), 0, 255).astype(np.uint8)
     logits = 2.0 * np.eye(c)[labels].transpose(2, 0, 1) + rng.normal(0, 1.5, (c, h, w))
     return image, (np.exp(logits) / np.exp(logits).sum(0)).astype(np.float32)
 
@@ -74,11 +77,17 @@ def pydensecrf_reference(image: np.ndarray, probs: np.ndarray, params):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", help="a photo to use instead of the synthetic image")
+    parser.add_argument(
+        "--bilateral-kernel",
+        choices=["auto", "lattice"],
+        default="auto",
+        help="dense_crf's appearance kernel: auto (exact where features are sparse, else lattice) or lattice",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     params = PRESETS["deeplab_v2"]
     image, probs = make_input() if args.image is None else input_from_photo(args.image)
-    ours, ours_s = best_of(lambda: dense_crf(image, probs, params))
+    ours, ours_s = best_of(lambda: dense_crf(image, probs, params, bilateral_kernel=args.bilateral_kernel))
     print(f"densepred.crf: {ours_s:.3f} s (best of 3, after a warm-up run)")
     reference = pydensecrf_reference(image, probs, params)
     if reference is None:

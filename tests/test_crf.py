@@ -14,6 +14,7 @@ from densepred.crf import (
     CRFParams,
     _GridGaussian,
     _RowSums,
+    _TruncatedGaussian,
     dense_crf,
     dense_crf_exact,
     dense_crf_torch,
@@ -44,24 +45,63 @@ def _random(h: int, w: int, c: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return image, (np.exp(logits) / np.exp(logits).sum(0)).astype(np.float32)
 
 
+@pytest.mark.parametrize("kernel", ["auto", "lattice"])
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_lattice_agrees_with_exact_reference_on_structured_inputs(seed):
+def test_agrees_with_exact_reference_on_structured_inputs(seed, kernel):
     image, probs = _structured(24, 20, 4, seed)
-    fast, exact = dense_crf(image, probs, SMALL), dense_crf_exact(image, probs, SMALL)
+    fast = dense_crf(image, probs, SMALL, bilateral_kernel=kernel)
+    exact = dense_crf_exact(image, probs, SMALL)
     assert (fast.argmax(0) == exact.argmax(0)).mean() >= 0.99
     assert np.abs(fast - exact).mean() < 0.01
 
 
+def test_random_colours_agree_with_exact_reference_on_every_seed():
+    """Random colours are the lattice's worst case (its piecewise-linear kernel differs from the
+    Gaussian by ~14%, flipping near-tied labels: 97.3-99.8% agreement over seeds 0-31, as
+    pydensecrf's 97.5-99.6%). Their features are sparse, so the default kernel sums them exactly
+    (truncated at 4 widths): >= 99.79% on every seed 0-31 at 24x20 (the issue asks 99%)."""
+    for seed in range(32):
+        image, probs = _random(24, 20, 4, seed)
+        fast, exact = dense_crf(image, probs, SMALL), dense_crf_exact(image, probs, SMALL)
+        assert (fast.argmax(0) == exact.argmax(0)).mean() >= 0.995, seed
+        assert np.abs(fast - exact).mean() < 0.001, seed
+
+
+@pytest.mark.parametrize("preset", ["small", "deeplab_v2", "deeplab_v1_largefov"])
+def test_random_colours_agree_with_exact_reference_at_full_size(preset):
+    params = SMALL if preset == "small" else PRESETS[preset]
+    image, probs = _random(64, 64, 4, 0)  # 4096 pixels, EXACT_MAX_PIXELS; the lattice: 96.4-98.7%
+    fast, exact = dense_crf(image, probs, params), dense_crf_exact(image, probs, params)
+    assert (fast.argmax(0) == exact.argmax(0)).mean() >= 0.999
+    assert np.abs(fast - exact).mean() < 0.001
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 def test_lattice_stays_close_to_exact_reference_on_random_colours(seed):
-    """Random colours are the lattice's worst case: its piecewise-linear kernel differs from the
-    Gaussian by ~14% (relative), which flips near-tied labels. Over seeds 0-7 it agrees with
-    the exact kernel on 98.1-99.8% of labels (mean 98.9%), as pydensecrf does (97.7-99.6%,
-    see the next test): the issue's 99% holds on average only, so the bound here is 97.5%."""
+    """The lattice alone (``bilateral_kernel="lattice"``) on its worst case: 97.3-99.8% over
+    seeds 0-31, so the bound here is 97%."""
     image, probs = _random(24, 20, 4, seed)
-    fast, exact = dense_crf(image, probs, SMALL), dense_crf_exact(image, probs, SMALL)
-    assert (fast.argmax(0) == exact.argmax(0)).mean() >= 0.975
+    fast = dense_crf(image, probs, SMALL, bilateral_kernel="lattice")
+    exact = dense_crf_exact(image, probs, SMALL)
+    assert (fast.argmax(0) == exact.argmax(0)).mean() >= 0.97
     assert np.abs(fast - exact).mean() < 0.01
+
+
+def test_truncated_kernel_is_the_exact_kernel_within_four_widths():
+    rng = np.random.default_rng(0)
+    features = torch.from_numpy(rng.uniform(0, [3, 3, 20, 20, 20], (300, 5))).float()
+    groups = torch.arange(2).repeat_interleave(150)  # two images: no pairs across them
+    sparse = _TruncatedGaussian.build(features, groups, budget=10**6)
+    f = features.double()
+    kernel = torch.exp(-0.5 * torch.cdist(f, f).square())
+    kernel[torch.cdist(f, f) >= 4] = 0
+    kernel[groups[:, None] != groups[None]] = 0
+    norm = kernel.sum(1, keepdim=True).rsqrt()
+    q = torch.rand(300, 3)
+    expected = 2.0 * norm * (kernel @ (norm * q.double()))
+    np.testing.assert_allclose(sparse.normalised(2.0)(q).numpy(), expected.numpy(), atol=1e-5)
+    # over budget: dense features are left to the lattice
+    assert _TruncatedGaussian.build(features * 0.01, groups, budget=64) is None
 
 
 def _pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
@@ -82,7 +122,7 @@ def test_random_colour_gap_is_pydensecrfs_too():
     for seed in range(8):
         image, probs = _random(24, 20, 4, seed)
         exact = dense_crf_exact(image, probs, SMALL).argmax(0)
-        ours.append((dense_crf(image, probs, SMALL).argmax(0) == exact).mean())
+        ours.append((dense_crf(image, probs, SMALL, bilateral_kernel="lattice").argmax(0) == exact).mean())
         theirs.append((_pydensecrf(image, probs, SMALL).argmax(0) == exact).mean())
     assert np.mean(ours) >= np.mean(theirs) - 0.002
 
@@ -139,13 +179,14 @@ def test_uniform_image_with_confident_unaries_is_unchanged():
     assert np.abs(out - probs).max() < 0.05
 
 
-def test_batched_torch_matches_single_images():
+@pytest.mark.parametrize("kernel", ["auto", "lattice"])  # "auto" sums these sparse features exactly
+def test_batched_torch_matches_single_images(kernel):
     pairs = [_structured(18, 22, 3, s) for s in (3, 4)]
     images = torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i, _ in pairs])
     probs = torch.stack([torch.from_numpy(p) for _, p in pairs])
-    batched = dense_crf_torch(images, probs, SMALL)
+    batched = dense_crf_torch(images, probs, SMALL, bilateral_kernel=kernel)
     for k, (image, p) in enumerate(pairs):
-        np.testing.assert_allclose(batched[k].numpy(), dense_crf(image, p, SMALL), atol=1e-5)
+        np.testing.assert_allclose(batched[k].numpy(), dense_crf(image, p, SMALL, bilateral_kernel=kernel), atol=1e-5)
 
 
 def test_zero_iterations_returns_unary_softmax():
@@ -162,6 +203,12 @@ def test_invalid_params_raise(field, value):
     image, probs = _structured(8, 8, 2, 0)
     with pytest.raises(ValueError, match=field):
         dense_crf(image, probs, replace(SMALL, **{field: value}))
+
+
+def test_unknown_bilateral_kernel_raises():
+    image, probs = _structured(8, 8, 2, 0)
+    with pytest.raises(ValueError, match="bilateral_kernel"):
+        dense_crf(image, probs, SMALL, bilateral_kernel="exact")
 
 
 def test_shape_mismatch_raises():
