@@ -12,9 +12,7 @@ under narrow widths scaled to the image and both DeepLab presets. 10 iterations,
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,8 +27,10 @@ from densepred.crf import (
     dense_crf_exact,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from crf_speed import make_input, pydensecrf_reference  # noqa: E402
+try:
+    from .crf_speed import make_input, pydensecrf_reference
+except ImportError:  # run as a script, python benchmarks/crf_agreement.py: its folder is on sys.path
+    from crf_speed import make_input, pydensecrf_reference
 
 # DeepLab v2's widths scaled to small images (theta_alpha 67 px would make a 24x20 image global).
 NARROW = replace(PRESETS["deeplab_v2"], theta_alpha=5.0, theta_beta=10.0, theta_gamma=1.0)
@@ -57,31 +57,36 @@ def agreement(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> tuple[
     return path, float(auto), float(lattice), reference
 
 
-def main() -> None:
-    torch.set_num_threads(1)
+def agreement_table() -> list[str]:
+    """The agreement per (widths, input family) as Markdown lines, then a line listing the inputs below 99%."""
     rows = []
     for name, params in PARAMS.items():
         cases = [("random 24x20", s, random_input(24, 20, 4, s)) for s in range(32)] if name == "narrow" else []
-        cases += [
-            (f"discs 64x64 noise {n}", s, make_input(64, 64, 5, s, noise=n)) for n in (8, 20, 40, 80) for s in range(3)
-        ]
+        for noise in (8, 20, 40, 80):
+            cases += [(f"discs 64x64 noise {noise}", s, make_input(64, 64, 5, s, noise=noise)) for s in range(3)]
         for family, seed, (image, probs) in cases:
             rows.append((name, family, seed, *agreement(image, probs, params)))
-    print("| widths | input | seeds | path | default (min / mean) | lattice only | pydensecrf |")
-    print("|---|---|---|---|---|---|---|")
+    lines = [
+        "| widths | input | seeds | default kernel ran | default: min / mean | lattice only | pydensecrf |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key in dict.fromkeys((r[0], r[1]) for r in rows):
         group = [r for r in rows if (r[0], r[1]) == key]
-        paths = "/".join(sorted({r[3] for r in group}))
+        paths = " / ".join(sorted({r[3] for r in group}))
         cols = [np.array([r[i] for r in group]) for i in (4, 5)]
         ref = [r[6] for r in group]
         ref_text = "-" if None in ref else f"{min(ref):.2%} / {np.mean(ref):.2%}"
         stats = " | ".join(f"{c.min():.2%} / {c.mean():.2%}" for c in cols)
-        print(f"| {key[0]} | {key[1]} | {len(group)} | {paths} | {stats} | {ref_text} |", flush=True)
+        lines.append(f"| {key[0]} | {key[1]} | {len(group)} | {paths} | {stats} | {ref_text} |")
     below = [r for r in rows if r[4] < 0.99]
-    print(
-        f"\ndefault below 99% on {len(below)} of {len(rows)} inputs: "
-        + ", ".join(f"{r[0]} {r[1]} seed {r[2]}" for r in below)
-    )
+    listed = ", ".join(f"{r[0]} {r[1]} seed {r[2]}" for r in below) or "none"
+    lines += ["", f"Default kernel below 99% on {len(below)} of {len(rows)} inputs: {listed}."]
+    return lines
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    print("\n".join(agreement_table()))
 
 
 if __name__ == "__main__":

@@ -134,6 +134,16 @@ def _system_section(system: dict | None, speed: dict | None) -> list[str]:
         if "pydensecrf_s" in c:
             line += f", pydensecrf {c['pydensecrf_s']:.3f} s, labels agree on {100 * c['agreement']:.2f}% of pixels"
         out += ["### CRF", "", line + ".", ""]
+    a = system.get("crf_agreement")
+    if a:
+        out += [
+            "Label agreement with the exact O(N^2) CRF (`dense_crf_exact`), by input family "
+            '(`benchmarks/crf_agreement.py`; "narrow": theta_alpha 5, theta_beta 10, the DeepLab v2 '
+            "widths scaled to images 24-64 pixels a side):",
+            "",
+            *a["markdown"],
+            "",
+        ]
     return out
 
 

@@ -7,7 +7,8 @@
   ISBI 2012 for the gray ones, the synthetic set for the synthetic recipe. Compared with the
   recipe model's training images/s from the speed benchmark (same crop family, batch 2).
 - Trainer overhead: densepred's loop against a bare PyTorch loop (benchmarks/trainer_overhead.py).
-- CRF: ours against pydensecrf on the same input (benchmarks/crf_speed.py).
+- CRF: ours against pydensecrf on the same input (benchmarks/crf_speed.py), and label agreement
+  with the exact CRF per input family (benchmarks/crf_agreement.py).
 """
 
 from __future__ import annotations
@@ -133,5 +134,14 @@ def run_system(path: Path, data_root: Path, *, force: bool = False) -> dict:
         finally:
             torch.set_num_threads(os.cpu_count() or 1)
         results["crf"] = entry
+        save()
+    if "crf_agreement" not in results:
+        from .crf_agreement import agreement_table
+
+        torch.set_num_threads(1)
+        try:
+            results["crf_agreement"] = {"markdown": agreement_table()}
+        finally:
+            torch.set_num_threads(os.cpu_count() or 1)
         save()
     return results
