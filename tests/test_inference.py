@@ -162,6 +162,12 @@ def test_predict_command_errors(checkpoint, tmp_path, capsys):
     assert "broken.png" in capsys.readouterr().err
     assert main(["predict", "--checkpoint", str(checkpoint), str(tmp_path / "none*.png"), "--out", str(tmp_path)]) == 2
     assert "matches no file" in capsys.readouterr().err
+    images = _images(tmp_path / "in")
+    blocker = tmp_path / "a_file"  # --out names a file, not a folder: the OS error names it, no traceback
+    blocker.write_text("")
+    assert main(["predict", "--checkpoint", str(checkpoint), str(images), "--out", str(blocker), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("densepred predict: error:") and "a_file" in err and "Traceback" not in err
 
 
 def test_eval_uses_the_recipes_inference_options_and_crf(checkpoint):

@@ -309,6 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (*expected, NonFiniteLossError, DataLoaderWorkerError) as exc:
         print(f"densepred {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a file of the user's: keep the traceback
+            raise
+        print(f"densepred {args.command}: error: {exc}", file=sys.stderr)  # e.g. a full disk, naming the file
+        return 2
     except KeyboardInterrupt:
         print(f"densepred {args.command}: interrupted", file=sys.stderr)
         return 130
