@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -60,6 +62,17 @@ def loader_rate(exp, batches: int = 25, max_seconds: float = 30.0) -> float:
             continue
         images += batch["image"].shape[0]
     return images / (time.perf_counter() - start)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The CRF comparisons run on one thread, as pydensecrf does; the previous count is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_system(path: Path, data_root: Path, *, force: bool = False) -> dict:
@@ -121,8 +134,7 @@ def run_system(path: Path, data_root: Path, *, force: bool = False) -> dict:
 
         from .crf_speed import best_of, make_input, pydensecrf_reference
 
-        torch.set_num_threads(1)
-        try:
+        with _one_thread():
             image, probs = make_input()
             params = PRESETS["deeplab_v2"]
             ours, ours_s = best_of(lambda: dense_crf(image, probs, params))
@@ -131,17 +143,12 @@ def run_system(path: Path, data_root: Path, *, force: bool = False) -> dict:
             if reference is not None:
                 ref, ref_s = best_of(reference)
                 entry.update(pydensecrf_s=ref_s, agreement=float((ours.argmax(0) == ref.argmax(0)).mean()))
-        finally:
-            torch.set_num_threads(os.cpu_count() or 1)
         results["crf"] = entry
         save()
     if "crf_agreement" not in results:
         from .crf_agreement import agreement_table
 
-        torch.set_num_threads(1)
-        try:
+        with _one_thread():
             results["crf_agreement"] = {"markdown": agreement_table()}
-        finally:
-            torch.set_num_threads(os.cpu_count() or 1)
         save()
     return results

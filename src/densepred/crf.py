@@ -374,15 +374,16 @@ def _near_pairs(f: Tensor, groups: Tensor, radius: float, budget: int) -> tuple[
     offsets = list(itertools.product((-1, 0, 1), repeat=d - 1))[3 ** (d - 1) // 2 :]
     shifts = [sum(o * s for o, s in zip(offset, strides[1:-1], strict=True)) for offset in offsets]
     # Count the candidates first (per cell, cheap), stopping early on dense features.
-    examined = 0
+    examined, runs = 0, []
     for k, shift in enumerate(shifts):
-        examined += (1 if k == 0 else 2) * int((counts * neighbours(shift)[1]).sum())
+        runs.append(neighbours(shift))
+        examined += (1 if k == 0 else 2) * int((counts * runs[-1][1]).sum())
         if examined > min(budget * p, _MAX_CANDIDATES):
             return None
     f = f[perm]
     rows, cols, sq_dist = [], [], []
-    for shift in shifts:
-        start, n = (x[cell_of] for x in neighbours(shift))
+    for run in runs:
+        start, n = (x[cell_of] for x in run)
         row = torch.repeat_interleave(torch.arange(p, device=f.device), n)
         col = torch.arange(row.numel(), device=f.device) + torch.repeat_interleave(start - (n.cumsum(0) - n), n)
         dist = (f[row] - f[col]).square_().sum(1)
@@ -558,6 +559,8 @@ def dense_crf_torch(
     (pydensecrf's approximation).
     """
     params.validate()
+    if bilateral_kernel not in ("auto", "lattice"):
+        raise ValueError(f"bilateral_kernel must be 'auto' or 'lattice', got {bilateral_kernel!r}")
     _check_batch(images, probs)
     if images.device != probs.device:
         raise ValueError(f"images on {images.device} and probs on {probs.device} must be on one device")
@@ -566,8 +569,6 @@ def dense_crf_torch(
     unary = _unary(probs.to(torch.float32).permute(0, 2, 3, 1).contiguous().view(-1, c), logits)
     groups = torch.arange(n, device=probs.device).repeat_interleave(h * w)
     bilateral, smooth = _features(images, params)
-    if bilateral_kernel not in ("auto", "lattice"):
-        raise ValueError(f"bilateral_kernel must be 'auto' or 'lattice', got {bilateral_kernel!r}")
     messages = []
     if params.w1 > 0 and params.iterations > 0:
         sparse = _TruncatedGaussian.build(bilateral, groups, _CANDIDATE_BUDGET) if bilateral_kernel == "auto" else None
