@@ -18,6 +18,7 @@ import torch
 from densepred import losses
 from densepred.config import load_experiment
 from densepred.data.loader import worker_init
+from densepred.precision import autocast, resolve_amp
 from densepred.runtime import build_dataset, build_model, resolve_config, seed_everything
 from densepred.train import build_optimizer, train
 
@@ -46,7 +47,7 @@ def bare_loop(exp, iterations: int) -> float:
             batch = next(batches)
         if done == 10:  # skip warm-up (worker start, first allocations)
             start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=exp.train.amp == "bf16"):
+        with autocast(resolve_amp(exp.train.amp, "cpu"), "cpu"):
             out = model(batch["image"])
         loss = losses.cross_entropy(out.float(), batch["mask"]) + losses.dice_loss(out.float(), batch["mask"])
         optimizer.zero_grad(set_to_none=True)

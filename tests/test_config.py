@@ -72,7 +72,7 @@ def test_overrides_are_typed_by_the_field():
     [
         ("optim.lrr=1", r"unknown key\(s\) optim.lrr; valid keys in 'optim': .*lr"),
         ("optim.lr=-1", "optim.lr must be > 0"),
-        ("train.amp=fp8", "train.amp must be one of 'none', 'bf16', 'fp16'"),
+        ("train.amp=fp8", "train.amp must be one of 'auto', 'none', 'bf16', 'fp16'"),
         ("data.batch_size=2.5", "data.batch_size must be a whole number"),
         ("data.batch_size=0", "data.batch_size must be >= 1"),
         ("train.deterministic=maybe", "train.deterministic must be true or false"),

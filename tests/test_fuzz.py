@@ -58,7 +58,7 @@ def time_limit(seconds: int):
 # ---------------------------------------------------------------------------------------------
 # Configs
 
-SECTIONS = [f.name for f in dataclasses.fields(Experiment) if f.name not in ("name", "notes")]
+SECTIONS = [f.name for f in dataclasses.fields(Experiment) if f.name not in ("name", "notes", "resolved")]
 FIELDS = {
     f"{section}.{f.name}": hint
     for section, cls in ((s, typing.get_type_hints(Experiment)[s]) for s in SECTIONS)

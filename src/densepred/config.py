@@ -147,7 +147,8 @@ class TrainConfig:
     class_weights: list[float] | None = None
     loss_at_output_stride: bool = False  # DeepLab v1: stride-8 scores vs labels sub-sampled by 8
     clip_grad_norm: float | None = None
-    amp: Literal["none", "bf16", "fp16"] = "none"
+    # auto: bf16 on a CPU with native bfloat16, fp16 on CUDA, else fp32 (densepred.precision)
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     compile: bool = False
     seed: int = 0
     deterministic: bool = False
@@ -156,7 +157,9 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end
     checkpoint_every: int = 500
     keep_last: int = 2
-    max_minutes: float | None = None  # stop (with a checkpoint) after this much run time, resumes included
+    # A time budget, resumes included: the run times its first steps, fits the number of
+    # iterations that fits the budget and lays the schedule over it (then stops there).
+    max_minutes: float | None = None
     device: str = "auto"
 
     def validate(self) -> None:
@@ -193,6 +196,7 @@ class EvalConfig:
     crf_params: dict[str, float] = field(default_factory=dict)  # overrides, e.g. {w1: 5}
     batch_size: int = 1
     max_images: int | None = None  # evaluate on a prefix of the split (quick checks)
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # precision of the forward passes, as train.amp
 
     def validate(self) -> None:
         _require(0 <= self.overlap < 1, f"eval.overlap must be in [0, 1), got {self.overlap}")
@@ -225,6 +229,9 @@ class Experiment:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # What a run decided on its machine (precision, CPU, budget-fitted iterations): written by
+    # the trainer into the run's config.yaml and checkpoints, a record, never read as a setting.
+    resolved: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> Experiment:
         for section in _SECTIONS:
@@ -330,12 +337,14 @@ def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
     """Build and validate an :class:`Experiment` from a nested dict (a parsed recipe)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping with sections {', '.join(_SECTIONS)}; got {type(raw).__name__}")
-    top = {"name", "notes", *_SECTIONS}
+    top = {"name", "notes", "resolved", *_SECTIONS}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(sorted(top))}")
     hints = typing.get_type_hints(Experiment)
     kwargs: dict[str, Any] = {k: _coerce(raw[k], str, k) for k in ("name", "notes") if k in raw}
+    if raw.get("resolved") is not None:
+        kwargs["resolved"] = _coerce(raw["resolved"], dict[str, Any], "resolved")
     for section in _SECTIONS:
         kwargs[section] = _build_section(hints[section], raw.get(section), section)
     return Experiment(**kwargs).validate()

@@ -29,6 +29,7 @@ def inference_options(cfg: EvalConfig) -> dict[str, Any]:
         scales=tuple(cfg.scales),
         flip=cfg.flip,
         fusion=cfg.fusion,
+        amp=cfg.amp,
     )
 
 

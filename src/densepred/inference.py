@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .precision import autocast, resolve_amp
+
 __all__ = [
     "predict_logits",
     "sliding_window",
@@ -236,14 +238,18 @@ def predict_logits(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     fusion: str = "mean",
+    amp: str = "none",
 ) -> Tensor:
     """Logits for a normalised (N, C, H, W) batch with the chosen inference mode.
 
     For a valid-convolution U-Net, ``"whole"`` means overlap-tile: its whole-image output *is*
     the stitched tiles (U-Net Fig. 2), so the logits always cover the whole image. ``scales``
     other than ``(1.0,)`` or ``flip=True`` add multi-scale / mirrored test-time augmentation.
+    ``amp`` runs the forward passes in reduced precision (``auto``: where the device is fast at
+    it, see :mod:`densepred.precision`); the logits are float32 either way.
     """
     mode_kw = dict(mode=mode, tile=tile, overlap=overlap, batch_size=batch_size, blend=blend)
-    if tuple(scales) == (1.0,) and not flip:
-        return _single_scale(model, image, **mode_kw)
-    return multi_scale_flip(model, image, scales, flip=flip, fusion=fusion, **mode_kw)
+    with autocast(resolve_amp(amp, image.device), image.device):
+        if tuple(scales) == (1.0,) and not flip:
+            return _single_scale(model, image, **mode_kw).float()
+        return multi_scale_flip(model, image, scales, flip=flip, fusion=fusion, **mode_kw).float()
