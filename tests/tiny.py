@@ -22,6 +22,8 @@ TINY = [
     "optim.bias_lr_mult=1",
     "schedule.policy=constant",
     "train.iterations=1",
+    "train.amp=none",  # the same numbers on every CPU (amp=auto is tested in test_precision.py)
+    "eval.amp=none",
     "train.log_every=1",
     "train.checkpoint_every=0",
     "eval.max_images=1",

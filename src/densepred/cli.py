@@ -44,10 +44,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
         if rank != 0:
             return 0
-    print(f"run folder: {run_dir}  iterations: {result.iterations}  train time: {result.train_seconds:.0f} s")
+    print(f"run folder: {run_dir}\n{_run_summary(result)}")
     if result.metrics:
         print(f"validation: mIoU {result.metrics['miou']:.4f}  pixel acc {result.metrics['pixel_acc']:.4f}")
     return 0
+
+
+def _run_summary(result) -> str:
+    """Iterations, time, precision and the machine: a figure holds for the CPU it was taken on."""
+    r = result.resolved
+    fit = r.get("budget_fit")
+    fitted = f" (of {fit['requested']}, fitted to train.max_minutes={fit['budget_minutes']})" if fit else ""
+    m = r.get("machine", {})
+    return (
+        f"trained {result.iterations} iterations{fitted} in {result.train_seconds:.0f} s, precision "
+        f"{r.get('amp', '?')}, on {m.get('cpu', '?')} ({m.get('capability', '?')}, "
+        f"{'native' if m.get('native_bf16') else 'no native'} bf16, {m.get('threads', '?')} threads)"
+    )
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -107,10 +120,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(f"densepred demo: {exp.notes}\nrun folder: {run_dir}")
     result = train(exp, run_dir, resume=args.resume, progress=not args.no_progress)
     m = result.metrics
-    print(
-        f"\ntrained {result.iterations} iterations in {result.train_seconds:.0f} s; synthetic val: "
-        f"mIoU {m['miou']:.4f}, pixel acc {m['pixel_acc']:.4f}, mean acc {m['mean_acc']:.4f}"
-    )
+    print(f"\n{_run_summary(result)}")
+    print(f"synthetic val: mIoU {m['miou']:.4f}, pixel acc {m['pixel_acc']:.4f}, mean acc {m['mean_acc']:.4f}")
     try:
         from .predict import predict_dataset_figures
 

@@ -9,6 +9,8 @@ deterministic mode a resumed run ends with the same weights as an uninterrupted 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import time
@@ -27,14 +29,16 @@ from tqdm.auto import tqdm
 
 from . import losses
 from .checkpoint import CheckpointManager, WriteError, rng_state, set_rng_state, write_atomic
-from .config import ConfigError, Experiment, OptimConfig, ScheduleConfig
+from .config import ConfigError, Experiment, OptimConfig
 from .data.errors import DataError
 from .data.loader import worker_init
 from .evaluate import evaluate
 from .inference import is_valid_unet
 from .models.layers import center_crop
+from .precision import autocast, machine_info, resolve_amp
 from .runtime import DistInfo, build_dataset, build_model, git_commit, seed_everything, setup_distributed
 from .sampling import ResumableBatchSampler, SeededSamples
+from .schedule import fit_iterations, fitted_schedule, lr_factor
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "DataLoaderWorkerError", "param_groups", "lr_factor"]
 
@@ -56,21 +60,7 @@ class TrainResult:
     train_seconds: float = 0.0
     checkpoint: Path | None = None
     stopped_early: bool = False
-
-
-def lr_factor(it: int, total: int, s: ScheduleConfig) -> float:
-    """Multiplier of the base lr at iteration ``it`` (0-based) of ``total``."""
-    if s.policy == "poly":  # DeepLab v2: (1 - iter/max_iter)^power
-        factor = (1 - it / total) ** s.power
-    elif s.policy == "step":  # DeepLab v1: x gamma every step_size iterations
-        factor = s.gamma ** (it // s.step_size)
-    elif s.policy == "cosine":
-        factor = s.min_lr_factor + (1 - s.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * it / total))
-    else:
-        factor = 1.0
-    if it < s.warmup_iters:  # linear warm-up from warmup_factor to 1
-        factor *= s.warmup_factor + (1 - s.warmup_factor) * it / s.warmup_iters
-    return factor
+    resolved: dict[str, Any] = field(default_factory=dict)  # precision, machine, budget fit (Experiment.resolved)
 
 
 def param_groups(model: nn.Module, o: OptimConfig) -> list[dict[str, Any]]:
@@ -312,12 +302,40 @@ def _log(path: Path, record: dict[str, Any]) -> None:
         ) from exc
 
 
+def _write_config(run_dir: Path, exp: Experiment) -> None:
+    config_text = exp.to_yaml().encode()
+    write_atomic(run_dir / "config.yaml", lambda f: f.write(config_text), what="run config")
+
+
+def _seconds_per_evaluation(model: nn.Module, val_set, exp: Experiment, device: torch.device, info: DistInfo) -> float:
+    """What one validation pass will cost, from a timed pass over two images (after a warm one)."""
+    count = len(val_set) if exp.eval.max_images is None else min(exp.eval.max_images, len(val_set))
+    timed = min(2, count)
+    evaluate(model, val_set, dataclasses.replace(exp.eval, max_images=1), device=device, progress=False)
+    start = time.perf_counter()
+    evaluate(model, val_set, dataclasses.replace(exp.eval, max_images=timed), device=device, progress=False)
+    model.train()
+    return (time.perf_counter() - start) / timed * math.ceil(count / info.world_size)
+
+
+# Budget fitting times the steps after the first few (which pay for worker start-up and kernel selection).
+UNTIMED_STEPS, TIMED_STEPS = 5, 20
+
+
 def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train ``exp`` into ``run_dir``; ``resume=True`` continues from its newest good checkpoint."""
+    """Train ``exp`` into ``run_dir``; ``resume=True`` continues from its newest good checkpoint.
+
+    With ``train.max_minutes`` the run times its first steps and fits the number of iterations
+    to the budget (:mod:`densepred.schedule`); the fitted number is kept in the run's config and
+    checkpoints, so a resumed run keeps it.
+    """
+    exp = copy.deepcopy(exp)  # the run records what it decided (precision, fitted length) in exp.resolved
     t = exp.train
     info, device = setup_distributed(t.device)
     run_dir = Path(run_dir)
     seed_everything(t.seed, t.deterministic)
+    amp = resolve_amp(t.amp, device)
+    exp.resolved.update(amp=amp, eval_amp=resolve_amp(exp.eval.amp, device), machine=machine_info().to_dict())
 
     train_set = build_dataset(exp, exp.data.train_split, train=True, seed=t.seed)
     val_set = build_dataset(exp, exp.data.val_split, train=False)
@@ -328,8 +346,7 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
     if exp.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, exp.optim)
-    use_fp16 = t.amp == "fp16" and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type) if use_fp16 else None
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
     ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=t.keep_last)
     if info.is_main:
@@ -339,7 +356,7 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
         files = ckpts.iteration_files()
         return str(files[-1]) if files else "none written yet"
 
-    start_iter, best, trained_before = 0, None, 0.0
+    start_iter, best, trained_before, budget_fit = 0, None, 0.0, None
     if resume and (found := ckpts.latest()) is not None:
         path, state = found
         model.load_state_dict(state["model"])
@@ -349,12 +366,15 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
         set_rng_state(state["rng"])
         start_iter, best = state["iteration"], state.get("best_miou")
         trained_before = float(state.get("train_seconds", 0.0))  # time and budgets add up across resumes
+        budget_fit = state.get("budget_fit")  # a fitted length is the run's length for good
+        if budget_fit:
+            exp.resolved["budget_fit"] = budget_fit
         if info.is_main:
-            print(f"resuming from {path} (iteration {start_iter} of {t.iterations})")
+            planned = budget_fit["iterations"] if budget_fit else t.iterations
+            print(f"resuming from {path} (iteration {start_iter} of {planned})")
     elif info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        config_text = exp.to_yaml().encode()
-        write_atomic(run_dir / "config.yaml", lambda f: f.write(config_text), what="run config")
+        _write_config(run_dir, exp)
         (run_dir / "log.jsonl").unlink(missing_ok=True)
     commit = git_commit()
     if info.is_main:
@@ -368,11 +388,10 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
     loss_fn = _Loss(exp, train_set.ignore_index, device, crop_target=is_valid_unet(model))
     loader = _make_loader(exp, train_set, info, start_batch=start_iter * t.iter_size)
     batches = iter(loader)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16 if t.amp == "bf16" else torch.float16)
-        if t.amp != "none"
-        else nullcontext()
-    )
+    length = budget_fit["iterations"] if budget_fit else t.iterations
+    schedule = fitted_schedule(exp.schedule, t.iterations, length)
+    # Fit the length to the budget once, when enough steps have been timed (none for runs too short to need it).
+    fit_pending = t.max_minutes is not None and budget_fit is None and start_iter + UNTIMED_STEPS + TIMED_STEPS < length
 
     def checkpoint_state(iteration: int, metrics: dict | None = None) -> dict[str, Any]:
         return {
@@ -385,6 +404,7 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
             "best_miou": best,
             "train_seconds": elapsed(),
             "metrics": metrics or {},
+            "budget_fit": budget_fit,
             "dataset": {
                 "name": exp.data.dataset,
                 "num_classes": train_set.num_classes,
@@ -402,7 +422,7 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
             _log(run_dir / "log.jsonl", {"iter": iteration, "split": "val", "time": elapsed(), **_scalars(metrics)})
         return metrics
 
-    bar = tqdm(total=t.iterations, initial=start_iter, disable=not (progress and info.is_main), desc="train", unit="it")
+    bar = tqdm(total=length, initial=start_iter, disable=not (progress and info.is_main), desc="train", unit="it")
     started, last_ckpt, metrics, stopped = time.perf_counter(), None, {}, False
 
     def elapsed() -> float:
@@ -412,14 +432,16 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
     images_per_iter = exp.data.batch_size * info.world_size * t.iter_size
     it = start_iter
     tick, tick_it = time.perf_counter(), it
+    if info.is_main:
+        _log(run_dir / "log.jsonl", {"iter": it, "event": "start", "amp": amp, "machine": exp.resolved["machine"]})
     model.train()
     with _explain_stops(lambda: it + 1, last_good, lambda: _dead_workers(batches)):
-        while it < t.iterations:
-            factor = lr_factor(it, t.iterations, exp.schedule)
+        while it < length:
+            factor = lr_factor(it, length, schedule)
             for group in optimizer.param_groups:
                 group["lr"] = exp.optim.lr * group["lr_mult"] * factor
             optimizer.zero_grad(set_to_none=True)
-            total = 0.0
+            loss_sum = 0.0
             for micro in range(t.iter_size):
                 batch = next(batches)
                 images = batch["image"].to(device, non_blocking=True)
@@ -429,14 +451,14 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
                 weight = batch["weight"].to(device) if "weight" in batch else None
                 sync = nullcontext() if not info.enabled or micro == t.iter_size - 1 else net.no_sync()
                 with sync:
-                    with autocast:
+                    with autocast(amp, device):
                         output = net(images)
                     loss = loss_fn(output, target, weight) / t.iter_size
                     if scaler is not None:
                         scaler.scale(loss).backward()
                     else:
                         loss.backward()
-                total += float(loss.detach())
+                loss_sum += float(loss.detach())
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = None
@@ -446,8 +468,8 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
                 # A NaN gradient with a finite loss would poison the weights, and the next checkpoint, silently.
                 grad_norm = _grad_norm(model)
             bad = None
-            if not math.isfinite(total):
-                bad = f"loss ({total})"
+            if not math.isfinite(loss_sum):
+                bad = f"loss ({loss_sum})"
             elif scaler is None and grad_norm is not None and not math.isfinite(grad_norm):
                 bad = f"gradient (norm {grad_norm})"  # fp16: the GradScaler skips such steps itself
             if bad is not None:
@@ -467,16 +489,32 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
                 optimizer.step()
             it += 1
 
-            if info.is_main and (it % max(t.log_every, 1) == 0 or it == t.iterations):
+            if fit_pending and it == start_iter + UNTIMED_STEPS:
+                timing_started = time.perf_counter()
+            elif fit_pending and it == start_iter + UNTIMED_STEPS + TIMED_STEPS:
+                fit_pending = False
+                step_s = (time.perf_counter() - timing_started) / TIMED_STEPS
+                budget_fit = _fit_budget(exp, it, elapsed(), step_s, model, val_set, device, info)
+                if budget_fit["iterations"] < length:
+                    length = budget_fit["iterations"]
+                    schedule = fitted_schedule(exp.schedule, t.iterations, length)
+                    bar.total = length
+                    bar.refresh()
+                exp.resolved["budget_fit"] = budget_fit
+                if info.is_main:
+                    _write_config(run_dir, exp)
+                    _log(run_dir / "log.jsonl", {"iter": it, "budget_fit": budget_fit})
+
+            if info.is_main and (it % max(t.log_every, 1) == 0 or it == length):
                 now = time.perf_counter()
                 rate = (it - tick_it) * images_per_iter / max(now - tick, 1e-9)
                 tick, tick_it = now, it
                 lr = exp.optim.lr * factor
                 _log(
                     run_dir / "log.jsonl",
-                    {"iter": it, "loss": total, "lr": lr, "img_per_s": rate, "time": elapsed()},
+                    {"iter": it, "loss": loss_sum, "lr": lr, "img_per_s": rate, "time": elapsed()},
                 )
-                bar.set_postfix(loss=f"{total:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
             bar.update(1)
 
             out_of_time = t.max_minutes is not None and elapsed() > 60 * t.max_minutes
@@ -484,14 +522,14 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
                 flag = torch.tensor([float(out_of_time)], device=device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 out_of_time = bool(flag.item())
-            evaluate_now = (t.eval_every and it % t.eval_every == 0) or it == t.iterations or out_of_time
+            evaluate_now = (t.eval_every and it % t.eval_every == 0) or it == length or out_of_time
             is_best = False
             if evaluate_now:
                 metrics = run_eval(it)
                 model.train()
                 if best is None or metrics["miou"] > best:
                     best, is_best = metrics["miou"], True
-            if (t.checkpoint_every and it % t.checkpoint_every == 0) or it == t.iterations or out_of_time:
+            if (t.checkpoint_every and it % t.checkpoint_every == 0) or it == length or out_of_time:
                 if info.is_main:
                     last_ckpt = ckpts.save(checkpoint_state(it, metrics if evaluate_now else None), it, best=is_best)
                 if info.enabled:
@@ -510,7 +548,38 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
             plot_training_curves(run_dir / "log.jsonl", run_dir / "curves.png")
         except ImportError:  # pragma: no cover - plots are optional
             pass
-    return TrainResult(run_dir, it, metrics, best, seconds, last_ckpt, stopped)
+    return TrainResult(run_dir, it, metrics, best, seconds, last_ckpt, stopped, exp.resolved)
+
+
+def _fit_budget(
+    exp: Experiment, it: int, elapsed: float, step_s: float, model: nn.Module, val_set, device, info: DistInfo
+) -> dict[str, Any]:
+    """How many iterations fit ``train.max_minutes``, from the timed steps and a timed evaluation;
+    every rank ends up with the same number (the smallest)."""
+    t = exp.train
+    eval_s = _seconds_per_evaluation(model, val_set, exp, device, info)
+    elapsed += eval_s * 1.5  # the timing pass just run (three images, one of them warm-up)
+    iterations = fit_iterations(
+        budget_s=60 * t.max_minutes,
+        elapsed_s=elapsed,
+        at_iteration=it,
+        requested=t.iterations,
+        step_s=step_s,
+        eval_s=eval_s,
+        eval_every=t.eval_every,
+    )
+    if info.enabled:
+        agreed = torch.tensor([iterations], dtype=torch.int64, device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        iterations = int(agreed.item())
+    return {
+        "iterations": iterations,
+        "requested": t.iterations,
+        "at_iteration": it,
+        "step_seconds": round(step_s, 4),
+        "eval_seconds": round(eval_s, 3),
+        "budget_minutes": t.max_minutes,
+    }
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
