@@ -27,6 +27,8 @@ import torch
 from densepred.config import apply_overrides, experiment_from_dict, load_experiment
 from densepred.runtime import build_model, resolve_config
 
+from .speed import machine
+
 CAMVID_PAPERS = {  # CamVid 11-class *test* mIoU, ImageNet-pretrained, 360x480
     "SegNet (Badrinarayanan et al. 2017, Table 3)": 46.4,
     "DeepLab-LFOV (as reported by Yu & Koltun 2016, Table 2)": 61.6,
@@ -260,6 +262,7 @@ def run_all(data_root: Path, out: Path, minutes: float | None = None, only: list
             "checkpoint": str(checkpoint),
             "scores": scores,
             "curve": _curve(run_dir),
+            "machine": machine(),
         }
         result_path.write_text(json.dumps(result, indent=2, default=float))
         results[run.name] = result

@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+from densepred.precision import MachineInfo
+
 from .accuracy import CAMVID_PAPERS, ISBI_PAPER, RUNS, _curve
 from .speed import PAPER_SIZE, _family, _input_size
 
@@ -30,18 +32,25 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def _machine(results: dict | None) -> str:
+    """The line under every table heading: a figure holds for the machine it was taken on."""
+    m = (results or {}).get("machine")
+    try:
+        return f"*Measured on: {MachineInfo(**m).line()}.*"
+    except TypeError:  # results written before the machine was recorded in full
+        return "*Machine not recorded with these results: remeasure with `--force`.*"
+
+
+def _heading(title: str, *results: dict | None) -> list[str]:
+    """A table heading and the machine(s) its results were measured on."""
+    machines = list(dict.fromkeys(_machine(r) for r in results))
+    return [f"### {title}", "", *machines, ""]
+
+
 def _speed_section(speed: dict | None) -> list[str]:
     if not speed:
         return ["No speed results yet: `python -m benchmarks speed`.", ""]
-    m = speed["machine"]
-    out = [
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads"
-        + (f", GPU {m['cuda']}" if m.get("cuda") else ", no GPU (no GPU column: none was available for this run)")
-        + ".",
-        "",
-        "### Inference, eager fp32 (images/s, latency per batch, peak resident memory of the process)",
-        "",
-    ]
+    out = _heading("Inference, eager fp32 (images/s, latency per batch, peak resident memory of the process)", speed)
     rows = []
     for name, r in speed.get("models", {}).items():
         paper = _input_size(name, PAPER_SIZE[_family(name)])
@@ -63,8 +72,7 @@ def _speed_section(speed: dict | None) -> list[str]:
         "Paper sizes: FCN 500x500, DeepLab 513x513, U-Net 572x572. Cell: images/s / seconds per batch / "
         "peak RSS in MiB.",
         "",
-        "### Variants at 256x256, batch 1 (speed-up over eager fp32 measured in the same run)",
-        "",
+        *_heading("Variants at 256x256, batch 1 (speed-up over eager fp32 measured in the same run)", speed),
     ]
     rows = []
     names = ["channels-last", "bf16 autocast", "torch.compile", "onnxruntime"]
@@ -78,7 +86,7 @@ def _speed_section(speed: dict | None) -> list[str]:
             cells.append(f"{x['speedup']:.2f}x" if "speedup" in x else "n/a")
         rows.append(cells)
     out += _table(["model", "eager fp32", *names], rows)
-    out += ["", "### Training step (forward, loss, backward, SGD) at the recipe's crop, batch 2", ""]
+    out += ["", *_heading("Training step (forward, loss, backward, SGD) at the recipe's crop, batch 2", speed)]
     rows = []
     for name, r in speed.get("models", {}).items():
         t = r.get("train step")
@@ -91,7 +99,7 @@ def _speed_section(speed: dict | None) -> list[str]:
 def _system_section(system: dict | None, speed: dict | None) -> list[str]:
     if not system:
         return ["No system results yet: `python -m benchmarks system`.", ""]
-    out = ["### Data loading against training, per shipped recipe", ""]
+    out = _heading("Data loading against training, per shipped recipe", system)
     rows = []
     models = (speed or {}).get("models", {})
     for recipe, r in system.get("loader", {}).items():
@@ -120,8 +128,7 @@ def _system_section(system: dict | None, speed: dict | None) -> list[str]:
     t = system.get("trainer_overhead")
     if t:
         out += [
-            "### Trainer overhead",
-            "",
+            *_heading("Trainer overhead", system),
             f"densepred's training loop {t['densepred_images_per_s']:.1f} images/s against a bare PyTorch loop "
             f"{t['bare_images_per_s']:.1f} images/s on the same model, data and batch ({t['recipe']}, best of "
             f"{len(t['runs']['bare'])} alternating runs): overhead **{t['overhead_percent']:+.1f}%** (bound: 5%).",
@@ -133,7 +140,7 @@ def _system_section(system: dict | None, speed: dict | None) -> list[str]:
         line += f"densepred {c['ours_s']:.3f} s"
         if "pydensecrf_s" in c:
             line += f", pydensecrf {c['pydensecrf_s']:.3f} s, labels agree on {100 * c['agreement']:.2f}% of pixels"
-        out += ["### CRF", "", line + ".", ""]
+        out += [*_heading("CRF", system), line + ".", ""]
     a = system.get("crf_agreement")
     if a:
         out += [
@@ -181,7 +188,9 @@ def _accuracy_section(out_dir: Path, figures: Path) -> list[str]:
         r["curve"] = _curve(out_dir / name) or r.get("curve", [])
     if not results:
         return ["No accuracy results yet: `python -m benchmarks accuracy --data-root ../shared/data`.", ""]
-    out = ["### ISBI 2012 membranes: train25 (slices 0-24) -> val5 (slices 25-29)", ""]
+    isbi = [r for r in results.values() if r["dataset"] == "isbi2012"]
+    camvid = [r for r in results.values() if r["dataset"] == "camvid"]
+    out = _heading("ISBI 2012 membranes: train25 (slices 0-24) -> val5 (slices 25-29)", *isbi)
     rows = []
     for name, r in results.items():
         if r["dataset"] != "isbi2012":
@@ -220,7 +229,7 @@ def _accuracy_section(out_dir: Path, figures: Path) -> list[str]:
         "here (no ImageNet weights offline), and a few dozen VGG steps fit in the budget: where they still "
         "predict 'cell' everywhere (membrane IoU 0), the table shows it rather than hides it.",
     ]
-    out += ["", "### CamVid (11 classes, 360x480): train (367) -> val (101)", ""]
+    out += ["", *_heading("CamVid (11 classes, 360x480): train (367) -> val (101)", *camvid)]
     rows, per_class, pictures = [], [], []
     for name, r in results.items():
         if r["dataset"] != "camvid":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from densepred.precision import machine_info
 from densepred.registry import create_model, list_models, model_entry
 
 # The papers' test resolutions (FCN Sec. 4.3 / PASCAL 500x500, DeepLab 513x513, U-Net 572 tile).
@@ -180,21 +180,8 @@ def _train_step(name: str, model: torch.nn.Module) -> dict:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+    """What the figures were taken on (CPU model, vector ISA, native bf16, threads, torch, GPU)."""
+    return machine_info().to_dict()
 
 
 def run_speed(path: Path, *, only: list[str] | None = None, force: bool = False) -> dict:

@@ -26,6 +26,8 @@ from densepred.config import apply_overrides, experiment_from_dict, load_experim
 from densepred.data import make_loader
 from densepred.runtime import build_dataset, resolve_config
 
+from .speed import machine
+
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "src" / "densepred" / "configs"
 
 
@@ -81,6 +83,8 @@ def run_system(path: Path, data_root: Path, *, force: bool = False) -> dict:
 
     def save():
         path.write_text(json.dumps(results, indent=2))
+
+    results["machine"] = machine()
 
     loaders = results.setdefault("loader", {})
     for recipe in sorted(RECIPES_DIR.glob("*.yaml")):

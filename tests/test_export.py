@@ -18,6 +18,7 @@ from densepred.export import (
     read_metadata,
 )
 from densepred.models.layers import FrozenBatchNorm2d
+from slim import HEAVY, slim
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
@@ -41,7 +42,6 @@ ODD = [(1, 41, 57), (2, 25, 35)]
 FCN_ODD = [(1, 67, 93)]  # FCN pads by 100: any size costs a ~270x290 VGG16 pass
 # The 134M-parameter VGG16 nets (fc6 7x7x512x4096, 540 MB) cost 15-50 s each on two busy cores:
 # full size under `slow`, and a slim copy with the same graph in the default run.
-HEAVY = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce", "deeplab_v1_7x7")
 CASES: dict[str, Case] = {
     "unet": Case("unet", {"base_channels": 4}, [(2, 204, 188), (1, 220, 236)]),
     "unet_padded": Case("unet_padded", {"base_channels": 4}, [*ODD, (1, 16, 17)], trace=(32, 48)),
@@ -78,24 +78,6 @@ def _randomize(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
-def _slim(model: nn.Module, divisor: int = 16) -> nn.Module:
-    """The VGG16 nets with 1/``divisor`` of the channels: the same graph, a fraction of the work.
-
-    Image and class channels keep their widths (no hidden width is 3 or 5). Batch-norm-free
-    nets only; He init keeps activations at the scale of the full net's.
-    """
-    keep = {model.in_channels, model.num_classes}
-    for parent in list(model.modules()):
-        for attr, conv in list(parent.named_children()):
-            if type(conv) is nn.Conv2d:
-                cin, cout = (c if c in keep else c // divisor for c in (conv.in_channels, conv.out_channels))
-                slim = nn.Conv2d(cin, cout, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
-                nn.init.kaiming_normal_(slim.weight, nonlinearity="relu")
-                nn.init.uniform_(slim.bias, -0.1, 0.1)
-                setattr(parent, attr, slim)
-    return model
-
-
 _built: dict[str, tuple[nn.Module, list[torch.Tensor], list[torch.Tensor]]] = {}
 
 
@@ -107,7 +89,7 @@ def _model_and_reference(case: str):
         channels = 1 if c.name.startswith("unet") else 3
         torch.manual_seed(0)
         model = densepred.create_model(c.name, num_classes=5, in_channels=channels, **c.options)
-        model = _randomize(_slim(model) if c.slim else model)
+        model = _randomize(slim(model) if c.slim else model)
         inputs = [torch.randn(n, channels, h, w) for n, h, w in c.sizes]
         with torch.inference_mode():
             refs = [model(x) for x in inputs]

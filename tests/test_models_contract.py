@@ -9,11 +9,19 @@ import torch
 import densepred
 from densepred.models.unet import unet_valid_size
 from densepred.zoo import _theoretical_copy, measure_receptive_field, summarize
+from slim import HEAVY, slim
 
-ALL_MODELS = densepred.list_models()  # contracts run over the whole registry
+# Contracts run over the whole registry: the 134M-parameter nets as slim copies of the same
+# graph by default, and at full size in the slow tier.
+ALL_MODELS = [
+    *(name for name in densepred.list_models() if name not in HEAVY),
+    *(f"{name}-slim" for name in HEAVY),
+    *(pytest.param(name, marks=pytest.mark.slow) for name in HEAVY),
+]
 
 
 def _input_for(name: str, batch: int = 1) -> torch.Tensor:
+    name = name.removesuffix("-slim")
     if name == "unet":
         side = unet_valid_size(188)[0]
         return torch.randn(batch, 1, side, side)
@@ -26,9 +34,11 @@ def _input_for(name: str, batch: int = 1) -> torch.Tensor:
 
 
 def _build(name: str, num_classes: int = 3, device: str = "cpu"):
-    in_channels = 1 if name.startswith("unet") else 3
+    registered = name.removesuffix("-slim")
+    in_channels = 1 if registered.startswith("unet") else 3
     with torch.device(device):
-        return densepred.create_model(name, num_classes=num_classes, in_channels=in_channels)
+        model = densepred.create_model(registered, num_classes=num_classes, in_channels=in_channels)
+    return slim(model) if name.endswith("-slim") else model
 
 
 @functools.cache
@@ -91,14 +101,15 @@ _RF_PROBES = {
     "unet": (lambda m: m, 1, 188, 16),
     "unet_padded": (lambda m: m, 1, 188, 16),
 }
-# The field does not depend on width: probe narrow U-Nets of the registered geometry.
+# The field does not depend on width: probe narrow U-Nets and slim VGG16 nets of the registered geometry.
 _NARROW = {"unet": dict(base_channels=8), "unet_padded": dict(base_channels=8)}
 
 
 @pytest.mark.parametrize("name", sorted(_RF_PROBES))
 def test_declared_receptive_field_is_measured(name):
     probe, in_ch, height, phases = _RF_PROBES[name]
-    model = _theoretical_copy(densepred.create_model(name, num_classes=2, in_channels=in_ch, **_NARROW.get(name, {})))
+    model = densepred.create_model(name, num_classes=2, in_channels=in_ch, **_NARROW.get(name, {}))
+    model = _theoretical_copy(slim(model) if name in HEAVY else model)
     width = unet_valid_size(256)[0] if name == "unet" else 256
     rf = measure_receptive_field(probe(model), in_ch, height, width, phases=phases)
     assert rf == densepred.model_entry(name).receptive_field
