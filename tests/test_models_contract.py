@@ -20,24 +20,11 @@ ALL_MODELS = [
 ]
 
 
-def _input_for(name: str, batch: int = 1) -> torch.Tensor:
-    name = name.removesuffix("-slim")
-    if name == "unet":
-        side = unet_valid_size(188)[0]
-        return torch.randn(batch, 1, side, side)
-    channels = 1 if name.startswith("unet") else 3
-    if name == "deeplab_v1_7x7":
-        # oneDNN's weight gradient for a 7x7, dilation-4 conv over a map smaller than its
-        # 25-pixel span is pathologically slow on CPU (9 s at 41x35, 1.8 s at 209x201).
-        return torch.randn(batch, channels, 209, 201)
-    return torch.randn(batch, channels, 41, 35)  # odd, non-square: exercises every crop
-
-
 def _build(name: str, num_classes: int = 3, device: str = "cpu"):
+    """The registered model at its builder's own input channels; ``NAME-slim``: its slim copy."""
     registered = name.removesuffix("-slim")
-    in_channels = 1 if registered.startswith("unet") else 3
     with torch.device(device):
-        model = densepred.create_model(registered, num_classes=num_classes, in_channels=in_channels)
+        model = densepred.create_model(registered, num_classes=num_classes)
     return slim(model) if name.endswith("-slim") else model
 
 
@@ -51,12 +38,11 @@ def _shared(name: str):
 def test_forward_and_backward(name):
     model = _shared(name).train()
     model.zero_grad(set_to_none=True)
-    x = _input_for(name, batch=2)
+    x = model.example_input(batch=2)  # declared by the model: small, and a size it takes
     out = model(x)
     logits = out["fused"] if isinstance(out, dict) else out
     assert logits.shape[:2] == (2, 3)
-    if name != "unet":  # valid U-Net is smaller than its input by design
-        assert logits.shape[-2:] == x.shape[-2:]
+    assert logits.shape[-2:] == model.output_size(*x.shape[-2:])  # the declared input-size rule
     target = torch.randint(0, 3, (logits.shape[0], *logits.shape[-2:]))
     torch.nn.functional.cross_entropy(logits, target).backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -66,7 +52,7 @@ def test_forward_and_backward(name):
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_wrong_channel_count_is_a_clear_error(name):
     model = _shared(name).eval()
-    x = _input_for(name)
+    x = model.example_input()
     bad = torch.randn(1, x.shape[1] + 1, *x.shape[-2:])
     with pytest.raises(ValueError, match=r"in_channels=\d+ but the input has \d+ channels"):
         model(bad)
@@ -80,7 +66,7 @@ def test_state_dict_round_trip(name):
     buffer.seek(0)
     twin = _build(name, device="meta").eval()  # no init cost: every tensor comes from the file
     twin.load_state_dict(torch.load(buffer, weights_only=True), strict=True, assign=True)
-    x = _input_for(name)
+    x = model.example_input()
     with torch.inference_mode():
         torch.testing.assert_close(model(x), twin(x))
 

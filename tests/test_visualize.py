@@ -14,10 +14,10 @@ from densepred.data.synthetic import SyntheticShapes
 from densepred.models.backbones import VGG16
 from densepred.models.backbones.vgg import vgg16_classifier
 from densepred.models.fcn import FCN_CROP_OFFSETS
+from densepred.models.layers import centre_geometry
 from densepred.visualize import (
     _sequential_key,
     add_visual_commands,
-    centre_geometry,
     class_heatmaps,
     classifier_heatmap,
     default_layers,

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .checkpoint import write_atomic
+from .models.base import SegmentationModel, input_rule_of
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -58,23 +59,6 @@ METADATA_KEY = "densepred"
 METADATA_VERSION = 1
 _TS_EXTRA_FILE = "densepred.json"
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
-
-
-def _output_rule(model: nn.Module) -> dict[str, Any]:
-    """How the output size follows from the input size, and which inputs are allowed."""
-    from .models.unet import UNet, unet_valid_size
-
-    if isinstance(model, UNet) and model.padding == "valid":
-        step, (first, out) = 2**model.depth, unet_valid_size(1, model.depth)
-        shrink = first - out  # the same for every valid size: only unpadded convolutions shrink maps
-        return {
-            "size_rule": f"each side shrinks by {shrink}, centred ({shrink // 2} px lost at each border)",
-            "input_sizes": f"each side {first} + {step}*k, k >= 0 (others fail or misalign the crops)",
-            "shrink": shrink,
-        }
-    if isinstance(model, UNet):
-        return {"size_rule": "same as input", "input_sizes": f"each side >= {2**model.depth}", "shrink": 0}
-    return {"size_rule": "same as input", "input_sizes": "any", "shrink": 0}
 
 
 def _preprocessing(normalization: str | None, channels: int) -> dict[str, Any]:
@@ -114,8 +98,8 @@ def model_metadata(
     from . import __version__
     from .registry import list_models, model_entry
 
-    if not hasattr(model, "in_channels") or not hasattr(model, "num_classes"):
-        raise ValueError(f"{type(model).__name__} does not declare in_channels and num_classes; densepred models do")
+    if not isinstance(model, SegmentationModel):
+        raise ValueError(f"{type(model).__name__} is not a densepred model (no declared in_channels and num_classes)")
     channels, classes = int(model.in_channels), int(model.num_classes)
     meta: dict[str, Any] = {
         "metadata_version": METADATA_VERSION,
@@ -137,7 +121,7 @@ def model_metadata(
             "layout": "NCHW",
             "dtype": "float32",
             "values": "class scores (logits, before softmax); argmax over C gives the label map",
-            **_output_rule(model),
+            **input_rule_of(model).describe(),
         },
     }
     if model_name in list_models():
@@ -174,16 +158,8 @@ def _resolve(source: nn.Module | Trained | str | Path, metadata: Mapping[str, An
 
 def _example_input(model: nn.Module, size: tuple[int, int] | None) -> torch.Tensor:
     """A batch to trace with: non-square (so height and width cannot be swapped unnoticed)."""
-    from .models.unet import UNet, unet_valid_size
-
     if size is None:
-        if isinstance(model, UNet) and model.padding == "valid":
-            first, _ = unet_valid_size(1, model.depth)
-            size = (first, first + 2**model.depth)
-        elif isinstance(model, UNet):
-            size = (2 ** max(model.depth, 5), 2 ** max(model.depth, 5) + 2**model.depth)
-        else:
-            size = (65, 81)  # 8k+1, DeepLab's preferred geometry; FCN takes any size
+        size = input_rule_of(model).example_size(preferred=(65, 81))  # 8k+1: DeepLab's preferred geometry
     param = next(model.parameters())
     noise = torch.randn(1, int(model.in_channels), *size, generator=torch.Generator().manual_seed(0))
     return noise.to(param.device, param.dtype)  # own generator: exporting leaves the global RNG alone

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .models.base import input_rule_of
 from .precision import autocast, resolve_amp
 
 __all__ = [
@@ -22,7 +23,6 @@ __all__ = [
     "multi_scale_flip",
     "mirror_pad",
     "tile_starts",
-    "is_valid_unet",
 ]
 
 
@@ -98,11 +98,6 @@ def sliding_window(
     return logits / counts
 
 
-def is_valid_unet(model: nn.Module) -> bool:
-    """True for a U-Net with valid convolutions (its output is smaller than its input)."""
-    return getattr(model, "padding", None) == "valid" and hasattr(model, "output_size")
-
-
 def mirror_pad(x: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
     """Reflect-pad by any amount (repeated reflections when a pad exceeds the image), as the
     U-Net paper extrapolates missing context "by mirroring the input image" (Fig. 2)."""
@@ -121,30 +116,32 @@ def overlap_tile(model: nn.Module, image: Tensor, tile: int | None = None, *, ba
     """Full-size logits from a valid-convolution U-Net by the overlap-tile strategy (U-Net Fig. 2).
 
     The image is mirror-padded by the net's context margin, cut into input tiles of ``tile``
-    pixels (a valid size; default the paper's 572 or the smallest that covers the image) whose
+    pixels (a valid size; default the paper's 572, or 16 pooling cells for other depths) whose
     output tiles cover the image without gaps, and the output tiles are stitched. Every output
     pixel sees full (partly mirrored) context, for any image size.
     """
-    from .models.unet import unet_valid_size
-
+    rule = input_rule_of(model)
+    if rule.kind != "valid":
+        raise ValueError(f"overlap-tile is for models with valid convolutions; {type(model).__name__} takes any size")
     n, _, h, w = image.shape
-    depth = model.depth
-    tile = tile or (572 if depth == 4 else unet_valid_size(2 ** (depth + 4))[0])
-    valid, out = unet_valid_size(tile, depth)
-    if valid != tile:
+    grid = rule.step  # 2**depth: the poolings' grid
+    tile = tile or rule.nearest(572 if grid == 16 else 16 * grid)
+    if not rule.fits(tile):
+        valid = rule.nearest(tile)
         raise ValueError(
-            f"overlap-tile needs a valid U-Net input tile; {tile} is not one (next valid: {valid}, output {out})"
+            f"overlap-tile needs a valid U-Net input tile; {tile} is not one "
+            f"(next valid: {valid}, output {valid - rule.shrink})"
         )
+    out = tile - rule.shrink
     # The net is shift-equivariant only by multiples of 2**depth (its poolings), so tiles start
     # on that grid: then stitched tiles equal one pass over the whole mirrored image.
-    step = out // 2**depth * 2**depth
+    step = out // grid * grid
     if step == 0:
-        smallest = unet_valid_size(2**depth + tile - out, depth)[0]
         raise ValueError(
-            f"tile {tile} gives {out}-pixel outputs, smaller than the {2**depth}-pixel pooling grid; "
-            f"use tile >= {smallest}"
+            f"tile {tile} gives {out}-pixel outputs, smaller than the {grid}-pixel pooling grid; "
+            f"use tile >= {rule.nearest(grid + rule.shrink)}"
         )
-    margin = (tile - out) // 2  # context on each side of an output tile (92 for 572 -> 388)
+    margin = rule.shrink // 2  # context on each side of an output tile (92 for 572 -> 388)
     rows = [i * step for i in range(max(0, math.ceil((h - out) / step)) + 1)]
     cols = [i * step for i in range(max(0, math.ceil((w - out) / step)) + 1)]
     ext_h, ext_w = rows[-1] + out, cols[-1] + out
@@ -171,7 +168,7 @@ def _single_scale(
     batch_size: int = 4,
     blend: str = "uniform",
 ) -> Tensor:
-    if mode == "overlap_tile" or (mode == "whole" and is_valid_unet(model)):
+    if mode == "overlap_tile" or (mode == "whole" and input_rule_of(model).kind == "valid"):
         return overlap_tile(model, image, tile, batch_size=batch_size)
     if mode == "whole":
         return _forward(model, image).float()

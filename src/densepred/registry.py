@@ -1,4 +1,9 @@
-"""One registry of model builders: ``create_model(name, **kw)`` and ``list_models(pattern)``."""
+"""One registry of model builders: ``create_model(name, **kw)`` and ``list_models(pattern)``.
+
+Plain data and the lowest layer: it imports nothing of densepred's. Each family registers its
+builders when it is imported (``densepred`` imports them all), and a builder loads its own
+weights (``pretrained=...``).
+"""
 
 from __future__ import annotations
 
@@ -45,14 +50,8 @@ def register_model(
     return wrap
 
 
-def _import_families() -> None:
-    # Importing the package registers every family; done lazily to avoid import cycles.
-    from . import models  # noqa: F401
-
-
 def model_entry(name: str) -> ModelEntry:
     """The registry entry for ``name``; an unknown name lists the close matches."""
-    _import_families()
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -60,21 +59,15 @@ def model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, *, pretrained: str | None = None, **kwargs) -> nn.Module:
+def create_model(name: str, **kwargs) -> nn.Module:
     """Build the registered model ``name``, e.g. ``create_model("fcn8s", num_classes=21)``.
 
-    ``pretrained`` names ImageNet backbone weights (``"imagenet"``) or a local weight file; see
-    :func:`densepred.weights.load_pretrained`.
+    Every builder takes ``pretrained``: ImageNet backbone weights (``"imagenet"``) or a local
+    weight file, loaded by :func:`densepred.weights.load_pretrained`.
     """
-    model = model_entry(name).builder(**kwargs)
-    if pretrained is not None:
-        from .weights import load_pretrained
-
-        load_pretrained(model, pretrained)
-    return model
+    return model_entry(name).builder(**kwargs)
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style ``pattern``, sorted."""
-    _import_families()
     return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))

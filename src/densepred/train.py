@@ -33,7 +33,7 @@ from .config import ConfigError, Experiment, OptimConfig
 from .data.errors import DataError
 from .data.loader import worker_init
 from .evaluate import evaluate
-from .inference import is_valid_unet
+from .models.base import SegmentationModel, input_rule_of
 from .models.layers import center_crop
 from .precision import autocast, machine_info, resolve_amp
 from .runtime import DistInfo, build_dataset, build_model, git_commit, seed_everything, setup_distributed
@@ -66,7 +66,8 @@ class TrainResult:
 def param_groups(model: nn.Module, o: OptimConfig) -> list[dict[str, Any]]:
     """Caffe-style groups: biases at ``bias_lr_mult`` x lr without decay; the classifier at
     ``head_lr_mult`` x lr (DeepLab: 10x); norm-layer scales without decay. Frozen tensors are left out."""
-    head_ids = {id(p) for layer in getattr(model, "classifier_layers", list)() for p in layer.parameters()}
+    heads = model.classifier_layers() if isinstance(model, SegmentationModel) else []
+    head_ids = {id(p) for layer in heads for p in layer.parameters()}
     norm_ids = {
         id(p)
         for m in model.modules()
@@ -99,14 +100,14 @@ def build_optimizer(model: nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
 
 
 class _StrideOutput(nn.Module):
-    """Route ``forward`` to ``coarse_logits`` so DDP sees the call that produces the loss."""
+    """Route ``forward`` to ``stride_logits`` so DDP sees the call that produces the loss."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: SegmentationModel) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model.coarse_logits(x)
+    def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
+        return self.model.stride_logits(x)
 
 
 def _fit_target(logits: Tensor, target: Tensor, *, crop: bool) -> Tensor:
@@ -148,7 +149,7 @@ class _Loss:
         return ce
 
     def __call__(self, output: Tensor | dict[str, Tensor], target: Tensor, weight: Tensor | None) -> Tensor:
-        if isinstance(output, dict):  # DeepLab v2 MSC: one loss per branch, summed
+        if isinstance(output, dict):  # multi-scale inputs (v2 MSC): one loss per branch, summed
             return sum(self.single(v, target, weight) for v in output.values())  # type: ignore[return-value]
         return self.single(output, target, weight)
 
@@ -188,7 +189,7 @@ def _check_recipe_fits(exp: Experiment, model: nn.Module, dataset) -> None:
             f"data.crop={d.crop} has no effect with data.augment=none (whole images are used); "
             "set data.crop=null, or data.augment=deeplab or unet to train on crops"
         )
-    if d.crop is not None and is_valid_unet(model):
+    if d.crop is not None and input_rule_of(model).kind == "valid":
         try:
             model.output_size(d.crop, d.crop)
         except ValueError as exc:
@@ -385,7 +386,7 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
         net = torch.compile(net)
-    loss_fn = _Loss(exp, train_set.ignore_index, device, crop_target=is_valid_unet(model))
+    loss_fn = _Loss(exp, train_set.ignore_index, device, crop_target=input_rule_of(model).shrink > 0)
     loader = _make_loader(exp, train_set, info, start_batch=start_iter * t.iter_size)
     batches = iter(loader)
     length = budget_fit["iterations"] if budget_fit else t.iterations

@@ -34,17 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .inference import is_valid_unet, predict_logits
-from .models.backbones import VGG16, ResNet
+from .inference import predict_logits
+from .models.base import InputRule, SegmentationModel, input_rule_of
 from .models.convolutionalize import convolutionalize
-from .models.fcn import FCN
-from .models.layers import BilinearDeconv
-from .models.unet import UNet, unet_valid_size
+from .models.layers import BilinearDeconv, centre_geometry, square_value
 
 __all__ = [
     "HeatMaps",
     "LayerFeatures",
-    "centre_geometry",
     "class_heatmaps",
     "classifier_heatmap",
     "load_vgg16_classifier",
@@ -97,41 +94,6 @@ class LayerFeatures(NamedTuple):
 # Geometry
 
 
-def _pair(value: int | tuple[int, ...]) -> int:
-    if isinstance(value, tuple):
-        if len(set(value)) != 1:
-            raise ValueError(f"non-square kernels, strides or paddings are not supported here, got {value}")
-        return value[0]
-    return value
-
-
-def centre_geometry(modules: Iterable[nn.Module]) -> tuple[float, float]:
-    """``(stride, offset)`` of a chain of layers: output cell ``j`` is centred on input pixel
-    ``stride * j + offset``.
-
-    Caffe's ``coord_map``, from which FCN's reference nets derive their crop offsets (Long et al.
-    2015, Sec. 3.3 and the released ``net.py``): a window of size ``k``, stride ``s``, padding
-    ``p`` and dilation ``d`` maps ``x_in = s * x_out + (k - 1) / 2 * d - p``. ``nn.Sequential``
-    is followed into; element-wise layers (ReLU, dropout, batch norm) leave positions alone.
-    """
-    stride, offset = 1.0, 0.0
-    for m in modules:
-        if isinstance(m, nn.Sequential):
-            a, b = centre_geometry(m)
-        elif isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-            k, s, p = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
-            d = _pair(getattr(m, "dilation", 1))
-            a, b = s, (k - 1) / 2 * d - p
-        elif isinstance(m, (nn.ReLU, nn.Dropout, nn.BatchNorm2d, nn.Identity)):
-            a, b = 1, 0.0
-        else:
-            raise ValueError(
-                f"cannot follow the geometry of a {type(m).__name__} layer (not a conv, pool or element-wise)"
-            )
-        offset, stride = offset + stride * b, stride * a
-    return stride, offset
-
-
 def _as_batch(image: Tensor) -> Tensor:
     if image.dim() == 3:
         image = image[None]
@@ -177,20 +139,10 @@ def class_heatmaps(model: nn.Module, image: Tensor, class_index: int) -> HeatMap
     try:
         dense_logits = predict_logits(model, x).float()
         _check_class(class_index, dense_logits.shape[1])
-        if isinstance(model, FCN):
-            coarse_logits = model.classifier_scores(model.backbone(x)["pool5"])
-            chain = [getattr(model.backbone, n) for n in model.backbone.layer_names]
-            stride, offset = centre_geometry([*chain, model.fc6, model.fc7, model.score_fr])
-            note = f"FCN-{model.output_stride}s output: " + (
-                "stride-32 scores upsampled x32 by a fixed bilinear deconvolution"
-                if model.output_stride == 32
-                else f"stride-32 scores fused with skips down to stride {model.output_stride}, then upsampled"
-            )
-        elif hasattr(model, "coarse_logits"):  # DeepLab and its multi-scale wrapper
-            coarse_logits = model.coarse_logits(x)
-            stride, offset = model.output_stride, 0.0
-            note = f"DeepLab output: stride-{stride} scores bilinearly interpolated (corners aligned)"
-        else:
+        if isinstance(model, SegmentationModel) and input_rule_of(model).kind != "valid":
+            scores = model.coarse_scores(x)
+            coarse_logits, stride, offset, note = scores.logits, scores.stride, scores.offset, scores.note
+        else:  # the valid U-Net's whole-image output is overlap-tiled: already dense, no coarse grid
             coarse_logits, stride, offset = dense_logits, 1, 0.0
             note = f"{type(model).__name__} output: decoded to full resolution, no coarse grid"
     finally:
@@ -246,9 +198,10 @@ def classifier_heatmap(
     first = next((m for m in classifier.modules() if isinstance(m, nn.Conv2d)), None)
     if first is None:
         raise ValueError("the classifier has no nn.Conv2d: nothing to slide over the image")
-    extra = padding - _pair(first.padding)
+    own = square_value(first.padding)
+    extra = padding - own
     if extra < 0:
-        raise ValueError(f"padding={padding} is below the first convolution's own padding {_pair(first.padding)}")
+        raise ValueError(f"padding={padding} is below the first convolution's own padding {own}")
     was_training = classifier.training
     net = convolutionalize(classifier, input_size).eval()
     try:
@@ -440,37 +393,13 @@ def resolve_layer(model: nn.Module, name: str) -> str:
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    """Layers worth looking at, shallow to deep, per family.
-
-    VGG16-based (FCN, DeepLab on VGG): conv1_2, conv3_3, conv5_3 and the first fc7, the rows
-    ZFNet's Fig. 2 would show for this net. U-Net: the first and last (bottom) contracting
-    blocks, then the first and last expansive blocks. ResNet: layer1 ... layer4.
-    """
-    named = dict(model.named_modules())
-    for cls, pick in ((VGG16, _vgg_layers), (ResNet, _resnet_layers), (UNet, _unet_layers)):
-        prefix = next((n for n, m in named.items() if isinstance(m, cls)), None)
-        if prefix is not None:
-            return pick(named, prefix)
-    raise ValueError(f"no default layers for {type(model).__name__}; pass the layer names (see model.named_modules())")
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-def _vgg_layers(named: dict[str, nn.Module], prefix: str) -> list[str]:
-    layers = [_join(prefix, n) for n in ("conv1_2", "conv3_3", "conv5_3")]
-    fc7 = next((n for n in named if n.rsplit(".", 1)[-1] == "fc7"), None)
-    return layers + ([fc7] if fc7 else [])
-
-
-def _resnet_layers(named: dict[str, nn.Module], prefix: str) -> list[str]:
-    return [_join(prefix, f"layer{i}") for i in range(1, 5)]
-
-
-def _unet_layers(named: dict[str, nn.Module], prefix: str) -> list[str]:
-    depth = named[prefix].depth
-    return [_join(prefix, n) for n in ("down.0", f"down.{depth}", "dec.0", f"dec.{depth - 1}")]
+    """Layers worth looking at, shallow to deep: what the model declares
+    (:meth:`~densepred.models.base.SegmentationModel.feature_layers`)."""
+    if not isinstance(model, SegmentationModel):
+        raise ValueError(
+            f"no default layers for {type(model).__name__}; pass the layer names (see model.named_modules())"
+        )
+    return model.feature_layers()
 
 
 class _Chain:
@@ -715,12 +644,12 @@ def _resolve_class(value: str, names: Sequence[str]) -> int:
     raise ValueError(f"unknown class {value!r}; the checkpoint's classes are: {', '.join(names)} (or give an id)")
 
 
-def _mirror_to_valid(image: np.ndarray, depth: int) -> np.ndarray:
+def _mirror_to_valid(image: np.ndarray, rule: InputRule) -> np.ndarray:
     """Mirror-pad the bottom/right so a valid U-Net accepts the image (as overlap-tile does)."""
     import cv2
 
     height, width = image.shape[:2]
-    new_h, new_w = unet_valid_size(height, depth)[0], unet_valid_size(width, depth)[0]
+    new_h, new_w = rule.nearest(height), rule.nearest(width)
     if (new_h, new_w) == (height, width):
         return image
     padded = cv2.copyMakeBorder(image, 0, new_h - height, 0, new_w - width, cv2.BORDER_REFLECT_101)
@@ -768,8 +697,8 @@ def _cmd_features(args: argparse.Namespace) -> int:
     model = trained.model
     layers = args.layers or default_layers(model)
     image = _read_resized(args.image, trained.in_channels, args.size)
-    if is_valid_unet(model):
-        image = _mirror_to_valid(image, model.depth)
+    if input_rule_of(model).kind == "valid":
+        image = _mirror_to_valid(image, input_rule_of(model))
     features = feature_maps(model, _normalise(image, trained.normalization).to(device), layers, args.top_k)
     out = Path(args.out or f"{Path(args.image).stem}_features.png")
     title = (

@@ -62,7 +62,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -71,10 +71,12 @@ from torch import Tensor, nn
 from .download import TransferFailed, TransferInterrupted, download_to_part, sha256_file
 from .models.backbones import VGG16, ResNet
 from .models.backbones.vgg import VGG16_STAGES
-from .models.deeplab import MultiScaleInputs
-from .models.unet import UNet
+from .models.base import SegmentationModel
+
+M = TypeVar("M", bound=nn.Module)
 
 __all__ = [
+    "with_pretrained",
     "WeightsError",
     "WeightsWarning",
     "Preprocessing",
@@ -502,6 +504,11 @@ def _module_prefix(root: nn.Module, module: nn.Module) -> str:
     raise AssertionError("module not inside root")  # internal invariant
 
 
+def _weights_root(model: nn.Module) -> nn.Module:
+    """Where weights go: the model a wrapper (DeepLab v2's multi-scale inputs) holds, else the model."""
+    return model.weights_root() if isinstance(model, SegmentationModel) else model
+
+
 def _backbone(root: nn.Module) -> nn.Module | None:
     if isinstance(root, (VGG16, ResNet)):
         return root
@@ -656,16 +663,21 @@ def imagenet_spec(model: nn.Module) -> WeightsSpec:
         WeightsError: for models without an ImageNet backbone (U-Net is trained from scratch,
             Ronneberger et al. 2015, Sec. 3).
     """
-    root = model.model if isinstance(model, MultiScaleInputs) else model
-    if isinstance(root, UNet):
-        raise WeightsError(
-            "U-Net has no ImageNet weights: the paper trains it from scratch (Sec. 3); pass pretrained=None, "
-            "or the path of a densepred U-Net checkpoint"
-        )
+    root = _weights_root(model)
+    if isinstance(root, SegmentationModel) and root.no_imagenet_weights:
+        raise WeightsError(root.no_imagenet_weights)
     backbone = _backbone(root)
     if backbone is None:
         raise WeightsError(f"{type(root).__name__} has no VGG16 or ResNet backbone, so no ImageNet weights apply")
     return PRETRAINED[f"resnet{backbone.depth}" if isinstance(backbone, ResNet) else "vgg16"]
+
+
+def with_pretrained(model: M, source: str | os.PathLike | None) -> M:
+    """``model`` with ``source`` loaded (:func:`load_pretrained`), or as built when ``source`` is None:
+    what every registered builder does with its ``pretrained`` argument."""
+    if source is not None:
+        load_pretrained(model, source)
+    return model
 
 
 def load_pretrained(
@@ -690,7 +702,7 @@ def load_pretrained(
             the model (missing, unexpected or wrongly shaped keys, named in the message), or
             needs other model options (e.g. ``caffe_style``).
     """
-    root = model.model if isinstance(model, MultiScaleInputs) else model
+    root = _weights_root(model)
     if os.fspath(source) == "imagenet":
         spec = imagenet_spec(model)
         # Refuse a model that cannot take these weights before downloading hundreds of MB.

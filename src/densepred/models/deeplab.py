@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import register_model
+from ..weights import with_pretrained
 from .backbones.resnet import ResNet
 from .backbones.vgg import VGG16
+from .base import CoarseScores, SegmentationModel
 from .layers import Backbone, check_input
 
 __all__ = ["DeepLab", "FCHead", "ASPPVGG", "ASPPResNet", "MultiScaleInputs", "ASPP_RATES", "caffe_resize"]
@@ -108,14 +110,24 @@ class ASPPResNet(nn.Module):
         return list(self.branches)
 
 
-class DeepLab(nn.Module):
+class DeepLab(SegmentationModel):
     """A backbone at output stride 8 and a scoring head on one of its maps.
 
     ``coarse_logits`` gives the stride-8 scores (what DeepLab's losses see, against labels
-    sub-sampled by 8); ``forward`` interpolates them to the input size.
+    sub-sampled by 8); ``forward`` interpolates them to the input size. ``example_size`` is
+    the small input the tests use (a head whose fc6 spans more than the stride-8 map needs a
+    larger one, see :func:`deeplab_v1_7x7`).
     """
 
-    def __init__(self, backbone: Backbone, head: nn.Module, *, feature: str, num_classes: int):
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: nn.Module,
+        *,
+        feature: str,
+        num_classes: int,
+        example_size: tuple[int, int] = (41, 35),
+    ):
         super().__init__()
         if feature not in backbone.feature_info:
             raise ValueError(f"backbone has no feature {feature!r}; it declares {sorted(backbone.feature_info)}")
@@ -123,6 +135,7 @@ class DeepLab(nn.Module):
         self.num_classes = num_classes
         self.in_channels = backbone.in_channels
         self.output_stride = backbone.feature_info[feature].stride
+        self._example_size = example_size
 
     def classifier_layers(self) -> list[nn.Module]:
         """The final class-scoring layers: DeepLab trains them with 10x the base lr (v1 Sec. 4.1)."""
@@ -134,6 +147,25 @@ class DeepLab(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return caffe_resize(self.coarse_logits(x), x.shape[-2:])
+
+    def stride_logits(self, x: Tensor) -> Tensor:
+        return self.coarse_logits(x)
+
+    def coarse_scores(self, x: Tensor) -> CoarseScores:
+        """The stride-8 scores; corner-aligned interpolation puts cell ``j`` on pixel ``8 j``
+        (exactly for DeepLab's ``8k + 1`` input sizes, v1 Sec. 3.1)."""
+        return CoarseScores(self.coarse_logits(x), self.output_stride, 0.0, self.coarse_scores_note())
+
+    def coarse_scores_note(self) -> str:
+        return f"DeepLab output: stride-{self.output_stride} scores bilinearly interpolated (corners aligned)"
+
+    def feature_layers(self) -> list[str]:
+        """The backbone's layers shallow to deep, then the head's first fc7 (VGG16 heads)."""
+        fc7 = [f"head.{n}" for n, _ in self.head.named_modules() if n.rsplit(".", 1)[-1] == "fc7"][:1]
+        return [f"backbone.{n}" for n in self.backbone.feature_layers()] + fc7
+
+    def example_size(self) -> tuple[int, int]:
+        return self._example_size
 
 
 def _rescale(x: Tensor, s: float) -> Tensor:
@@ -149,7 +181,7 @@ def _rescale(x: Tensor, s: float) -> Tensor:
     return x if size == (height, width) else caffe_resize(x, size)
 
 
-class MultiScaleInputs(nn.Module):
+class MultiScaleInputs(SegmentationModel):
     """DeepLab v2's multi-scale inputs ("MSC", v2 Sec. 4.1), wrapping any :class:`DeepLab`.
 
     The image is resized to each scale (Caffe's ``(size - 1) * s + 1`` rule), scored, and the
@@ -177,6 +209,21 @@ class MultiScaleInputs(nn.Module):
     def coarse_logits(self, x: Tensor) -> Tensor:
         """The fused stride-8 scores (eval-mode fusion, whatever the training flag)."""
         return self._fuse(self.branches(x))
+
+    def stride_logits(self, x: Tensor) -> Tensor:
+        return self.coarse_logits(x)
+
+    def coarse_scores(self, x: Tensor) -> CoarseScores:
+        return CoarseScores(self.coarse_logits(x), self.output_stride, 0.0, self.model.coarse_scores_note())
+
+    def feature_layers(self) -> list[str]:
+        return [f"model.{n}" for n in self.model.feature_layers()]
+
+    def weights_root(self) -> nn.Module:
+        return self.model
+
+    def example_size(self) -> tuple[int, int]:
+        return self.model.example_size()
 
     def _fuse(self, branches: dict[str, Tensor]) -> Tensor:
         first = f"scale_{self.scales[0]:g}"
@@ -218,29 +265,39 @@ _V2 = "Chen et al. 2017, DeepLab v2"
 
 
 @register_model("deeplab_v1_largefov", paper=_V1, output_stride=8, receptive_field=419, default_size=513)
-def deeplab_v1_largefov(*, num_classes: int = 21, in_channels: int = 3) -> DeepLab:
+def deeplab_v1_largefov(*, num_classes: int = 21, in_channels: int = 3, pretrained: str | None = None) -> DeepLab:
     """DeepLab-LargeFOV: fc6 3x3, dilation 12, 1024 channels (v1 Table 2, 20.5M parameters)."""
     backbone = _atrous_vgg16(in_channels)
     head = FCHead(backbone.out_channels, num_classes, kernel_size=3, dilation=12, width=1024)
-    return DeepLab(backbone, head, feature="pool5", num_classes=num_classes)
+    return with_pretrained(DeepLab(backbone, head, feature="pool5", num_classes=num_classes), pretrained)
 
 
 @register_model("deeplab_v1_7x7", paper=_V1, output_stride=8, receptive_field=419, default_size=513)
-def deeplab_v1_7x7(*, num_classes: int = 21, in_channels: int = 3) -> DeepLab:
+def deeplab_v1_7x7(*, num_classes: int = 21, in_channels: int = 3, pretrained: str | None = None) -> DeepLab:
     """DeepLab-CRF-7x7: fc6 7x7, dilation 4, 4096 channels (v1 Table 2, 134.3M parameters)."""
     backbone = _atrous_vgg16(in_channels)
     head = FCHead(backbone.out_channels, num_classes, kernel_size=7, dilation=4, width=4096)
-    return DeepLab(backbone, head, feature="pool5", num_classes=num_classes)
+    # oneDNN's weight gradient of a 7x7 dilation-4 conv over a map smaller than its 25-pixel
+    # span is pathologically slow on CPU (9 s at 41x35): test it where the span fits the map.
+    model = DeepLab(backbone, head, feature="pool5", num_classes=num_classes, example_size=(209, 201))
+    return with_pretrained(model, pretrained)
 
 
 @register_model("deeplab_v2_vgg16", paper=_V2, output_stride=8, receptive_field=611, default_size=321)
 def deeplab_v2_vgg16(
-    *, num_classes: int = 21, in_channels: int = 3, aspp: Literal["L", "S"] = "L", msc: bool | Sequence[float] = False
+    *,
+    num_classes: int = 21,
+    in_channels: int = 3,
+    aspp: Literal["L", "S"] = "L",
+    msc: bool | Sequence[float] = False,
+    pretrained: str | None = None,
 ) -> nn.Module:
     """DeepLab v2 on atrous VGG16 with ASPP-L (default) or ASPP-S (v2 Sec. 4.1, Table 3)."""
     backbone = _atrous_vgg16(in_channels)
     head = ASPPVGG(backbone.out_channels, num_classes, _aspp_rates(aspp))
-    return _maybe_msc(DeepLab(backbone, head, feature="pool5", num_classes=num_classes), msc)
+    return with_pretrained(
+        _maybe_msc(DeepLab(backbone, head, feature="pool5", num_classes=num_classes), msc), pretrained
+    )
 
 
 @register_model("deeplab_v2_resnet101", paper=_V2, output_stride=8, receptive_field=1411, default_size=321)
@@ -252,6 +309,7 @@ def deeplab_v2_resnet101(
     msc: bool | Sequence[float] = False,
     caffe_style: bool = True,
     frozen_bn: bool = True,
+    pretrained: str | None = None,
 ) -> nn.Module:
     """DeepLab v2: ResNet-101 at output stride 8 with ASPP (v2 Sec. 4.1, Table 4).
 
@@ -260,7 +318,8 @@ def deeplab_v2_resnet101(
     """
     backbone = ResNet(101, in_channels, output_stride=8, caffe_style=caffe_style, frozen_bn=frozen_bn)
     head = ASPPResNet(backbone.feature_info["layer4"].channels, num_classes, _aspp_rates(aspp))
-    return _maybe_msc(DeepLab(backbone, head, feature="layer4", num_classes=num_classes), msc)
+    model = _maybe_msc(DeepLab(backbone, head, feature="layer4", num_classes=num_classes), msc)
+    return with_pretrained(model, pretrained)
 
 
 def _aspp_rates(aspp: str) -> tuple[int, ...]:

@@ -13,8 +13,10 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..registry import register_model
+from ..weights import with_pretrained
 from .backbones.vgg import VGG16
-from .layers import BilinearDeconv, check_input, crop
+from .base import CoarseScores, SegmentationModel
+from .layers import BilinearDeconv, centre_geometry, check_input, crop
 
 __all__ = ["FCN", "FCN_CROP_OFFSETS"]
 
@@ -29,7 +31,7 @@ FCN_CROP_OFFSETS: dict[str, int] = {
 }
 
 
-class FCN(nn.Module):
+class FCN(SegmentationModel):
     """FCN-32s, FCN-16s or FCN-8s (``output_stride`` 32, 16 or 8).
 
     Args:
@@ -94,6 +96,24 @@ class FCN(nn.Module):
         h = self.drop7(self.relu7(self.fc7(h)))
         return self.score_fr(h)
 
+    def coarse_scores(self, x: Tensor) -> CoarseScores:
+        """``score_fr``: the convolutionalized classifier's stride-32 scores (Sec. 3.1). Cell
+        centres follow from the layers' geometry, conv1_1's padding of 100 included (cell ``j``
+        at pixel ``32 j + 12.5``)."""
+        chain = [getattr(self.backbone, n) for n in self.backbone.layer_names]
+        stride, offset = centre_geometry([*chain, self.fc6, self.fc7, self.score_fr])
+        how = (
+            "stride-32 scores upsampled x32 by a fixed bilinear deconvolution"
+            if self.output_stride == 32
+            else f"stride-32 scores fused with skips down to stride {self.output_stride}, then upsampled"
+        )
+        scores = self.classifier_scores(self.backbone(x)["pool5"])
+        return CoarseScores(scores, int(stride), float(offset), f"FCN-{self.output_stride}s output: {how}")
+
+    def feature_layers(self) -> list[str]:
+        """conv1_2, conv3_3, conv5_3 and fc7: the rows ZFNet's Fig. 2 would show for this net."""
+        return [f"backbone.{n}" for n in self.backbone.feature_layers()] + ["fc7"]
+
     def forward(self, x: Tensor) -> Tensor:
         check_input(x, self.in_channels, type(self).__name__)
         height, width = x.shape[-2:]
@@ -119,24 +139,24 @@ _FCN_FACTS = dict(paper="Long et al. 2015, FCN", receptive_field=404, default_si
 
 
 @register_model("fcn32s", output_stride=32, **_FCN_FACTS)
-def fcn32s(*, num_classes: int = 21, in_channels: int = 3) -> FCN:
+def fcn32s(*, num_classes: int = 21, in_channels: int = 3, pretrained: str | None = None) -> FCN:
     """FCN-32s: stride-32 scores upsampled in one fixed bilinear step (Sec. 4.1)."""
-    return FCN(num_classes, in_channels, output_stride=32)
+    return with_pretrained(FCN(num_classes, in_channels, output_stride=32), pretrained)
 
 
 @register_model("fcn16s", output_stride=16, **_FCN_FACTS)
-def fcn16s(*, num_classes: int = 21, in_channels: int = 3) -> FCN:
+def fcn16s(*, num_classes: int = 21, in_channels: int = 3, pretrained: str | None = None) -> FCN:
     """FCN-16s: adds the pool4 skip (Sec. 4.2)."""
-    return FCN(num_classes, in_channels, output_stride=16)
+    return with_pretrained(FCN(num_classes, in_channels, output_stride=16), pretrained)
 
 
 @register_model("fcn8s", output_stride=8, **_FCN_FACTS)
-def fcn8s(*, num_classes: int = 21, in_channels: int = 3) -> FCN:
+def fcn8s(*, num_classes: int = 21, in_channels: int = 3, pretrained: str | None = None) -> FCN:
     """FCN-8s: adds the pool4 and pool3 skips (Sec. 4.2), trained stage-wise in the paper."""
-    return FCN(num_classes, in_channels, output_stride=8)
+    return with_pretrained(FCN(num_classes, in_channels, output_stride=8), pretrained)
 
 
 @register_model("fcn8s_atonce", output_stride=8, **_FCN_FACTS)
-def fcn8s_atonce(*, num_classes: int = 21, in_channels: int = 3) -> FCN:
+def fcn8s_atonce(*, num_classes: int = 21, in_channels: int = 3, pretrained: str | None = None) -> FCN:
     """FCN-8s trained all at once, with fixed pool4/pool3 scaling (0.01, 0.0001)."""
-    return FCN(num_classes, in_channels, output_stride=8, at_once=True)
+    return with_pretrained(FCN(num_classes, in_channels, output_stride=8, at_once=True), pretrained)

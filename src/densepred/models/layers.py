@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ __all__ = [
     "center_crop",
     "crop",
     "check_input",
+    "centre_geometry",
+    "square_value",
 ]
 
 
@@ -40,6 +43,10 @@ class Backbone(nn.Module):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def feature_layers(self) -> list[str]:
+        """Module names worth showing as feature maps, shallow to deep."""
+        return list(self.feature_info)
 
 
 def bilinear_kernel(channels: int, kernel_size: int) -> Tensor:
@@ -130,3 +137,39 @@ def check_input(x: Tensor, in_channels: int, model: str) -> None:
             f"channels (shape {tuple(x.shape)}); build it with in_channels={x.shape[1]} or "
             f"convert the images"
         )
+
+
+def square_value(value: int | tuple[int, ...]) -> int:
+    """The one value of a square kernel size, stride, padding or dilation."""
+    if isinstance(value, tuple):
+        if len(set(value)) != 1:
+            raise ValueError(f"non-square kernels, strides or paddings are not supported here, got {value}")
+        return value[0]
+    return value
+
+
+def centre_geometry(modules: Iterable[nn.Module]) -> tuple[float, float]:
+    """``(stride, offset)`` of a chain of layers: output cell ``j`` is centred on input pixel
+    ``stride * j + offset``.
+
+    Caffe's ``coord_map``, from which FCN's reference nets derive their crop offsets (Long et al.
+    2015, Sec. 3.3 and the released ``net.py``): a window of size ``k``, stride ``s``, padding
+    ``p`` and dilation ``d`` maps ``x_in = s * x_out + (k - 1) / 2 * d - p``. ``nn.Sequential``
+    is followed into; element-wise layers (ReLU, dropout, batch norm) leave positions alone.
+    """
+    stride, offset = 1.0, 0.0
+    for m in modules:
+        if isinstance(m, nn.Sequential):
+            a, b = centre_geometry(m)
+        elif isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            k, s, p = square_value(m.kernel_size), square_value(m.stride), square_value(m.padding)
+            d = square_value(getattr(m, "dilation", 1))
+            a, b = s, (k - 1) / 2 * d - p
+        elif isinstance(m, (nn.ReLU, nn.Dropout, nn.BatchNorm2d, nn.Identity)):
+            a, b = 1, 0.0
+        else:
+            raise ValueError(
+                f"cannot follow the geometry of a {type(m).__name__} layer (not a conv, pool or element-wise)"
+            )
+        offset, stride = offset + stride * b, stride * a
+    return stride, offset

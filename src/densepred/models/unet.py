@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..registry import register_model
+from ..weights import with_pretrained
+from .base import InputRule, SegmentationModel
 from .layers import center_crop, check_input
 
 __all__ = ["UNet", "DoubleConv", "unet_output_size", "unet_valid_size"]
@@ -72,7 +74,7 @@ def unet_valid_size(size: int, depth: int = 4) -> tuple[int, int]:
     return valid, unet_output_size(valid, depth)  # type: ignore[return-value]
 
 
-class UNet(nn.Module):
+class UNet(SegmentationModel):
     """U-Net with valid (paper) or same (padded variant) convolutions.
 
     Args:
@@ -139,8 +141,24 @@ class UNet(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    no_imagenet_weights = (
+        "U-Net has no ImageNet weights: the paper trains it from scratch (Sec. 3); pass pretrained=None, "
+        "or the path of a densepred U-Net checkpoint"
+    )
+
     def classifier_layers(self) -> list[nn.Module]:
         return [self.final]
+
+    def input_rule(self) -> InputRule:
+        if self.padding == "same":
+            return InputRule("at_least", minimum=2**self.depth)
+        first, out = unet_valid_size(1, self.depth)
+        # Only unpadded convolutions shrink maps, so every valid size loses the same border.
+        return InputRule("valid", first=first, step=2**self.depth, shrink=first - out)
+
+    def feature_layers(self) -> list[str]:
+        """The first and the bottom contracting blocks, then the first and last expansive blocks."""
+        return ["down.0", f"down.{self.depth}", "dec.0", f"dec.{self.depth - 1}"]
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The output's (H, W) for an input of (H, W); an error names the nearest valid size."""
@@ -201,12 +219,20 @@ _UNET = "Ronneberger et al. 2015, U-Net"
 
 
 @register_model("unet", paper=_UNET, output_stride=1, receptive_field=204, default_size=572)
-def unet(*, num_classes: int = 2, in_channels: int = 1, base_channels: int = 64, dropout: float = 0.5) -> UNet:
+def unet(
+    *,
+    num_classes: int = 2,
+    in_channels: int = 1,
+    base_channels: int = 64,
+    dropout: float = 0.5,
+    pretrained: str | None = None,
+) -> UNet:
     """The paper's U-Net: valid convolutions, 572x572 -> 388x388, 31,030,658 parameters (1 in, 2 classes).
 
     ``base_channels`` narrows it (64 in the paper) without changing its geometry.
     """
-    return UNet(num_classes, in_channels, padding="valid", base_channels=base_channels, dropout=dropout)
+    model = UNet(num_classes, in_channels, padding="valid", base_channels=base_channels, dropout=dropout)
+    return with_pretrained(model, pretrained)
 
 
 @register_model(
@@ -220,9 +246,10 @@ def unet_padded(
     depth: int = 4,
     batch_norm: bool = True,
     dropout: float = 0.0,
+    pretrained: str | None = None,
 ) -> UNet:
     """Padded ("same") U-Net variant: output size = input size for any input >= 2**depth."""
-    return UNet(
+    model = UNet(
         num_classes,
         in_channels,
         padding="same",
@@ -231,3 +258,4 @@ def unet_padded(
         batch_norm=batch_norm,
         dropout=dropout,
     )
+    return with_pretrained(model, pretrained)

@@ -121,6 +121,9 @@ class ResNet(Backbone):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def feature_layers(self) -> list[str]:
+        return [f"layer{i}" for i in range(1, 5)]
+
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         check_input(x, self.in_channels, f"ResNet-{self.depth}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

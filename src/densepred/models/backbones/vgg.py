@@ -78,6 +78,10 @@ class VGG16(Backbone):
         self.add_module(name, module)
         self.layer_names.append(name)
 
+    def feature_layers(self) -> list[str]:
+        """Edges and colours (conv1_2), textures (conv3_3), parts (conv5_3): ZFNet's Fig. 2 rows."""
+        return ["conv1_2", "conv3_3", "conv5_3"]
+
     @property
     def conv_names(self) -> list[str]:
         """The 13 convolution names in order (``conv1_1`` ... ``conv5_3``)."""
