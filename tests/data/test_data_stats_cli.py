@@ -54,6 +54,18 @@ def test_cli_stats_detects_the_layout(tmp_path, capsys):
     assert (tmp_path / "c.png").exists()
 
 
+def test_cli_stats_reads_a_folder_without_split_sub_folders_whole(tmp_path, capsys):
+    (tmp_path / "classes.yaml").write_text("classes: [background, cell]\n")
+    for i in range(3):
+        save(tmp_path / "images" / f"{i}.png", np.zeros((4, 4, 3), np.uint8))
+        save(tmp_path / "masks" / f"{i}.png", np.full((4, 4), i % 2, np.uint8))
+    assert run_cli("data", "stats", str(tmp_path), "--dataset", "folder", "--no-progress") == 0
+    out = capsys.readouterr().out
+    assert "split: all" in out and "images: 3" in out
+    assert run_cli("data", "stats", str(tmp_path), "--dataset", "folder", "--split", "train", "--no-progress") == 1
+    assert "pass split='all'" in capsys.readouterr().err  # a split named explicitly must exist
+
+
 def test_cli_stats_synthetic_and_errors(tmp_path, capsys):
     assert run_cli("data", "stats", "--dataset", "synthetic", "--split", "val", "--limit", "3", "--no-progress") == 0
     assert "images: 3" in capsys.readouterr().out

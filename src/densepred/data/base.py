@@ -9,6 +9,7 @@ implement ``__len__`` and ``load`` (uint8 pixels and a checked uint8 mask); the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -40,6 +41,11 @@ class SegmentationDataset(Dataset):
     palette: list[RGB] = []
     ignore_index: int = IGNORE_INDEX
     in_channels: int = 3
+
+    @classmethod
+    def default_split(cls, root: Path | None) -> str:
+        """The split read when none is named (``densepred data stats ROOT``)."""
+        return "train"
 
     def __init__(self, transform: Transform | None = None) -> None:
         self.transform = transform

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from .errors import DataError, DownloadError, ManualDownloadRequired
 
@@ -32,7 +33,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from .factory import create_dataset, detect_dataset
+    from .factory import create_dataset, dataset_entry, detect_dataset
     from .stats import compute_stats, format_stats, save_bar_chart
 
     try:
@@ -42,12 +43,13 @@ def _cmd_stats(args: argparse.Namespace) -> int:
                 raise DataError("give ROOT, or --dataset synthetic for the built-in data")
             name = detect_dataset(args.root)
         root = None if name == "synthetic" else args.root
-        dataset = create_dataset(name, root=root, split=args.split)
+        split = args.split or dataset_entry(name).cls.default_split(None if root is None else Path(root))
+        dataset = create_dataset(name, root=root, split=split)
         stats = compute_stats(dataset, progress=not args.no_progress, limit=args.limit)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"dataset: {name}   split: {args.split}")
+    print(f"dataset: {name}   split: {split}")
     print(format_stats(stats))
     if args.chart:
         print(f"bar chart: {save_bar_chart(stats, args.chart)}")
@@ -101,7 +103,9 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
     )
     p.add_argument("root", nargs="?", help="dataset folder (omit for --dataset synthetic)")
     p.add_argument("--dataset", default="auto", help="dataset name, or 'auto' to detect it from ROOT's layout")
-    p.add_argument("--split", default="train", help="split to count (default: train)")
+    p.add_argument(
+        "--split", default=None, help="split to count (default: train; a folder without split sub-folders: all)"
+    )
     p.add_argument("--chart", metavar="PNG", help="save a bar chart of class frequencies here")
     p.add_argument("--limit", type=int, help="count only the first N images")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

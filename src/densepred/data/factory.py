@@ -90,14 +90,21 @@ def _check_options(name: str, cls: type, options: dict) -> None:
 
 
 def create_dataset(
-    name: str, root: str | Path | None = None, split: str = "train", transform: Transform | None = None, **kwargs
+    name: str,
+    root: str | Path | None = None,
+    split: str | None = "train",
+    transform: Transform | None = None,
+    **kwargs,
 ) -> SegmentationDataset:
     """Build dataset ``name`` (e.g. ``create_dataset("camvid", root="data/camvid", split="val")``).
 
     ``create_dataset("synthetic", split="train", num_images=..., size=..., seed=...)`` needs no root.
+    ``split=None`` reads the dataset's default split: a plain folder without split sub-folders whole.
     """
     entry = dataset_entry(name)
     _check_options(name, entry.cls, kwargs)
+    if split is None:
+        split = entry.cls.default_split(None if root is None else Path(root))
     if not entry.needs_root:
         if root is not None:
             raise DataError(f"dataset {name!r} is generated and takes no root (got root={root!r})")

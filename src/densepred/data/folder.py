@@ -118,6 +118,11 @@ class FolderDataset(FileSegmentationDataset):
         self.mask_colours: Mapping[RGB, int] | None = colours
         super().__init__(files, str(images_dir), hint, transform)
 
+    @classmethod
+    def default_split(cls, root: Path | None) -> str:
+        """A folder without split sub-folders is read whole; one with them, its train split."""
+        return "all" if root is not None and (Path(root) / "images").is_dir() else "train"
+
     @staticmethod
     def _class_file(root: Path, class_file: str | Path | None) -> Path:
         if class_file is not None:
