@@ -186,20 +186,19 @@ def _final_checkpoint(run_dir: Path) -> Path:
 
 def _score_isbi(run: Run, checkpoint: Path, data_root: Path) -> dict:
     from densepred.data.factory import create_dataset
-    from densepred.evaluate import inference_options
     from densepred.inference import predict_logits
     from densepred.metrics import ConfusionMatrix, adapted_rand_error, segments_from_membrane_mask
     from densepred.runtime import load_trained, normalization_for
 
     trained = load_trained(checkpoint)
-    options = inference_options(trained.experiment.eval)
+    options = trained.experiment.eval
     val = create_dataset("isbi2012", data_root / "isbi2012", "val5")
     norm = normalization_for(trained.normalization, trained.in_channels)
     cm, rand = ConfusionMatrix(2, ignore_index=val.ignore_index), []
     with torch.inference_mode():
         for i in range(len(val)):
             sample = val.load(i)
-            pred = predict_logits(trained.model, norm(sample.image)[None], **options).argmax(1)[0].numpy()
+            pred = predict_logits(trained.model, norm(sample.image)[None], options).argmax(1)[0].numpy()
             cm.update(torch.from_numpy(pred)[None], torch.from_numpy(sample.mask.astype(np.int64))[None])
             rand.append(adapted_rand_error(segments_from_membrane_mask(pred), segments_from_membrane_mask(sample.mask)))
     m = cm.compute()

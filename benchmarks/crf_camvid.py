@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from densepred.config import EvalConfig
 from densepred.crf import PRESETS, CRFParams, dense_crf
 from densepred.data.factory import create_dataset
 from densepred.data.labels import colorize
-from densepred.evaluate import inference_options
 from densepred.inference import predict_logits
 from densepred.metrics import ConfusionMatrix
 from densepred.runtime import load_trained, normalization_for
@@ -33,11 +33,11 @@ from densepred.runtime import load_trained, normalization_for
 GRID = {"w1": (3.0, 5.0), "theta_alpha": (20.0, 50.0, 80.0), "theta_beta": (3.0, 5.0, 10.0)}
 
 
-def _probabilities(trained, dataset, index: int, options: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _probabilities(trained, dataset, index: int, options: EvalConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     sample = dataset.load(int(index))
     norm = normalization_for(trained.normalization, trained.in_channels)
     with torch.inference_mode():
-        logits = predict_logits(trained.model, norm(np.ascontiguousarray(sample.image))[None], **options)
+        logits = predict_logits(trained.model, norm(np.ascontiguousarray(sample.image))[None], options)
     return sample.image, sample.mask, torch.softmax(logits, 1)[0].numpy()
 
 
@@ -61,7 +61,7 @@ def _score(settings: dict[str, CRFParams | None], trained, dataset, indices, opt
     }
 
 
-def _tune(trained, root: str, count: int, options: dict) -> CRFParams:
+def _tune(trained, root: str, count: int, options: EvalConfig) -> CRFParams:
     train = create_dataset("camvid", root, "train")
     indices = np.linspace(0, len(train) - 1, count).astype(int)
     base = PRESETS["deeplab_v2"]
@@ -131,7 +131,7 @@ def camvid_crf_scores(
     """Score ``checkpoint`` on CamVid val without CRF, with the DeepLab v2 preset and with the
     setting tuned on ``tune`` train images; write results.json and boundary.png under ``out``."""
     trained = load_trained(checkpoint)
-    options = inference_options(trained.experiment.eval)
+    options = trained.experiment.eval
     val = create_dataset("camvid", root, "val")
     count = len(val) if max_images is None else min(max_images, len(val))
     settings: dict[str, CRFParams | None] = {"no CRF": None, "deeplab_v2 preset": PRESETS["deeplab_v2"]}

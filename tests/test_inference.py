@@ -7,8 +7,11 @@ from PIL import Image
 from torch import nn
 
 import densepred
+from densepred.config import EvalConfig
 from densepred.inference import mirror_pad, multi_scale_flip, overlap_tile, predict_logits, sliding_window
 from densepred.models.unet import UNet
+
+EXACT = EvalConfig(amp="none")  # fp32 on every CPU: compared with the fp32 primitives below
 
 
 def _pointwise_model() -> nn.Module:
@@ -19,7 +22,7 @@ def _pointwise_model() -> nn.Module:
 @pytest.mark.parametrize("blend", ["uniform", "gaussian"])
 def test_sliding_window_equals_whole_image_for_a_pointwise_model(blend):
     model, x = _pointwise_model(), torch.randn(2, 3, 70, 53)
-    whole = predict_logits(model, x)
+    whole = predict_logits(model, x, EXACT)
     tiled = sliding_window(model, x, tile=24, overlap=0.5, blend=blend, batch_size=3)
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
 
@@ -27,7 +30,7 @@ def test_sliding_window_equals_whole_image_for_a_pointwise_model(blend):
 def test_a_tile_covering_the_image_is_whole_image_inference():
     model = densepred.create_model("unet_padded", num_classes=3, in_channels=3, base_channels=4).eval()
     x = torch.randn(1, 3, 48, 40)
-    torch.testing.assert_close(sliding_window(model, x, tile=64), predict_logits(model, x))
+    torch.testing.assert_close(sliding_window(model, x, tile=64), predict_logits(model, x, EXACT))
 
 
 def test_sliding_window_tiles_cover_every_pixel_of_a_large_image():
@@ -51,7 +54,7 @@ def test_overlap_tile_equals_direct_inference_on_the_mirrored_image(tile):
 def test_valid_unet_whole_image_prediction_uses_overlap_tile():
     model = UNet(2, 1, base_channels=4).eval()
     x = torch.randn(1, 1, 37, 45)  # far too small for one valid pass: mirrored context fills in
-    assert predict_logits(model, x).shape == (1, 2, 37, 45)
+    assert predict_logits(model, x, EXACT).shape == (1, 2, 37, 45)
 
 
 def test_mirror_pad_repeats_reflections_beyond_the_image():
@@ -71,13 +74,14 @@ def test_flip_tta_is_symmetric():
 def test_multi_scale_fusion():
     model = densepred.create_model("unet_padded", num_classes=3, in_channels=3, base_channels=4).eval()
     x = torch.randn(1, 3, 48, 48)
-    torch.testing.assert_close(predict_logits(model, x, scales=(1.0,), flip=False), predict_logits(model, x))
-    mean = predict_logits(model, x, scales=(0.5, 1.0, 1.5), fusion="mean")
-    top = predict_logits(model, x, scales=(0.5, 1.0, 1.5), fusion="max")
+    single = EvalConfig(amp="none", scales=[1.0], flip=False)
+    torch.testing.assert_close(predict_logits(model, x, single), predict_logits(model, x, EXACT))
+    mean = predict_logits(model, x, EvalConfig(amp="none", scales=[0.5, 1.0, 1.5], fusion="mean"))
+    top = predict_logits(model, x, EvalConfig(amp="none", scales=[0.5, 1.0, 1.5], fusion="max"))
     assert mean.shape == top.shape == (1, 3, 48, 48)
     assert (top >= mean - 1e-5).all()
     with pytest.raises(ValueError, match="scales must be positive"):
-        predict_logits(model, x, scales=(0.0, 1.0))
+        predict_logits(model, x, EvalConfig(scales=[0.0, 1.0]))
 
 
 def test_tiles_smaller_than_the_model_allows_name_the_minimum():

@@ -1,6 +1,5 @@
 """Heat maps and feature maps: FCN's coarse-vs-dense geometry (Sec. 3.1, 3.3), ZFNet-style hooks, the CLI."""
 
-import argparse
 import re
 
 import numpy as np
@@ -10,6 +9,7 @@ from PIL import Image
 from torch import nn
 
 import densepred
+from densepred.cli import main
 from densepred.data.synthetic import SyntheticShapes
 from densepred.models.backbones import VGG16
 from densepred.models.backbones.vgg import vgg16_classifier
@@ -17,7 +17,6 @@ from densepred.models.fcn import FCN_CROP_OFFSETS
 from densepred.models.layers import centre_geometry
 from densepred.visualize import (
     _sequential_key,
-    add_visual_commands,
     class_heatmaps,
     classifier_heatmap,
     default_layers,
@@ -47,10 +46,7 @@ def scene(tmp_path_factory):
 
 
 def _cli(*argv):
-    parser = argparse.ArgumentParser(prog="densepred")
-    add_visual_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([str(a) for a in argv])
-    return args.func(args)
+    return main([str(a) for a in argv])
 
 
 def _tiny_classifier(classes=5):

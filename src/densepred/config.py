@@ -32,6 +32,7 @@ __all__ = [
     "load_experiment",
     "experiment_from_dict",
     "apply_overrides",
+    "coerce",
 ]
 
 
@@ -257,7 +258,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
+def coerce(value: Any, annotation: Any, where: str) -> Any:
     """Convert ``value`` to ``annotation`` or raise a ConfigError naming ``where``."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -266,7 +267,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, arg, where)
+                return coerce(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {annotation}")
@@ -280,9 +281,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{where} must have {len(args)} values, got {len(value)}: {value!r}")
-            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+            return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
         inner = args[0] if args else Any
-        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        items = [coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or annotation is dict:
         if not isinstance(value, dict):
@@ -291,7 +292,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if bad:
             raise ConfigError(f"{where}: keys must be names, got {bad!r}")
         inner = args[1] if len(args) == 2 else Any
-        return {k: _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
+        return {k: coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
     if annotation is Any:
         return value
     if annotation is bool:
@@ -330,7 +331,7 @@ def _build_section(cls: type, values: Any, section: str) -> Any:
             f"unknown key(s) {', '.join(f'{section}.{k}' for k in unknown)}; "
             f"valid keys in '{section}': {', '.join(sorted(fields))}"
         )
-    return cls(**{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
+    return cls(**{k: coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()})
 
 
 def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
@@ -342,9 +343,9 @@ def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {', '.join(unknown)}; valid: {', '.join(sorted(top))}")
     hints = typing.get_type_hints(Experiment)
-    kwargs: dict[str, Any] = {k: _coerce(raw[k], str, k) for k in ("name", "notes") if k in raw}
+    kwargs: dict[str, Any] = {k: coerce(raw[k], str, k) for k in ("name", "notes") if k in raw}
     if raw.get("resolved") is not None:
-        kwargs["resolved"] = _coerce(raw["resolved"], dict[str, Any], "resolved")
+        kwargs["resolved"] = coerce(raw["resolved"], dict[str, Any], "resolved")
     for section in _SECTIONS:
         kwargs[section] = _build_section(hints[section], raw.get(section), section)
     return Experiment(**kwargs).validate()

@@ -15,22 +15,7 @@ from .inference import predict_logits
 from .metrics import ConfusionMatrix
 from .runtime import DistInfo
 
-__all__ = ["evaluate", "inference_options"]
-
-
-def inference_options(cfg: EvalConfig) -> dict[str, Any]:
-    """The keyword arguments of :func:`~densepred.inference.predict_logits` an EvalConfig sets."""
-    return dict(
-        mode=cfg.mode,
-        tile=cfg.tile,
-        overlap=cfg.overlap,
-        batch_size=cfg.batch_size,
-        blend=cfg.blend,
-        scales=tuple(cfg.scales),
-        flip=cfg.flip,
-        fusion=cfg.fusion,
-        amp=cfg.amp,
-    )
+__all__ = ["evaluate"]
 
 
 @torch.inference_mode()
@@ -62,7 +47,7 @@ def evaluate(
         sample = dataset[i]
         image = sample["image"][None].to(device)
         target = sample["mask"][None].to(device)
-        logits = predict_logits(model, image, **inference_options(cfg))
+        logits = predict_logits(model, image, cfg)
         if crf is not None:  # DeepLab's CRF post-processing on the raw RGB pixels
             probs = dense_crf_any_channels(dataset.load(i).image, torch.softmax(logits, 1)[0].cpu().numpy(), crf)
             logits = torch.from_numpy(probs)[None].to(device)

@@ -7,12 +7,13 @@ Every mode returns float logits of shape ``(N, classes, H, W)`` for a normalised
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import EvalConfig
 from .models.base import input_rule_of
 from .precision import autocast, resolve_amp
 
@@ -159,41 +160,33 @@ def overlap_tile(model: nn.Module, image: Tensor, tile: int | None = None, *, ba
     return logits[:, :, :h, :w]
 
 
-def _single_scale(
-    model: nn.Module,
-    image: Tensor,
-    mode: str = "whole",
-    tile: int | None = None,
-    overlap: float = 1 / 3,
-    batch_size: int = 4,
-    blend: str = "uniform",
-) -> Tensor:
-    if mode == "overlap_tile" or (mode == "whole" and input_rule_of(model).kind == "valid"):
-        return overlap_tile(model, image, tile, batch_size=batch_size)
-    if mode == "whole":
+def _single_scale(model: nn.Module, image: Tensor, o: EvalConfig) -> Tensor:
+    if o.mode == "overlap_tile" or (o.mode == "whole" and input_rule_of(model).kind == "valid"):
+        return overlap_tile(model, image, o.tile, batch_size=o.batch_size)
+    if o.mode == "whole":
         return _forward(model, image).float()
-    if mode == "slide":
-        if not tile:
+    if o.mode == "slide":
+        if not o.tile:
             raise ValueError("mode='slide' needs tile=<tile size in pixels>")
-        return sliding_window(model, image, tile, overlap, batch_size=batch_size, blend=blend)
-    raise ValueError(f"unknown inference mode {mode!r}; choose 'whole', 'slide' or 'overlap_tile'")
+        return sliding_window(model, image, o.tile, o.overlap, batch_size=o.batch_size, blend=o.blend)
+    raise ValueError(f"unknown inference mode {o.mode!r}; choose 'whole', 'slide' or 'overlap_tile'")
 
 
 @torch.inference_mode()
 def multi_scale_flip(
-    model: nn.Module,
+    predict: Callable[[Tensor], Tensor],
     image: Tensor,
     scales: Sequence[float] = (1.0,),
     *,
     flip: bool = True,
     fusion: str = "mean",
-    **mode_kw,
 ) -> Tensor:
     """Test-time augmentation: logits at several input scales and mirrored, fused per pixel.
 
-    Each scaled (and horizontally flipped) copy is predicted with the chosen mode, its logits
-    resized back to the image size (and un-flipped), and all are fused by ``mean`` or ``max``
-    (DeepLab v2 fuses its multi-scale scores by max, Sec. 3.2).
+    ``predict`` maps a batch to logits (a model, or one inference mode of it). Each scaled (and
+    horizontally flipped) copy is predicted, its logits resized back to the image size (and
+    un-flipped), and all are fused by ``mean`` or ``max`` (DeepLab v2 fuses its multi-scale
+    scores by max, Sec. 3.2).
     """
     if not scales or min(scales) <= 0:
         raise ValueError(f"scales must be positive numbers, got {list(scales)}")
@@ -207,7 +200,7 @@ def multi_scale_flip(
         scaled = image if size == (h, w) else F.interpolate(image, size=size, mode="bilinear", align_corners=False)
         for mirrored in (False, True) if flip else (False,):
             x = scaled.flip(-1) if mirrored else scaled
-            logits = _single_scale(model, x, **mode_kw)
+            logits = _forward(predict, x).float() if isinstance(predict, nn.Module) else predict(x)
             logits = logits.flip(-1) if mirrored else logits
             if logits.shape[-2:] != (h, w):
                 logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
@@ -223,21 +216,9 @@ def multi_scale_flip(
 
 
 @torch.inference_mode()
-def predict_logits(
-    model: nn.Module,
-    image: Tensor,
-    *,
-    mode: str = "whole",
-    tile: int | None = None,
-    overlap: float = 1 / 3,
-    batch_size: int = 4,
-    blend: str = "uniform",
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    fusion: str = "mean",
-    amp: str = "none",
-) -> Tensor:
-    """Logits for a normalised (N, C, H, W) batch with the chosen inference mode.
+def predict_logits(model: nn.Module, image: Tensor, options: EvalConfig | None = None) -> Tensor:
+    """Logits for a normalised (N, C, H, W) batch with the inference ``options`` (an
+    :class:`~densepred.config.EvalConfig`: mode, tile, scales, flip, precision, ...).
 
     For a valid-convolution U-Net, ``"whole"`` means overlap-tile: its whole-image output *is*
     the stitched tiles (U-Net Fig. 2), so the logits always cover the whole image. ``scales``
@@ -245,8 +226,12 @@ def predict_logits(
     ``amp`` runs the forward passes in reduced precision (``auto``: where the device is fast at
     it, see :mod:`densepred.precision`); the logits are float32 either way.
     """
-    mode_kw = dict(mode=mode, tile=tile, overlap=overlap, batch_size=batch_size, blend=blend)
-    with autocast(resolve_amp(amp, image.device), image.device):
-        if tuple(scales) == (1.0,) and not flip:
-            return _single_scale(model, image, **mode_kw).float()
-        return multi_scale_flip(model, image, scales, flip=flip, fusion=fusion, **mode_kw).float()
+    o = options or EvalConfig()
+
+    def single(x: Tensor) -> Tensor:
+        return _single_scale(model, x, o)
+
+    with autocast(resolve_amp(o.amp, image.device), image.device):
+        if tuple(o.scales) == (1.0,) and not o.flip:
+            return single(image).float()
+        return multi_scale_flip(single, image, o.scales, flip=o.flip, fusion=o.fusion).float()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import glob
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +16,6 @@ from .crf import CRFParams, crf_params, dense_crf_any_channels
 from .data.files import IMAGE_SUFFIXES
 from .data.io import read_image
 from .data.labels import colorize
-from .evaluate import inference_options
 from .inference import predict_logits
 from .runtime import Trained, build_dataset, load_trained, normalization_for
 
@@ -28,20 +26,22 @@ __all__ = ["Predictor", "collect_inputs", "predict_files", "save_index_png", "ov
 class Predictor:
     """Segment uint8 images (H, W, C) with a trained model: ``labels, probabilities = p(image)``.
 
-    ``options`` are :func:`~densepred.inference.predict_logits` keywords (mode, tile, scales, flip...).
+    ``options``: how (inference mode, scales, flip, precision, the CRF); the checkpoint's own
+    recipe's ``eval`` section unless given.
     """
 
     trained: Trained
     device: torch.device = torch.device("cpu")
-    options: dict[str, Any] = field(default_factory=dict)
-    crf: CRFParams | None = None  # refine probabilities with the fully-connected CRF
+    options: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        o = self.options
+        self.crf: CRFParams | None = crf_params(o.crf, o.crf_params) if o.crf else None
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", eval_config: EvalConfig | None = None) -> Predictor:
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", options: EvalConfig | None = None) -> Predictor:
         trained = load_trained(path, device)
-        cfg = eval_config or trained.experiment.eval
-        crf = crf_params(cfg.crf, cfg.crf_params) if cfg.crf else None
-        return cls(trained, torch.device(device), inference_options(cfg), crf)
+        return cls(trained, torch.device(device), options or trained.experiment.eval)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if image.ndim == 2:
@@ -51,7 +51,7 @@ class Predictor:
             raise ValueError(f"the model takes {channels}-channel images, got shape {image.shape}")
         norm = normalization_for(self.trained.normalization, channels)
         x = norm(np.ascontiguousarray(image))[None].to(self.device)
-        logits = predict_logits(self.trained.model, x, **self.options)
+        logits = predict_logits(self.trained.model, x, self.options)
         probs = torch.softmax(logits, 1)[0].cpu().numpy()
         if self.crf is not None:
             probs = dense_crf_any_channels(image, probs, self.crf)

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import pytest
 from fakedata import make_camvid, save
 
+from densepred.cli import main
 from densepred.data import compute_stats, create_dataset, format_stats, median_frequency_weights, save_bar_chart
-from densepred.data.cli import add_data_commands
 
 
 def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="densepred")
-    add_data_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
+    return main(list(argv))
 
 
 def small_camvid(root):
@@ -62,14 +57,14 @@ def test_cli_stats_reads_a_folder_without_split_sub_folders_whole(tmp_path, caps
     assert run_cli("data", "stats", str(tmp_path), "--dataset", "folder", "--no-progress") == 0
     out = capsys.readouterr().out
     assert "split: all" in out and "images: 3" in out
-    assert run_cli("data", "stats", str(tmp_path), "--dataset", "folder", "--split", "train", "--no-progress") == 1
+    assert run_cli("data", "stats", str(tmp_path), "--dataset", "folder", "--split", "train", "--no-progress") == 2
     assert "pass split='all'" in capsys.readouterr().err  # a split named explicitly must exist
 
 
 def test_cli_stats_synthetic_and_errors(tmp_path, capsys):
     assert run_cli("data", "stats", "--dataset", "synthetic", "--split", "val", "--limit", "3", "--no-progress") == 0
     assert "images: 3" in capsys.readouterr().out
-    assert run_cli("data", "stats", str(tmp_path), "--no-progress") == 1
+    assert run_cli("data", "stats", str(tmp_path), "--no-progress") == 2  # a user error, as in every command
     assert "no known layout" in capsys.readouterr().err
 
 
@@ -79,7 +74,7 @@ def test_cli_download_cityscapes_prints_instructions(tmp_path, capsys):
 
 
 def test_cli_download_unknown_name(tmp_path, capsys):
-    assert run_cli("data", "download", "vocc", "--root", str(tmp_path)) == 1
+    assert run_cli("data", "download", "vocc", "--root", str(tmp_path)) == 2
     assert "Did you mean: voc" in capsys.readouterr().err
 
 

@@ -1,54 +1,42 @@
-"""``densepred data ...``: thin commands over :mod:`densepred.data` (download, stats, list).
-
-Wire into the main parser with ``add_data_commands(subparsers)``; each command's ``func(args)``
-returns the process exit code.
-"""
+"""``densepred data download | stats | list``: thin commands over :mod:`densepred.data`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-from .errors import DataError, DownloadError, ManualDownloadRequired
+from ..data.errors import DataError, ManualDownloadRequired
 
-__all__ = ["add_data_commands"]
+__all__ = ["add_commands"]
 
 
 def _cmd_download(args: argparse.Namespace) -> int:
-    from .download import download_dataset
+    from ..data.download import download_dataset
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         path = download_dataset(args.name, args.root, progress=not args.no_progress, keep_archives=args.keep_archives)
-    except ManualDownloadRequired as e:
+    except ManualDownloadRequired as e:  # not an error: a step the user takes by hand (exit 1)
         print(e)
-        return 1
-    except (DownloadError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
         return 1
     print(path)
     return 0
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    from .factory import create_dataset, dataset_entry, detect_dataset
-    from .stats import compute_stats, format_stats, save_bar_chart
+    from ..data.factory import create_dataset, dataset_entry, detect_dataset
+    from ..data.stats import compute_stats, format_stats, save_bar_chart
 
-    try:
-        name = args.dataset
-        if name == "auto":
-            if args.root is None:
-                raise DataError("give ROOT, or --dataset synthetic for the built-in data")
-            name = detect_dataset(args.root)
-        root = None if name == "synthetic" else args.root
-        split = args.split or dataset_entry(name).cls.default_split(None if root is None else Path(root))
-        dataset = create_dataset(name, root=root, split=split)
-        stats = compute_stats(dataset, progress=not args.no_progress, limit=args.limit)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    name = args.dataset
+    if name == "auto":
+        if args.root is None:
+            raise DataError("give ROOT, or --dataset synthetic for the built-in data")
+        name = detect_dataset(args.root)
+    root = None if name == "synthetic" else args.root
+    split = args.split or dataset_entry(name).cls.default_split(None if root is None else Path(root))
+    dataset = create_dataset(name, root=root, split=split)
+    stats = compute_stats(dataset, progress=not args.no_progress, limit=args.limit)
     print(f"dataset: {name}   split: {split}")
     print(format_stats(stats))
     if args.chart:
@@ -57,8 +45,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from .factory import DATASETS
-    from .sources import SOURCES
+    from ..data.factory import DATASETS
+    from ..data.sources import SOURCES
 
     for entry in DATASETS.values():
         how = (
@@ -76,8 +64,8 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add ``data {download,stats,list}`` to an argparse ``subparsers`` object; returns the ``data`` parser."""
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """``data {download,stats,list}``."""
     data = subparsers.add_parser(
         "data", help="datasets: download, statistics, list", description="Download datasets and inspect them."
     )
@@ -113,4 +101,3 @@ def add_data_commands(subparsers: argparse._SubParsersAction) -> argparse.Argume
 
     p = sub.add_parser("list", help="list the datasets and how to get each")
     p.set_defaults(func=_cmd_list)
-    return data

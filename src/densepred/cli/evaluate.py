@@ -1,0 +1,66 @@
+"""``densepred eval``: score a checkpoint on a dataset split (metrics JSON, per-class table, plots)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["add_commands"]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..config import apply_overrides, experiment_from_dict
+    from ..evaluate import evaluate
+    from ..metrics import ConfusionMatrix
+    from ..plots import plot_confusion_matrix, plot_per_class_iou
+    from ..runtime import build_dataset, load_trained, resolve_device
+
+    device = resolve_device(args.device)
+    trained = load_trained(args.checkpoint, device)
+    exp = experiment_from_dict(apply_overrides(trained.experiment.to_dict(), args.overrides))
+    if args.root:
+        exp.data.root = args.root
+    dataset = build_dataset(exp, args.split or exp.data.val_split, train=False)
+    if dataset.num_classes != trained.num_classes:
+        raise ValueError(
+            f"{args.checkpoint} predicts {trained.num_classes} classes but the dataset has {dataset.num_classes}"
+        )
+    cm = ConfusionMatrix(trained.num_classes, ignore_index=dataset.ignore_index, device=device)
+    metrics = evaluate(trained.model, dataset, exp.eval, device=device, confusion=cm)
+    out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=2))
+    names = trained.class_names
+    plot_confusion_matrix(cm.matrix.cpu().numpy(), names, out / "confusion.png")
+    plot_per_class_iou(metrics["iou"], names, trained.palette, out / "per_class_iou.png")
+    print(_metrics_table(metrics, names))
+    print(f"\nwrote {out / 'metrics.json'}, confusion.png, per_class_iou.png")
+    return 0
+
+
+def _metrics_table(metrics: dict, names: list[str]) -> str:
+    lines = [f"{'class':20s} {'IoU':>7s} {'Dice':>7s} {'acc':>7s}"]
+    for i, name in enumerate(names):
+        lines.append(f"{name:20s} {metrics['iou'][i]:7.4f} {metrics['dice'][i]:7.4f} {metrics['acc'][i]:7.4f}")
+    lines.append("")
+    for key, label in (
+        ("pixel_acc", "pixel accuracy"),
+        ("mean_acc", "mean accuracy"),
+        ("miou", "mean IoU"),
+        ("fwiou", "f.w. IoU"),
+        ("mean_dice", "mean Dice"),
+    ):
+        lines.append(f"{label:20s} {metrics[key]:7.4f}")
+    return "\n".join(lines)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint: metrics JSON, per-class table, plots")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", help="dataset split (default: the recipe's validation split)")
+    p.add_argument("--root", help="dataset folder, if it moved since training")
+    p.add_argument("--out", help="output folder (default: <run folder>/eval)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.mode=slide eval.tile=256")
+    p.set_defaults(func=_cmd_eval)

@@ -1,0 +1,39 @@
+"""``densepred export``: a checkpoint as ONNX or TorchScript (preprocessing in the file) or safetensors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+__all__ = ["add_commands"]
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ..export import DEFAULT_OPSET, export_checkpoint
+
+    if args.opset is not None and args.format != "onnx":
+        raise ValueError("--opset applies to --format onnx only")
+    try:
+        out = export_checkpoint(args.checkpoint, args.format, args.out, opset=args.opset or DEFAULT_OPSET)
+    except ImportError as exc:
+        print(
+            f"densepred export: {exc.name} is missing; install the export extra: pip install 'densepred[export]'",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint: ONNX or TorchScript (any input size, preprocessing in the file) or weights",
+    )
+    p.add_argument("--checkpoint", required=True, help="a training checkpoint (run/checkpoints/*.pt)")
+    p.add_argument("--format", choices=["onnx", "torchscript", "safetensors"], default="safetensors")
+    p.add_argument(
+        "--out", help="output file (default: next to the checkpoint, .onnx / .torchscript.pt / .safetensors)"
+    )
+    p.add_argument("--opset", type=int, help="ONNX opset, 11..20 (default 17)")
+    p.set_defaults(func=_cmd_export)

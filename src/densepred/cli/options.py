@@ -1,0 +1,89 @@
+"""Command-line options generated from the config dataclasses, so each option has one spelling
+and one default: the field's (``EvalConfig`` for the inference options of predict, serve, ...)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, Literal
+
+from ..config import ConfigError, EvalConfig, coerce
+
+__all__ = ["add_inference_options", "inference_options", "INFERENCE_HELP"]
+
+# One line of help per EvalConfig field offered on the command line.
+INFERENCE_HELP: dict[str, str] = {
+    "mode": "whole image, sliding window, or overlap-tile (the valid U-Net)",
+    "tile": "tile size in pixels for slide / overlap_tile",
+    "overlap": "sliding-window overlap fraction",
+    "blend": "how overlapping tiles are weighed",
+    "scales": "multi-scale inputs, e.g. 0.75 1 1.25",
+    "flip": "add horizontally mirrored inputs",
+    "fusion": "how scales and flips are fused (DeepLab v2: max)",
+    "crf": "fully-connected CRF preset",
+    "crf_params": "override a CRF parameter, NAME=VALUE (w1, theta_alpha, theta_beta, w2, theta_gamma, iterations)",
+    "batch_size": "tiles per forward pass",
+    "amp": "precision: auto (bf16 where the CPU computes it natively, fp16 on CUDA, else fp32), none, bf16, fp16",
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + ("crf-param" if name == "crf_params" else name.replace("_", "-"))
+
+
+def add_inference_options(parser: argparse.ArgumentParser) -> None:
+    """``--mode --tile ... --amp``: one option per :class:`EvalConfig` field in :data:`INFERENCE_HELP`."""
+    from ..crf import PRESETS
+
+    defaults = EvalConfig()
+    hints = typing.get_type_hints(EvalConfig)
+    group = parser.add_argument_group("inference options (densepred.config.EvalConfig)")
+    for f in dataclasses.fields(EvalConfig):
+        if f.name not in INFERENCE_HELP:
+            continue
+        default = getattr(defaults, f.name)
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f"{INFERENCE_HELP[f.name]} (default: {default})"}
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if f.name == "crf":
+            kwargs["choices"] = sorted(PRESETS)
+        elif f.name == "crf_params":
+            kwargs.update(action="append", metavar="NAME=VALUE", default=None)
+        elif hint is bool:
+            kwargs["action"] = "store_true"
+        elif typing.get_origin(hint) is Literal:
+            kwargs["choices"] = list(typing.get_args(hint))
+        elif typing.get_origin(hint) is list:
+            kwargs.update(nargs="+", type=typing.get_args(hint)[0])
+        else:
+            kwargs["type"] = args[0] if args else hint
+        kwargs.setdefault("default", None)  # unset: the config's value stands
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def inference_options(args: argparse.Namespace, base: EvalConfig | None = None) -> EvalConfig:
+    """``base`` (default: ``EvalConfig()``) with the options given on the command line, validated."""
+    values = dataclasses.asdict(base or EvalConfig())
+    for name in INFERENCE_HELP:
+        given = getattr(args, name, None)
+        if given is None or given is False:
+            continue
+        if name == "crf_params":
+            given = dict(_key_value(item) for item in given)
+        values[name] = given
+    hints = typing.get_type_hints(EvalConfig)
+    try:
+        options = EvalConfig(**{k: coerce(v, hints[k], _flag(k)) for k, v in values.items()})
+        options.validate()
+    except ConfigError as exc:
+        raise ValueError(str(exc).replace("eval.", "--")) from None
+    return options
+
+
+def _key_value(item: str) -> tuple[str, float]:
+    key, _, value = item.partition("=")
+    try:
+        return key, float(value)
+    except ValueError:
+        raise ValueError(f"--crf-param {item!r} must look like name=number, e.g. w1=5") from None

@@ -1,0 +1,32 @@
+"""``densepred predict``: segment image files, folders or globs into masks, overlays, probabilities."""
+
+from __future__ import annotations
+
+import argparse
+
+from .options import add_inference_options, inference_options
+
+__all__ = ["add_commands"]
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from ..predict import Predictor, predict_files
+    from ..runtime import resolve_device
+
+    device = resolve_device(args.device)
+    predictor = Predictor.from_checkpoint(args.checkpoint, str(device), inference_options(args))
+    written = predict_files(predictor, args.inputs, args.out, probabilities=args.probs, progress=not args.no_progress)
+    print(f"wrote {len(written)} masks (+ overlays{' and probability maps' if args.probs else ''}) to {args.out}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="segment image files, folders or globs: masks, overlays, probabilities")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns ('photos/*.jpg')")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--probs", action="store_true", help="also write one probability map per class")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    add_inference_options(p)
+    p.set_defaults(func=_cmd_predict)

@@ -1,0 +1,57 @@
+"""``densepred serve``: the segmentation web page and its HTTP API (the ``serve`` extra)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from .options import add_inference_options, inference_options
+
+__all__ = ["add_commands"]
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..serve import create_app
+    except ImportError as exc:
+        print(
+            f"densepred serve: {exc.name} is missing; install the web extra: pip install 'densepred[serve]'",
+            file=sys.stderr,
+        )
+        return 2
+    from ..predict import Predictor
+    from ..runtime import resolve_device
+
+    # The model is loaded once, before the server starts, and shared by every request; it runs
+    # the recipe's own inference options unless the command line says otherwise.
+    predictor = Predictor.from_checkpoint(args.checkpoint, str(resolve_device(args.device)))
+    options = inference_options(args, predictor.options)
+    if options != predictor.options:
+        predictor = dataclasses.replace(predictor, options=options)
+    app = create_app(
+        predictor,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_concurrency=args.concurrency,
+        queue_size=args.queue,
+    )
+    print(f"densepred serve: {args.checkpoint} on http://{args.host}:{args.port}/ (API docs at /docs)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="a web page and HTTP API that segment uploaded images (needs [serve])")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload, in MiB")
+    p.add_argument("--max-pixels", type=int, default=25_000_000, help="largest accepted image, width x height")
+    p.add_argument("--concurrency", type=int, default=2, help="inferences run at once")
+    p.add_argument("--queue", type=int, default=16, help="requests that may wait; more get 503")
+    add_inference_options(p)
+    p.set_defaults(func=_cmd_serve)
