@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from densepred.config import apply_overrides, experiment_from_dict, load_experiment
-from densepred.runtime import build_model, resolve_config
+from densepred.build import build_model
+from densepred.config import apply_overrides, experiment_from_dict, load_experiment, resolve_config
 
 from .speed import machine
 
@@ -185,10 +185,11 @@ def _final_checkpoint(run_dir: Path) -> Path:
 
 
 def _score_isbi(run: Run, checkpoint: Path, data_root: Path) -> dict:
+    from densepred.build import normalization_for
+    from densepred.checkpoint import load_trained
     from densepred.data.factory import create_dataset
     from densepred.inference import predict_logits
     from densepred.metrics import ConfusionMatrix, adapted_rand_error, segments_from_membrane_mask
-    from densepred.runtime import load_trained, normalization_for
 
     trained = load_trained(checkpoint)
     options = trained.experiment.eval

@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from densepred.build import normalization_for
+from densepred.checkpoint import load_trained
 from densepred.config import EvalConfig
 from densepred.crf import PRESETS, CRFParams, dense_crf
 from densepred.data.factory import create_dataset
 from densepred.data.labels import colorize
 from densepred.inference import predict_logits
 from densepred.metrics import ConfusionMatrix
-from densepred.runtime import load_trained, normalization_for
 
 GRID = {"w1": (3.0, 5.0), "theta_alpha": (20.0, 50.0, 80.0), "theta_beta": (3.0, 5.0, 10.0)}
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from densepred.config import apply_overrides, experiment_from_dict, load_experiment
+from densepred.build import build_dataset
+from densepred.config import apply_overrides, experiment_from_dict, load_experiment, resolve_config
 from densepred.data import make_loader
-from densepred.runtime import build_dataset, resolve_config
 
 from .speed import machine
 

@@ -16,10 +16,11 @@ import time
 import torch
 
 from densepred import losses
-from densepred.config import load_experiment
+from densepred.build import build_dataset, build_model
+from densepred.config import load_experiment, resolve_config
 from densepred.data.loader import worker_init
+from densepred.distributed import seed_everything
 from densepred.precision import autocast, resolve_amp
-from densepred.runtime import build_dataset, build_model, resolve_config, seed_everything
 from densepred.train import build_optimizer, train
 
 

@@ -3,8 +3,15 @@
 import pytest
 import yaml
 
-from densepred.config import ConfigError, Experiment, apply_overrides, experiment_from_dict, load_experiment
-from densepred.runtime import CONFIG_DIR, resolve_config
+from densepred.config import (
+    CONFIG_DIR,
+    ConfigError,
+    Experiment,
+    apply_overrides,
+    experiment_from_dict,
+    load_experiment,
+    resolve_config,
+)
 
 SHIPPED = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 

@@ -190,8 +190,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
 def test_cli_export_writes_next_to_the_checkpoint(checkpoint, fmt, capsys):
+    from densepred.checkpoint import load_trained
     from densepred.cli import main
-    from densepred.runtime import load_trained
 
     assert main(["export", "--checkpoint", str(checkpoint), "--format", fmt]) == 0
     suffix = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}[fmt]

@@ -176,9 +176,10 @@ def test_predict_command_errors(checkpoint, tmp_path, capsys):
 
 def test_eval_uses_the_recipes_inference_options_and_crf(checkpoint):
     """eval.flip / eval.crf change what evaluate computes (and CRF probabilities stay valid)."""
+    from densepred.build import build_dataset
+    from densepred.checkpoint import load_trained
     from densepred.config import EvalConfig
     from densepred.evaluate import evaluate
-    from densepred.runtime import build_dataset, load_trained
 
     trained = load_trained(checkpoint)
     dataset = build_dataset(trained.experiment, "val", train=False)

@@ -23,7 +23,8 @@ import torch
 
 import densepred.data.files as files
 import densepred.train as train_module
-from densepred.checkpoint import CheckpointError, CheckpointManager, WriteError, load_checkpoint
+from densepred.atomic import WriteError
+from densepred.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from densepred.config import load_experiment
 from densepred.data.errors import DataError
 from densepred.sampling import SeededSamples
@@ -135,9 +136,9 @@ def _fail_second_write(monkeypatch, error: OSError, *, half_written: bool) -> No
 
         monkeypatch.setattr(torch, "save", save)
     else:
-        import densepred.checkpoint as checkpoint_module
+        import densepred.atomic as atomic_module
 
-        real_mkstemp = checkpoint_module.tempfile.mkstemp
+        real_mkstemp = atomic_module.tempfile.mkstemp
 
         def mkstemp(*args, **kwargs):
             if kwargs.get("prefix", "").startswith(".iter_"):  # checkpoints, not the run's config
@@ -146,7 +147,7 @@ def _fail_second_write(monkeypatch, error: OSError, *, half_written: bool) -> No
                     raise error
             return real_mkstemp(*args, **kwargs)
 
-        monkeypatch.setattr(checkpoint_module.tempfile, "mkstemp", mkstemp)
+        monkeypatch.setattr(atomic_module.tempfile, "mkstemp", mkstemp)
 
 
 @pytest.mark.parametrize(

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from densepred.checkpoint import load_checkpoint
-from densepred.config import ScheduleConfig, load_experiment
-from densepred.runtime import CONFIG_DIR, load_trained, resolve_config
+from densepred.checkpoint import load_checkpoint, load_trained
+from densepred.config import CONFIG_DIR, ScheduleConfig, load_experiment, resolve_config
 from densepred.train import NonFiniteLossError, lr_factor, param_groups, train
 
 TINY = [
@@ -287,8 +286,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     # Validation is split across the ranks and reduced: the DDP metrics are those of all 4 images.
     m2 = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     trained = load_trained(sorted((tmp_path / "ddp" / "checkpoints").glob("iter_*.pt"))[-1])
+    from densepred.build import build_dataset
     from densepred.evaluate import evaluate
-    from densepred.runtime import build_dataset
 
     val = build_dataset(trained.experiment, "val", train=False)
     alone = evaluate(trained.model, val, trained.experiment.eval, progress=False)

@@ -17,14 +17,13 @@ import pytest
 import torch
 from PIL import Image
 
-from densepred.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from densepred.checkpoint import CheckpointError, load_checkpoint, load_trained, save_atomic
 from densepred.cli import main
 from densepred.config import ConfigError, load_experiment
 from densepred.data import DataError, DownloadError, create_dataset
 from densepred.data import extract as extract_module
 from densepred.data.extract import safe_extract
 from densepred.data.io import read_image, read_image_stack, read_mask, read_mask_stack
-from densepred.runtime import load_trained
 from densepred.train import train
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))

@@ -137,7 +137,7 @@ def test_heatmap_cli_writes_pngs_for_unet_and_deeplab(tmp_path, scene, unet_ckpt
 
 
 def test_deeplab_heatmaps_are_stride8(deeplab_ckpt):
-    from densepred.runtime import load_trained
+    from densepred.checkpoint import load_trained
 
     trained = load_trained(deeplab_ckpt)
     maps = class_heatmaps(trained.model, torch.randn(3, 65, 81), 3)
@@ -173,7 +173,7 @@ def test_feature_maps_are_cropped_to_the_image_under_fcn_padding():
 
 
 def test_unet_default_layers_and_narrow_layers_keep_all_channels(unet_ckpt):
-    from densepred.runtime import load_trained
+    from densepred.checkpoint import load_trained
 
     model = load_trained(unet_ckpt).model
     feats = feature_maps(model, torch.randn(3, 32, 32), default_layers(model), top_k=100)

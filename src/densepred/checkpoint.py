@@ -1,36 +1,46 @@
 """Checkpoints that survive crashes and never execute code when loaded.
 
-A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then
-renamed over the target (atomic on POSIX), and the folder is fsync'ed: a crash at any moment
-leaves either the old file or the new one, never a torn one. Loading uses
+This module owns the checkpoint format: what a training checkpoint holds (:func:`training_state`),
+reading it back for a resume or for use (:func:`load_trained`). Files are written whole by
+:func:`densepred.atomic.write_atomic`: a crash at any moment leaves either the old file or the
+new one, never a torn one. Loading uses
 ``torch.load(weights_only=True)``, which refuses pickled code; everything we store is plain
 tensors, numbers, strings, lists and dicts (RNG states included) so that this always works.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
-import tempfile
-from collections.abc import Callable
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from .atomic import WriteError, write_atomic
+from .build import build_model
+from .config import Experiment, experiment_from_dict
 
 __all__ = [
     "CheckpointError",
     "save_atomic",
-    "write_atomic",
-    "WriteError",
     "load_checkpoint",
     "rng_state",
     "set_rng_state",
     "CheckpointManager",
     "export_safetensors",
+    "git_commit",
+    "Trained",
+    "load_trained",
+    "load_training_checkpoint",
+    "training_state",
+    "restore_training_state",
+    "ResumePoint",
 ]
 
 FORMAT_VERSION = 1
@@ -38,51 +48,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or read; the message names the file."""
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class WriteError(OSError):
-    """A file that could not be written (full disk, no permission); any previous version is intact."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], *, what: str = "file") -> Path:
-    """Run ``write(f)`` on a temporary file beside ``path``, fsync it, then rename it over ``path``.
-
-    All-or-nothing, even on a crash or a full disk. Writers that accept a file object are given
-    one on purpose: some C++ writers (``torch.jit.save`` with a path) abort the process on a
-    failed write instead of raising.
-    """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise WriteError(exc.errno, f"cannot write {what} {path}: {exc.strerror or exc}") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise WriteError(
-                exc.errno, f"writing {what} {path} failed ({exc.strerror or exc}); any previous {what} is intact"
-            ) from exc
-        raise
-    return path
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> Path:
@@ -184,6 +149,172 @@ def export_safetensors(checkpoint: str | Path, out: str | Path) -> Path:
     """Write a checkpoint's model weights as a .safetensors file (no pickle at all)."""
     from safetensors.torch import save
 
-    state = load_checkpoint(checkpoint)["model"]
+    state = load_checkpoint(checkpoint).get("model")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{checkpoint} is not a densepred training checkpoint (no 'model' entry)")
     tensors = {k: v.contiguous() for k, v in state.items()}
     return write_atomic(out, lambda f: f.write(save(tensors)), what="safetensors file")
+
+
+def git_commit(path: str | Path | None = None) -> str:
+    """The source tree's commit (with ``-dirty`` if modified), or ``unknown`` outside git."""
+    where = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass
+class Trained:
+    """A model restored from a training checkpoint, with what it needs to be used."""
+
+    model: nn.Module
+    experiment: Experiment
+    num_classes: int
+    class_names: list[str]
+    palette: list[tuple[int, int, int]]
+    in_channels: int
+    ignore_index: int
+    normalization: str
+    iteration: int
+
+
+def _misfit(expected: dict, found: dict) -> str:
+    """Missing, unexpected and mis-shaped keys of a state dict, a few of each."""
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    shapes = [
+        f"{k} is {tuple(found[k].shape)}, expected {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(found))
+        if tuple(found[k].shape) != tuple(expected[k].shape)
+    ]
+    parts = [f"missing keys ({len(missing)}): {some(missing)}"] if missing else []
+    parts += [f"unexpected keys ({len(unexpected)}): {some(unexpected)}"] if unexpected else []
+    parts += [f"wrong shapes: {some(shapes)}"] if shapes else []
+    return "; ".join(parts) or "the state dict does not load"
+
+
+def training_state(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    experiment: Experiment,
+    dataset: Any,
+    commit: str,
+    best_miou: float | None,
+    train_seconds: float,
+    metrics: dict[str, Any] | None,
+    budget_fit: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """A training checkpoint: everything a run needs to continue exactly (weights, optimiser, RNG
+    states, time spent, the budget-fitted length) and a user needs to use the model (its recipe,
+    classes, palette, input channels and normalisation). :meth:`CheckpointManager.save` adds the
+    iteration and the format version."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+        "config": experiment.to_dict(),
+        "git_commit": commit,
+        "best_miou": best_miou,
+        "train_seconds": train_seconds,
+        "metrics": metrics or {},
+        "budget_fit": budget_fit,
+        "dataset": {
+            "name": experiment.data.dataset,
+            "num_classes": dataset.num_classes,
+            "class_names": list(dataset.class_names),
+            "palette": [list(c) for c in dataset.palette],
+            "in_channels": dataset.in_channels,
+            "ignore_index": dataset.ignore_index,
+            "normalization": experiment.data.normalization,
+        },
+    }
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a restored run continues."""
+
+    iteration: int
+    best_miou: float | None
+    train_seconds: float  # time and budgets add up across resumes
+    budget_fit: dict[str, Any] | None  # a fitted length is the run's length for good
+
+
+def restore_training_state(
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+) -> ResumePoint:
+    """Load a :func:`training_state` into the run's objects (and the RNGs) and say where it stood."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return ResumePoint(
+        int(state["iteration"]),
+        state.get("best_miou"),
+        float(state.get("train_seconds", 0.0)),
+        state.get("budget_fit"),
+    )
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint's contents, checked to hold a model, its recipe and its dataset facts."""
+    state = load_checkpoint(path)
+    for key in ("model", "config", "dataset"):
+        if key not in state:
+            raise CheckpointError(f"{path} is not a densepred training checkpoint (no {key!r} entry)")
+    if not isinstance(state["model"], dict):
+        raise CheckpointError(f"{path} is not a densepred training checkpoint ('model' is not a state dict)")
+    return state
+
+
+def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Trained:
+    """Rebuild the model a checkpoint was trained as and load its weights (no code executed)."""
+    state = load_training_checkpoint(path)
+    exp = experiment_from_dict(state["config"])
+    meta = state["dataset"]
+    exp.model.pretrained = None  # the checkpoint holds every weight
+    with torch.device("meta"):
+        model = build_model(exp, meta["num_classes"], meta["in_channels"])
+    try:
+        model.load_state_dict(state["model"], strict=True, assign=True)
+    except RuntimeError:
+        raise CheckpointError(
+            f"{path}: weights do not fit {exp.model.name} with {meta['num_classes']} classes and "
+            f"{meta['in_channels']} input channel(s), as the checkpoint's own config says: "
+            f"{_misfit(model.state_dict(), state['model'])}. The file was edited or damaged; "
+            "use a checkpoint as training wrote it"
+        ) from None
+    model = model.to(device).eval()
+    return Trained(
+        model,
+        exp,
+        meta["num_classes"],
+        list(meta["class_names"]),
+        [tuple(c) for c in meta["palette"]],
+        meta["in_channels"],
+        meta["ignore_index"],
+        meta["normalization"],
+        int(state.get("iteration", 0)),
+    )

@@ -33,6 +33,8 @@ __all__ = [
     "experiment_from_dict",
     "apply_overrides",
     "coerce",
+    "CONFIG_DIR",
+    "resolve_config",
 ]
 
 
@@ -418,3 +420,18 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
         return experiment_from_dict(apply_overrides(raw, list(overrides)))
     except ConfigError as exc:
         raise ConfigError(f"{path or 'config'}: {exc}") from None
+
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_config(name_or_path: str) -> Path:
+    """A recipe file path, or the name of a shipped recipe (``synthetic_unet``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"config {name_or_path!r} is neither a file nor a shipped recipe; shipped: {names}")

@@ -11,9 +11,9 @@ from tqdm.auto import tqdm
 
 from .config import EvalConfig
 from .crf import crf_params, dense_crf_any_channels
+from .distributed import DistInfo
 from .inference import predict_logits
 from .metrics import ConfusionMatrix
-from .runtime import DistInfo
 
 __all__ = ["evaluate"]
 

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .checkpoint import write_atomic
+from .atomic import write_atomic
 from .models.base import SegmentationModel, input_rule_of
 
 if TYPE_CHECKING:
     import onnxruntime
 
-    from .runtime import Trained
+    from .checkpoint import Trained
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -64,7 +64,7 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 def _preprocessing(normalization: str | None, channels: int) -> dict[str, Any]:
     if normalization is None:
         return {"normalization": None, "formula": "unknown: feed what the model was trained on"}
-    from .runtime import normalization_for
+    from .build import normalization_for
 
     norm = normalization_for(normalization, channels)
     # Mean and std in 0..255 pixel units, one per input channel, in the model's channel order.
@@ -145,7 +145,7 @@ def _trained_metadata(trained: Trained) -> dict[str, Any]:
 
 def _resolve(source: nn.Module | Trained | str | Path, metadata: Mapping[str, Any] | None) -> tuple[nn.Module, dict]:
     """The model to export and its metadata, from a module, a :class:`Trained` or a checkpoint path."""
-    from .runtime import Trained, load_trained
+    from .checkpoint import Trained, load_trained
 
     if isinstance(source, (str, Path)):
         source = load_trained(source, "cpu")
@@ -192,7 +192,7 @@ def export_onnx(
 ) -> Path:
     """Write ``source`` as an ONNX file with dynamic batch, height and width.
 
-    ``source`` is a model (in memory, e.g. for a benchmark), a :class:`~densepred.runtime.Trained`
+    ``source`` is a model (in memory, e.g. for a benchmark), a :class:`~densepred.checkpoint.Trained`
     or a training checkpoint path; ``metadata`` entries override :func:`model_metadata`'s.
     """
     import onnx
@@ -270,7 +270,7 @@ def export_checkpoint(
     checkpoint: str | Path, fmt: str, out: str | Path | None = None, *, opset: int = DEFAULT_OPSET
 ) -> Path:
     """Export a training checkpoint as ``fmt`` (``onnx``, ``torchscript`` or ``safetensors``)."""
-    from .checkpoint import CheckpointError, export_safetensors, load_checkpoint
+    from .checkpoint import export_safetensors
 
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
@@ -281,8 +281,6 @@ def export_checkpoint(
         return export_onnx(checkpoint, out, opset=opset)
     if fmt == "torchscript":
         return export_torchscript(checkpoint, out)
-    if not isinstance(load_checkpoint(checkpoint).get("model"), dict):
-        raise CheckpointError(f"{checkpoint} is not a densepred training checkpoint (no 'model' entry)")
     return export_safetensors(checkpoint, out)
 
 

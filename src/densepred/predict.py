@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .build import build_dataset, normalization_for
+from .checkpoint import Trained, load_trained
 from .config import EvalConfig
 from .crf import CRFParams, crf_params, dense_crf_any_channels
 from .data.files import IMAGE_SUFFIXES
 from .data.io import read_image
 from .data.labels import colorize
 from .inference import predict_logits
-from .runtime import Trained, build_dataset, load_trained, normalization_for
 
 __all__ = ["Predictor", "collect_inputs", "predict_files", "save_index_png", "overlay", "predict_dataset_figures"]
 

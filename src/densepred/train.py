@@ -28,15 +28,17 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from . import losses
-from .checkpoint import CheckpointManager, WriteError, rng_state, set_rng_state, write_atomic
+from .atomic import WriteError, write_atomic
+from .build import build_dataset, build_model
+from .checkpoint import CheckpointManager, git_commit, restore_training_state, training_state
 from .config import ConfigError, Experiment, OptimConfig
 from .data.errors import DataError
 from .data.loader import worker_init
+from .distributed import DistInfo, seed_everything, setup_distributed
 from .evaluate import evaluate
 from .models.base import SegmentationModel, input_rule_of
 from .models.layers import center_crop
 from .precision import autocast, machine_info, resolve_amp
-from .runtime import DistInfo, build_dataset, build_model, git_commit, seed_everything, setup_distributed
 from .sampling import ResumableBatchSampler, SeededSamples
 from .schedule import fit_iterations, fitted_schedule, lr_factor
 
@@ -360,14 +362,13 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
     start_iter, best, trained_before, budget_fit = 0, None, 0.0, None
     if resume and (found := ckpts.latest()) is not None:
         path, state = found
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_iter, best = state["iteration"], state.get("best_miou")
-        trained_before = float(state.get("train_seconds", 0.0))  # time and budgets add up across resumes
-        budget_fit = state.get("budget_fit")  # a fitted length is the run's length for good
+        point = restore_training_state(state, model, optimizer, scaler)
+        start_iter, best, trained_before, budget_fit = (
+            point.iteration,
+            point.best_miou,
+            point.train_seconds,
+            point.budget_fit,
+        )
         if budget_fit:
             exp.resolved["budget_fit"] = budget_fit
         if info.is_main:
@@ -394,28 +395,19 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
     # Fit the length to the budget once, when enough steps have been timed (none for runs too short to need it).
     fit_pending = t.max_minutes is not None and budget_fit is None and start_iter + UNTIMED_STEPS + TIMED_STEPS < length
 
-    def checkpoint_state(iteration: int, metrics: dict | None = None) -> dict[str, Any]:
-        return {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_state(),
-            "config": exp.to_dict(),
-            "git_commit": commit,
-            "best_miou": best,
-            "train_seconds": elapsed(),
-            "metrics": metrics or {},
-            "budget_fit": budget_fit,
-            "dataset": {
-                "name": exp.data.dataset,
-                "num_classes": train_set.num_classes,
-                "class_names": list(train_set.class_names),
-                "palette": [list(c) for c in train_set.palette],
-                "in_channels": train_set.in_channels,
-                "ignore_index": train_set.ignore_index,
-                "normalization": exp.data.normalization,
-            },
-        }
+    def checkpoint_state(metrics: dict | None = None) -> dict[str, Any]:
+        return training_state(
+            model=model,
+            optimizer=optimizer,
+            scaler=scaler,
+            experiment=exp,
+            dataset=train_set,
+            commit=commit,
+            best_miou=best,
+            train_seconds=elapsed(),
+            metrics=metrics,
+            budget_fit=budget_fit,
+        )
 
     def run_eval(iteration: int) -> dict[str, Any]:
         metrics = evaluate(model, val_set, exp.eval, device=device, dist_info=info, progress=False)
@@ -532,7 +524,7 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
                     best, is_best = metrics["miou"], True
             if (t.checkpoint_every and it % t.checkpoint_every == 0) or it == length or out_of_time:
                 if info.is_main:
-                    last_ckpt = ckpts.save(checkpoint_state(it, metrics if evaluate_now else None), it, best=is_best)
+                    last_ckpt = ckpts.save(checkpoint_state(metrics if evaluate_now else None), it, best=is_best)
                 if info.enabled:
                     dist.barrier()
             if out_of_time:

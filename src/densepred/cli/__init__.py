@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that explain themselves: what failed, the file or option, how to go on."""
-    from ..checkpoint import CheckpointError, WriteError
+    from ..atomic import WriteError
+    from ..checkpoint import CheckpointError
     from ..data.errors import DownloadError
     from ..download import TransferError
     from ..train import DataLoaderWorkerError, NonFiniteLossError

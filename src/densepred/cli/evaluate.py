@@ -10,11 +10,13 @@ __all__ = ["add_commands"]
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from ..build import build_dataset
+    from ..checkpoint import load_trained
     from ..config import apply_overrides, experiment_from_dict
+    from ..distributed import resolve_device
     from ..evaluate import evaluate
     from ..metrics import ConfusionMatrix
     from ..plots import plot_confusion_matrix, plot_per_class_iou
-    from ..runtime import build_dataset, load_trained, resolve_device
 
     device = resolve_device(args.device)
     trained = load_trained(args.checkpoint, device)

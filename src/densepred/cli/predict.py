@@ -10,8 +10,8 @@ __all__ = ["add_commands"]
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from ..distributed import resolve_device
     from ..predict import Predictor, predict_files
-    from ..runtime import resolve_device
 
     device = resolve_device(args.device)
     predictor = Predictor.from_checkpoint(args.checkpoint, str(device), inference_options(args))

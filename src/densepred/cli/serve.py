@@ -22,8 +22,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from ..distributed import resolve_device
     from ..predict import Predictor
-    from ..runtime import resolve_device
 
     # The model is loaded once, before the server starts, and shared by every request; it runs
     # the recipe's own inference options unless the command line says otherwise.

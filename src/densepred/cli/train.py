@@ -18,7 +18,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_configs(args: argparse.Namespace) -> int:
     import yaml
 
-    from ..runtime import CONFIG_DIR
+    from ..config import CONFIG_DIR
 
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         notes = (yaml.safe_load(path.read_text()) or {}).get("notes", "")
@@ -42,8 +42,7 @@ def run_summary(result) -> str:
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
-    from ..config import load_experiment
-    from ..runtime import resolve_config
+    from ..config import load_experiment, resolve_config
     from ..train import train
 
     exp = load_experiment(resolve_config(args.config), args.overrides)
@@ -62,9 +61,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The main job: train the default recipe on the built-in synthetic data and evaluate it."""
-    from ..config import load_experiment
+    from ..config import load_experiment, resolve_config
     from ..predict import predict_dataset_figures
-    from ..runtime import resolve_config
     from ..train import train
 
     exp = load_experiment(resolve_config("synthetic_unet"), args.overrides)

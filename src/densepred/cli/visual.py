@@ -43,7 +43,7 @@ def _read_resized(path: str | Path, channels: int, size: int | None) -> np.ndarr
 
 
 def _normalise(image: np.ndarray, normalization: str) -> Tensor:
-    from ..runtime import normalization_for
+    from ..build import normalization_for
 
     return normalization_for(normalization, image.shape[-1])(np.ascontiguousarray(image))
 
@@ -74,7 +74,8 @@ def _mirror_to_valid(image: np.ndarray, rule: InputRule) -> np.ndarray:
 
 
 def _cmd_heatmap(args: argparse.Namespace) -> int:
-    from ..runtime import load_trained, resolve_device
+    from ..checkpoint import load_trained
+    from ..distributed import resolve_device
 
     device = resolve_device(args.device)
     stem = Path(args.image).stem
@@ -107,7 +108,8 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
-    from ..runtime import load_trained, resolve_device
+    from ..checkpoint import load_trained
+    from ..distributed import resolve_device
 
     device = resolve_device(args.device)
     trained = load_trained(args.checkpoint, device)
