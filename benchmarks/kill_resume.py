@@ -65,7 +65,7 @@ RECIPE = [
 CHILD = r"""
 import io, os, sys, time
 import torch
-import densepred.train as train_module
+import densepred.trainer as train_module
 
 slow, cut = float(os.environ.get("KR_SLOW_WRITE", "0")), float(os.environ.get("KR_CUT", "0.5"))
 if slow:

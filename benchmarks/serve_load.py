@@ -43,7 +43,7 @@ TINY = [
 
 def tiny_checkpoint(folder: Path) -> Path:
     from densepred.config import load_experiment
-    from densepred.train import train
+    from densepred.trainer import train
 
     return train(load_experiment(None, TINY), folder, progress=False).checkpoint
 

@@ -21,7 +21,7 @@ from densepred.config import load_experiment, resolve_config
 from densepred.data.loader import worker_init
 from densepred.distributed import seed_everything
 from densepred.precision import autocast, resolve_amp
-from densepred.train import build_optimizer, train
+from densepred.trainer import build_optimizer, train
 
 
 def bare_loop(exp, iterations: int) -> float:

@@ -97,7 +97,7 @@ def test_tiles_smaller_than_the_model_allows_name_the_minimum():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     from densepred.config import load_experiment
-    from densepred.train import train
+    from densepred.trainer import train
 
     run = tmp_path_factory.mktemp("run")
     exp = load_experiment(
@@ -179,7 +179,7 @@ def test_eval_uses_the_recipes_inference_options_and_crf(checkpoint):
     from densepred.build import build_dataset
     from densepred.checkpoint import load_trained
     from densepred.config import EvalConfig
-    from densepred.evaluate import evaluate
+    from densepred.evaluation import evaluate
 
     trained = load_trained(checkpoint)
     dataset = build_dataset(trained.experiment, "val", train=False)

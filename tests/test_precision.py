@@ -9,7 +9,7 @@ import yaml
 
 from densepred import precision
 from densepred.precision import machine_info, native_bf16, resolve_amp
-from densepred.train import train
+from densepred.trainer import train
 from tiny import tiny_experiment
 
 

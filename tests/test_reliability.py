@@ -22,13 +22,13 @@ import pytest
 import torch
 
 import densepred.data.files as files
-import densepred.train as train_module
+import densepred.trainer as train_module
 from densepred.atomic import WriteError
 from densepred.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from densepred.config import load_experiment
 from densepred.data.errors import DataError
 from densepred.sampling import SeededSamples
-from densepred.train import DataLoaderWorkerError, NonFiniteLossError, train
+from densepred.trainer import DataLoaderWorkerError, NonFiniteLossError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "data"))

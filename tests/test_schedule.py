@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-import densepred.train as trainer
+import densepred.trainer as trainer
 from densepred.checkpoint import load_checkpoint
 from densepred.config import ScheduleConfig
 from densepred.schedule import evaluations_between, fit_iterations, fitted_schedule, lr_factor

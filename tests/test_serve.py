@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from densepred.data.synthetic import SyntheticShapes  # noqa: E402
-from densepred.predict import Predictor  # noqa: E402
+from densepred.prediction import Predictor  # noqa: E402
 from densepred.serve import create_app, running_server, sniff_format  # noqa: E402
 from tiny import tiny_checkpoint  # noqa: E402
 

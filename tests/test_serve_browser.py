@@ -22,7 +22,7 @@ from PIL import Image  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 from densepred.data.synthetic import SyntheticShapes  # noqa: E402
-from densepred.predict import Predictor  # noqa: E402
+from densepred.prediction import Predictor  # noqa: E402
 from densepred.serve import create_app, running_server  # noqa: E402
 from tiny import tiny_checkpoint  # noqa: E402
 

@@ -13,7 +13,7 @@ import torch
 
 from densepred.checkpoint import load_checkpoint, load_trained
 from densepred.config import CONFIG_DIR, ScheduleConfig, load_experiment, resolve_config
-from densepred.train import NonFiniteLossError, lr_factor, param_groups, train
+from densepred.trainer import NonFiniteLossError, lr_factor, param_groups, train
 
 TINY = [
     "model.name=unet_padded",
@@ -287,7 +287,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     m2 = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     trained = load_trained(sorted((tmp_path / "ddp" / "checkpoints").glob("iter_*.pt"))[-1])
     from densepred.build import build_dataset
-    from densepred.evaluate import evaluate
+    from densepred.evaluation import evaluate
 
     val = build_dataset(trained.experiment, "val", train=False)
     alone = evaluate(trained.model, val, trained.experiment.eval, progress=False)

@@ -24,7 +24,7 @@ from densepred.data import DataError, DownloadError, create_dataset
 from densepred.data import extract as extract_module
 from densepred.data.extract import safe_extract
 from densepred.data.io import read_image, read_image_stack, read_mask, read_mask_stack
-from densepred.train import train
+from densepred.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
 from fakedata import make_camvid, rng_image, rng_mask, save  # noqa: E402

@@ -16,15 +16,13 @@ from densepred.models.backbones.vgg import vgg16_classifier
 from densepred.models.fcn import FCN_CROP_OFFSETS
 from densepred.models.layers import centre_geometry
 from densepred.visualize import (
-    _sequential_key,
     class_heatmaps,
     classifier_heatmap,
     default_layers,
     feature_maps,
-    load_vgg16_classifier,
     resolve_layer,
 )
-from densepred.weights import WeightsError
+from densepred.weights import WeightsError, load_vgg16_classifier, vgg16_classifier_key
 from tiny import tiny_checkpoint
 
 
@@ -239,7 +237,7 @@ def test_vgg16_classifier_weights_mapping(tmp_path):
     convs = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)  # torchvision's features.N of conv1_1 ... conv5_3
     torchvision = [f"features.{i}.{p}" for i in convs for p in ("weight", "bias")]
     torchvision += [f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")]
-    assert sorted(_sequential_key(k) for k in torchvision) == sorted(ours)
+    assert sorted(vgg16_classifier_key(k) for k in torchvision) == sorted(ours)
     backbone_only = tmp_path / "vgg16_features.pth"
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, backbone_only)
     with pytest.raises(WeightsError, match=r"no ImageNet classifier \(classifier\.6, fc8\)"):

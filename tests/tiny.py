@@ -35,6 +35,6 @@ def tiny_experiment(*overrides: str) -> Experiment:
 
 
 def tiny_checkpoint(folder: str | Path, *overrides: str) -> Path:
-    from densepred.train import train
+    from densepred.trainer import train
 
     return train(tiny_experiment(*overrides), folder, progress=False).checkpoint

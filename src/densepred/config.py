@@ -406,10 +406,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Experiment:
-    """Read a recipe file (or start from the defaults when ``path`` is None) and apply overrides."""
+    """Read a recipe file or a shipped recipe by name (or start from the defaults when ``path`` is
+    None) and apply overrides."""
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        shipped = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
+        if not path.is_file() and path.parent == Path(".") and shipped.is_file():
+            path = shipped  # a shipped recipe by name: load_experiment("synthetic_unet")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; shipped recipes are in configs/")
         try:

@@ -30,7 +30,7 @@ from starlette.datastructures import UploadFile
 
 from .data.errors import DataError
 from .data.io import read_image
-from .predict import Predictor
+from .prediction import Predictor
 
 __all__ = [
     "MAX_UPLOAD_BYTES",

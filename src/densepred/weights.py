@@ -77,6 +77,8 @@ M = TypeVar("M", bound=nn.Module)
 
 __all__ = [
     "with_pretrained",
+    "load_vgg16_classifier",
+    "vgg16_classifier_key",
     "WeightsError",
     "WeightsWarning",
     "Preprocessing",
@@ -734,3 +736,51 @@ def load_pretrained(
     else:
         plan, ignored = _resnet_plan(root, backbone, caffe=layout.startswith("caffe"), file_keys=keys)
     return _apply(root, plan, ignored, state, path, layout)
+
+
+def load_vgg16_classifier(source: str | Path) -> nn.Sequential:
+    """The ImageNet VGG16 classifier from a torchvision-layout weight file (fc8 included).
+
+    ``source`` is a path, a URL, or ``"imagenet"`` for torchvision's file
+    (:data:`densepred.weights.PRETRAINED`, sha256-verified and cached). ``features.N`` are our
+    ``features`` Sequential's layers in the same order, ``classifier.0/3/6`` are fc6/fc7/fc8.
+    """
+    from .models.backbones.vgg import vgg16_classifier
+
+    if str(source) == "imagenet":
+        spec = PRETRAINED["vgg16"]
+        path = fetch(spec.url, sha256=spec.sha256)
+    else:
+        path = fetch(source)
+    state = read_state_dict(path)
+    layout = detect_layout(state)
+    if layout != "torchvision-vgg16":
+        raise WeightsError(
+            f"{path.name}: expected torchvision's VGG16 layout (features.N, classifier.0/3/6), found "
+            f"{layout or 'an unknown layout'}; use torchvision's vgg16-397923af.pth (or --weights imagenet)"
+        )
+    if "classifier.6.weight" not in state:
+        raise WeightsError(
+            f"{path.name} has no ImageNet classifier (classifier.6, fc8): a heat map needs class scores; "
+            "use the full torchvision VGG16 file, not a backbone-only one"
+        )
+    mapped = {vgg16_classifier_key(k): v for k, v in state.items()}
+    with torch.device("meta"):  # the file fills every tensor; no 138M-parameter initialisation
+        classifier = vgg16_classifier(state["classifier.6.weight"].shape[0])
+    try:
+        classifier.load_state_dict(mapped, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"{path.name} does not fit VGG16: {exc}") from None
+    return classifier.eval()
+
+
+def vgg16_classifier_key(key: str) -> str:
+    """torchvision VGG16 key -> :func:`vgg16_classifier` key (``features.N`` -> ``0.N``, fc6 -> ``2``)."""
+    group, _, rest = key.partition(".")
+    if group == "features":
+        return f"0.{rest}"
+    if group == "classifier":
+        index, _, param = rest.partition(".")
+        # Our Sequential puts Flatten at 1, so torchvision's classifier.K is our K + 2.
+        return f"{int(index) + 2}.{param}" if index.isdigit() else key
+    return key

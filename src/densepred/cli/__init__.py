@@ -34,7 +34,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from ..checkpoint import CheckpointError
     from ..data.errors import DownloadError
     from ..download import TransferError
-    from ..train import DataLoaderWorkerError, NonFiniteLossError
+    from ..trainer import DataLoaderWorkerError, NonFiniteLossError
 
     return (
         ValueError,  # ConfigError, DataError, WeightsError and bad values

@@ -14,7 +14,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..checkpoint import load_trained
     from ..config import apply_overrides, experiment_from_dict
     from ..distributed import resolve_device
-    from ..evaluate import evaluate
+    from ..evaluation import evaluate
     from ..metrics import ConfusionMatrix
     from ..plots import plot_confusion_matrix, plot_per_class_iou
 

@@ -11,7 +11,7 @@ __all__ = ["add_commands"]
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ..distributed import resolve_device
-    from ..predict import Predictor, predict_files
+    from ..prediction import Predictor, predict_files
 
     device = resolve_device(args.device)
     predictor = Predictor.from_checkpoint(args.checkpoint, str(device), inference_options(args))

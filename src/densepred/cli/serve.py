@@ -23,7 +23,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     from ..distributed import resolve_device
-    from ..predict import Predictor
+    from ..prediction import Predictor
 
     # The model is loaded once, before the server starts, and shared by every request; it runs
     # the recipe's own inference options unless the command line says otherwise.

@@ -43,7 +43,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     from ..config import load_experiment, resolve_config
-    from ..train import train
+    from ..trainer import train
 
     exp = load_experiment(resolve_config(args.config), args.overrides)
     run_dir = Path(args.run_dir or Path("runs") / exp.name)
@@ -62,8 +62,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     """The main job: train the default recipe on the built-in synthetic data and evaluate it."""
     from ..config import load_experiment, resolve_config
-    from ..predict import predict_dataset_figures
-    from ..train import train
+    from ..prediction import predict_dataset_figures
+    from ..trainer import train
 
     exp = load_experiment(resolve_config("synthetic_unet"), args.overrides)
     run_dir = Path(args.run_dir)

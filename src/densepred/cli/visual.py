@@ -16,10 +16,10 @@ from ..visualize import (
     classifier_heatmap,
     default_layers,
     feature_maps,
-    load_vgg16_classifier,
     plot_feature_grid,
     plot_heatmaps,
 )
+from ..weights import load_vgg16_classifier
 
 __all__ = ["add_commands"]
 

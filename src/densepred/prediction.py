@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,15 @@ from .data.io import read_image
 from .data.labels import colorize
 from .inference import predict_logits
 
-__all__ = ["Predictor", "collect_inputs", "predict_files", "save_index_png", "overlay", "predict_dataset_figures"]
+__all__ = [
+    "Predictor",
+    "predict",
+    "collect_inputs",
+    "predict_files",
+    "save_index_png",
+    "overlay",
+    "predict_dataset_figures",
+]
 
 
 @dataclass
@@ -57,6 +66,23 @@ class Predictor:
         if self.crf is not None:
             probs = dense_crf_any_channels(image, probs, self.crf)
         return probs.argmax(0).astype(np.uint8), probs
+
+
+def predict(
+    checkpoint: str | Path,
+    images: Sequence[np.ndarray | str | Path],
+    *,
+    options: EvalConfig | None = None,
+    device: str = "cpu",
+) -> list[np.ndarray]:
+    """Label maps (uint8 class ids) for images given as arrays ``(H, W[, C])`` or files, with a
+    training checkpoint and its recipe's inference options (or ``options``)."""
+    predictor = Predictor.from_checkpoint(checkpoint, device, options)
+    channels = predictor.trained.in_channels
+    return [
+        predictor(read_image(image, channels=channels) if isinstance(image, str | Path) else image)[0]
+        for image in images
+    ]
 
 
 def save_index_png(labels: np.ndarray, palette, path: str | Path) -> Path:

@@ -35,7 +35,7 @@ from .config import ConfigError, Experiment, OptimConfig
 from .data.errors import DataError
 from .data.loader import worker_init
 from .distributed import DistInfo, seed_everything, setup_distributed
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .models.base import SegmentationModel, input_rule_of
 from .models.layers import center_crop
 from .precision import autocast, machine_info, resolve_amp
