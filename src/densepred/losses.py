@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,10 +22,15 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor
 
+from .config import TrainConfig
 from .data.labels import IGNORE_INDEX
 from .metrics import check_labels
+from .models.layers import center_crop
 
 __all__ = [
+    "RecipeLoss",
+    "WithWeightMaps",
+    "fit_target",
     "cross_entropy",
     "dice_loss",
     "multi_scale_loss",
@@ -314,3 +319,65 @@ def unet_weight_maps(masks: Tensor, **kwargs) -> Tensor:
         raise ValueError(f"expected a batch of masks (N, H, W), got shape {tuple(masks.shape)}")
     maps = np.stack([unet_weight_map(m, **kwargs) for m in masks.detach().cpu().numpy()])
     return torch.from_numpy(maps).to(masks.device)
+
+
+def fit_target(logits: Tensor, target: Tensor, *, crop: bool) -> Tensor:
+    """Labels (or pixel weights) for a score map smaller than the image: the valid U-Net scores
+    the image's centre (``crop``); DeepLab's stride-8 scores see labels sub-sampled by nearest
+    neighbour, never interpolated."""
+    if logits.shape[-2:] == target.shape[-2:]:
+        return target
+    if crop:
+        return center_crop(target[:, None], *logits.shape[-2:])[:, 0]
+    return resize_labels(target, tuple(logits.shape[-2:]))
+
+
+class RecipeLoss:
+    """The recipe's loss (``train.loss``), for one output (a tensor, or the multi-scale dict).
+
+    ``crop_target``: the model's output is its input's centre (the valid U-Net), so labels are
+    centre-cropped to it; a smaller score map otherwise sees labels sub-sampled to its size.
+    """
+
+    def __init__(self, t: TrainConfig, ignore_index: int, device: torch.device, *, crop_target: bool) -> None:
+        self.kind, self.ignore_index, self.crop_target = t.loss, ignore_index, crop_target
+        self.class_weights = torch.tensor(t.class_weights, device=device) if t.class_weights else None
+
+    def single(self, logits: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+        target = fit_target(logits, target, crop=self.crop_target)
+        logits = logits.float()
+        if self.kind == "dice":
+            return dice_loss(logits, target, ignore_index=self.ignore_index)
+        if weight is not None and self.kind == "unet_weighted":
+            weight = fit_target(logits, weight, crop=self.crop_target)
+        ce = cross_entropy(
+            logits,
+            target,
+            ignore_index=self.ignore_index,
+            class_weights=self.class_weights,
+            reduction="sum" if self.kind == "ce_sum" else "mean",
+            pixel_weights=weight if self.kind == "unet_weighted" else None,
+        )
+        if self.kind == "ce_dice":
+            ce = ce + dice_loss(logits, target, ignore_index=self.ignore_index)
+        return ce
+
+    def __call__(self, output: Tensor | dict[str, Tensor], target: Tensor, weight: Tensor | None) -> Tensor:
+        if isinstance(output, dict):  # multi-scale inputs (v2 MSC): one loss per branch, summed
+            return sum(self.single(v, target, weight) for v in output.values())  # type: ignore[return-value]
+        return self.single(output, target, weight)
+
+
+class WithWeightMaps(torch.utils.data.Dataset):
+    """Adds the U-Net border weight map (Sec. 3, Eq. 2) of each augmented mask, in the workers."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: Any) -> dict:
+        sample = self.dataset[item]
+        sample["weight"] = torch.from_numpy(unet_weight_map(sample["mask"].numpy())).float()
+        return sample

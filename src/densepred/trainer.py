@@ -27,17 +27,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
-from . import losses
 from .atomic import WriteError, write_atomic
 from .build import build_dataset, build_model
 from .checkpoint import CheckpointManager, git_commit, restore_training_state, training_state
 from .config import ConfigError, Experiment, OptimConfig
 from .data.errors import DataError
-from .data.loader import worker_init
+from .data.loader import make_loader
 from .distributed import DistInfo, seed_everything, setup_distributed
 from .evaluation import evaluate
+from .losses import RecipeLoss, WithWeightMaps
 from .models.base import SegmentationModel, input_rule_of
-from .models.layers import center_crop
 from .precision import autocast, machine_info, resolve_amp
 from .sampling import ResumableBatchSampler, SeededSamples
 from .schedule import fit_iterations, fitted_schedule, lr_factor
@@ -110,65 +109,6 @@ class _StrideOutput(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | dict[str, Tensor]:
         return self.model.stride_logits(x)
-
-
-def _fit_target(logits: Tensor, target: Tensor, *, crop: bool) -> Tensor:
-    """Labels (or pixel weights) for a score map smaller than the image: the valid U-Net scores
-    the image's centre (``crop``); DeepLab's stride-8 scores see labels sub-sampled by nearest
-    neighbour, never interpolated."""
-    if logits.shape[-2:] == target.shape[-2:]:
-        return target
-    if crop:
-        return center_crop(target[:, None], *logits.shape[-2:])[:, 0]
-    return losses.resize_labels(target, tuple(logits.shape[-2:]))
-
-
-class _Loss:
-    """The recipe's loss, for one output (a tensor, or the multi-scale dict)."""
-
-    def __init__(self, exp: Experiment, ignore_index: int, device: torch.device, *, crop_target: bool) -> None:
-        t = exp.train
-        self.kind, self.ignore_index, self.crop_target = t.loss, ignore_index, crop_target
-        self.class_weights = torch.tensor(t.class_weights, device=device) if t.class_weights else None
-
-    def single(self, logits: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
-        target = _fit_target(logits, target, crop=self.crop_target)
-        logits = logits.float()
-        if self.kind == "dice":
-            return losses.dice_loss(logits, target, ignore_index=self.ignore_index)
-        if weight is not None and self.kind == "unet_weighted":
-            weight = _fit_target(logits, weight, crop=self.crop_target)
-        ce = losses.cross_entropy(
-            logits,
-            target,
-            ignore_index=self.ignore_index,
-            class_weights=self.class_weights,
-            reduction="sum" if self.kind == "ce_sum" else "mean",
-            pixel_weights=weight if self.kind == "unet_weighted" else None,
-        )
-        if self.kind == "ce_dice":
-            ce = ce + losses.dice_loss(logits, target, ignore_index=self.ignore_index)
-        return ce
-
-    def __call__(self, output: Tensor | dict[str, Tensor], target: Tensor, weight: Tensor | None) -> Tensor:
-        if isinstance(output, dict):  # multi-scale inputs (v2 MSC): one loss per branch, summed
-            return sum(self.single(v, target, weight) for v in output.values())  # type: ignore[return-value]
-        return self.single(output, target, weight)
-
-
-class _WithWeightMaps(torch.utils.data.Dataset):
-    """Adds the U-Net border weight map (Sec. 3, Eq. 2) of each augmented mask, in the workers."""
-
-    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, item: Any) -> dict:
-        sample = self.dataset[item]
-        sample["weight"] = torch.from_numpy(losses.unet_weight_map(sample["mask"].numpy())).float()
-        return sample
 
 
 def _collate(samples: list[dict]) -> dict:
@@ -271,7 +211,7 @@ def _explain_stops(
 def _make_loader(exp: Experiment, dataset, info: DistInfo, start_batch: int) -> DataLoader:
     data: torch.utils.data.Dataset = SeededSamples(dataset)
     if exp.train.loss == "unet_weighted":
-        data = _WithWeightMaps(data)
+        data = WithWeightMaps(data)
     sampler = ResumableBatchSampler(
         len(dataset),
         exp.data.batch_size,
@@ -280,17 +220,11 @@ def _make_loader(exp: Experiment, dataset, info: DistInfo, start_batch: int) -> 
         world_size=info.world_size,
         start=start_batch,
     )
-    workers = exp.data.workers
-    return DataLoader(
+    return make_loader(
         data,
+        num_workers=exp.data.workers,
+        seed=exp.train.seed,
         batch_sampler=sampler,
-        num_workers=workers,
-        worker_init_fn=worker_init if workers else None,
-        persistent_workers=workers > 0,
-        # A private generator: creating the loader must not consume the global RNG, or a
-        # resumed run's dropout masks would differ from an uninterrupted run's.
-        generator=torch.Generator().manual_seed(exp.train.seed),
-        pin_memory=False,
         collate_fn=_collate,
     )
 
@@ -332,216 +266,274 @@ def train(exp: Experiment, run_dir: str | Path, *, resume: bool = False, progres
     to the budget (:mod:`densepred.schedule`); the fitted number is kept in the run's config and
     checkpoints, so a resumed run keeps it.
     """
-    exp = copy.deepcopy(exp)  # the run records what it decided (precision, fitted length) in exp.resolved
-    t = exp.train
-    info, device = setup_distributed(t.device)
-    run_dir = Path(run_dir)
-    seed_everything(t.seed, t.deterministic)
-    amp = resolve_amp(t.amp, device)
-    exp.resolved.update(amp=amp, eval_amp=resolve_amp(exp.eval.amp, device), machine=machine_info().to_dict())
+    run = _Run(exp, Path(run_dir), progress=progress)  # build: data, model, optimiser, loss, loader
+    run.start(resume)  # a new run folder, or the state of its newest good checkpoint
+    with _explain_stops(lambda: run.it + 1, run.last_good, run.dead_workers):
+        while run.it < run.length:
+            loss = run.step()  # one optimiser step over train.iter_size batches
+            run.after_step(loss)  # budget fit, log, evaluation and checkpoint when due
+            if run.stopped:
+                break
+    return run.finish()
 
-    train_set = build_dataset(exp, exp.data.train_split, train=True, seed=t.seed)
-    val_set = build_dataset(exp, exp.data.val_split, train=False)
-    model = build_model(exp, train_set.num_classes, train_set.in_channels).to(device)
-    _check_recipe_fits(exp, model, train_set)
-    if exp.model.sync_bn and info.enabled:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if exp.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, exp.optim)
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
 
-    ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=t.keep_last)
-    if info.is_main:
-        ckpts.remove_stale_temporaries()  # torn writes of a killed run; the checkpoints themselves are whole
+class _Run:
+    """One training run, in the steps :func:`train` takes: build, start, step, after_step, finish."""
 
-    def last_good() -> str:
-        files = ckpts.iteration_files()
+    def __init__(self, exp: Experiment, run_dir: Path, *, progress: bool) -> None:
+        self.exp = exp = copy.deepcopy(exp)  # the run records what it decided in exp.resolved
+        t = self.t = exp.train
+        self.run_dir, self.progress = run_dir, progress
+        self.info, self.device = info, device = setup_distributed(t.device)
+        seed_everything(t.seed, t.deterministic)
+        self.amp = resolve_amp(t.amp, device)
+        exp.resolved.update(amp=self.amp, eval_amp=resolve_amp(exp.eval.amp, device), machine=machine_info().to_dict())
+
+        self.train_set = build_dataset(exp, exp.data.train_split, train=True, seed=t.seed)
+        self.val_set = build_dataset(exp, exp.data.val_split, train=False)
+        model = build_model(exp, self.train_set.num_classes, self.train_set.in_channels).to(device)
+        _check_recipe_fits(exp, model, self.train_set)
+        if exp.model.sync_bn and info.enabled:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if exp.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.optimizer = build_optimizer(model, exp.optim)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
+        self.loss_fn = RecipeLoss(t, self.train_set.ignore_index, device, crop_target=input_rule_of(model).shrink > 0)
+        self.ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=t.keep_last)
+        self.log_path = run_dir / "log.jsonl"
+        self.it, self.best, self.trained_before, self.budget_fit = 0, None, 0.0, None
+        self.metrics: dict[str, Any] = {}
+        self.last_ckpt: Path | None = None
+        self.stopped = False
+
+    # -- start ------------------------------------------------------------------------------
+    def start(self, resume: bool) -> None:
+        info, t = self.info, self.t
+        if info.is_main:
+            self.ckpts.remove_stale_temporaries()  # torn writes of a killed run; the checkpoints are whole
+        if resume and (found := self.ckpts.latest()) is not None:
+            path, state = found
+            point = restore_training_state(state, self.model, self.optimizer, self.scaler)
+            self.it, self.best, self.trained_before = point.iteration, point.best_miou, point.train_seconds
+            self.budget_fit = point.budget_fit
+            if self.budget_fit:
+                self.exp.resolved["budget_fit"] = self.budget_fit
+            if info.is_main:
+                planned = self.budget_fit["iterations"] if self.budget_fit else t.iterations
+                print(f"resuming from {path} (iteration {self.it} of {planned})")
+        elif info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_config(self.run_dir, self.exp)
+            self.log_path.unlink(missing_ok=True)
+        self.commit = git_commit()
+        if info.is_main:
+            (self.run_dir / "git_commit.txt").write_text(self.commit + "\n")
+
+        net: nn.Module = _StrideOutput(self.model) if t.loss_at_output_stride else self.model
+        if info.enabled:
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.net = torch.compile(net) if t.compile else net
+        self.batches = iter(_make_loader(self.exp, self.train_set, info, start_batch=self.it * t.iter_size))
+        self.length = self.budget_fit["iterations"] if self.budget_fit else t.iterations
+        self.schedule = fitted_schedule(self.exp.schedule, t.iterations, self.length)
+        # Fit the length to the budget once, when enough steps have been timed (not for runs too short to need it).
+        self.start_iter = self.it
+        self.fit_pending = (
+            t.max_minutes is not None
+            and self.budget_fit is None
+            and self.it + UNTIMED_STEPS + TIMED_STEPS < self.length
+        )
+        self.bar = tqdm(
+            total=self.length, initial=self.it, disable=not (self.progress and info.is_main), desc="train", unit="it"
+        )
+        self.started = self.tick = time.perf_counter()
+        self.tick_it = self.it
+        self.images_per_iter = self.exp.data.batch_size * info.world_size * t.iter_size
+        if info.is_main:
+            _log(
+                self.log_path,
+                {"iter": self.it, "event": "start", "amp": self.amp, "machine": self.exp.resolved["machine"]},
+            )
+        self.model.train()
+
+    def elapsed(self) -> float:
+        """Seconds of this run so far, earlier (resumed) processes included."""
+        return self.trained_before + time.perf_counter() - self.started
+
+    def last_good(self) -> str:
+        files = self.ckpts.iteration_files()
         return str(files[-1]) if files else "none written yet"
 
-    start_iter, best, trained_before, budget_fit = 0, None, 0.0, None
-    if resume and (found := ckpts.latest()) is not None:
-        path, state = found
-        point = restore_training_state(state, model, optimizer, scaler)
-        start_iter, best, trained_before, budget_fit = (
-            point.iteration,
-            point.best_miou,
-            point.train_seconds,
-            point.budget_fit,
+    def dead_workers(self) -> list[str]:
+        return _dead_workers(getattr(self, "batches", None))
+
+    # -- step -------------------------------------------------------------------------------
+    def step(self) -> float:
+        """Forward and backward over ``iter_size`` batches, then one optimiser step (or a skip of a
+        non-finite one); returns the loss."""
+        t, info, device, optimizer, scaler = self.t, self.info, self.device, self.optimizer, self.scaler
+        self.factor = lr_factor(self.it, self.length, self.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = self.exp.optim.lr * group["lr_mult"] * self.factor
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in range(t.iter_size):
+            batch = next(self.batches)
+            images = batch["image"].to(device, non_blocking=True)
+            if self.exp.model.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            target = batch["mask"].to(device)
+            weight = batch["weight"].to(device) if "weight" in batch else None
+            sync = nullcontext() if not info.enabled or micro == t.iter_size - 1 else self.net.no_sync()
+            with sync:
+                with autocast(self.amp, device):
+                    output = self.net(images)
+                loss = self.loss_fn(output, target, weight) / t.iter_size
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            loss_sum += float(loss.detach())
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        bad = self._non_finite(loss_sum)
+        if bad is not None:
+            where = f"non-finite {bad} at iteration {self.it + 1}"
+            if not t.skip_nonfinite:
+                raise NonFiniteLossError(
+                    f"{where}; stopped. Last good checkpoint: {self.last_good()}. Lower optim.lr, set "
+                    f"train.clip_grad_norm, or set train.skip_nonfinite=true to skip such steps"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            if info.is_main:
+                _log(self.log_path, {"iter": self.it + 1, "skipped": where})
+        elif scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        self.it += 1
+        return loss_sum
+
+    def _non_finite(self, loss_sum: float) -> str | None:
+        """What is NaN/inf about this step, if anything (clipping the gradients on the way)."""
+        grad_norm = None
+        if self.t.clip_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.t.clip_grad_norm))
+        elif self.scaler is None:
+            # A NaN gradient with a finite loss would poison the weights, and the next checkpoint, silently.
+            grad_norm = _grad_norm(self.model)
+        if not math.isfinite(loss_sum):
+            return f"loss ({loss_sum})"
+        if self.scaler is None and grad_norm is not None and not math.isfinite(grad_norm):
+            return f"gradient (norm {grad_norm})"  # fp16: the GradScaler skips such steps itself
+        return None
+
+    # -- after a step -----------------------------------------------------------------------
+    def after_step(self, loss: float) -> None:
+        it, t, info = self.it, self.t, self.info
+        self._time_for_budget()
+        if info.is_main and (it % max(t.log_every, 1) == 0 or it == self.length):
+            now = time.perf_counter()
+            rate = (it - self.tick_it) * self.images_per_iter / max(now - self.tick, 1e-9)
+            self.tick, self.tick_it = now, it
+            lr = self.exp.optim.lr * self.factor
+            _log(self.log_path, {"iter": it, "loss": loss, "lr": lr, "img_per_s": rate, "time": self.elapsed()})
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+        self.bar.update(1)
+
+        out_of_time = self._out_of_time()
+        evaluate_now = (t.eval_every and it % t.eval_every == 0) or it == self.length or out_of_time
+        is_best = False
+        if evaluate_now:
+            self.metrics = self.evaluate()
+            if self.best is None or self.metrics["miou"] > self.best:
+                self.best, is_best = self.metrics["miou"], True
+        if (t.checkpoint_every and it % t.checkpoint_every == 0) or it == self.length or out_of_time:
+            self.checkpoint(self.metrics if evaluate_now else None, best=is_best)
+        self.stopped = out_of_time
+
+    def _time_for_budget(self) -> None:
+        """Time the steps after the first few, then fit the run's length to train.max_minutes."""
+        if not self.fit_pending:
+            return
+        if self.it == self.start_iter + UNTIMED_STEPS:
+            self.timing_started = time.perf_counter()
+        elif self.it == self.start_iter + UNTIMED_STEPS + TIMED_STEPS:
+            self.fit_pending = False
+            step_s = (time.perf_counter() - self.timing_started) / TIMED_STEPS
+            fit = _fit_budget(
+                self.exp, self.it, self.elapsed(), step_s, self.model, self.val_set, self.device, self.info
+            )
+            self.budget_fit = self.exp.resolved["budget_fit"] = fit
+            if fit["iterations"] < self.length:
+                self.length = fit["iterations"]
+                self.schedule = fitted_schedule(self.exp.schedule, self.t.iterations, self.length)
+                self.bar.total = self.length
+                self.bar.refresh()
+            if self.info.is_main:
+                _write_config(self.run_dir, self.exp)
+                _log(self.log_path, {"iter": self.it, "budget_fit": fit})
+
+    def _out_of_time(self) -> bool:
+        """Past train.max_minutes (the fitted length's safety net); every rank stops at the same step."""
+        if self.t.max_minutes is None:
+            return False
+        out = self.elapsed() > 60 * self.t.max_minutes
+        if self.info.enabled:  # each rank measures its own clock: agree, or one would wait forever
+            flag = torch.tensor([float(out)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            out = bool(flag.item())
+        return out
+
+    def evaluate(self) -> dict[str, Any]:
+        metrics = evaluate(
+            self.model, self.val_set, self.exp.eval, device=self.device, dist_info=self.info, progress=False
         )
-        if budget_fit:
-            exp.resolved["budget_fit"] = budget_fit
-        if info.is_main:
-            planned = budget_fit["iterations"] if budget_fit else t.iterations
-            print(f"resuming from {path} (iteration {start_iter} of {planned})")
-    elif info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_config(run_dir, exp)
-        (run_dir / "log.jsonl").unlink(missing_ok=True)
-    commit = git_commit()
-    if info.is_main:
-        (run_dir / "git_commit.txt").write_text(commit + "\n")
-
-    net: nn.Module = _StrideOutput(model) if t.loss_at_output_stride else model
-    if info.enabled:
-        net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:
-        net = torch.compile(net)
-    loss_fn = _Loss(exp, train_set.ignore_index, device, crop_target=input_rule_of(model).shrink > 0)
-    loader = _make_loader(exp, train_set, info, start_batch=start_iter * t.iter_size)
-    batches = iter(loader)
-    length = budget_fit["iterations"] if budget_fit else t.iterations
-    schedule = fitted_schedule(exp.schedule, t.iterations, length)
-    # Fit the length to the budget once, when enough steps have been timed (none for runs too short to need it).
-    fit_pending = t.max_minutes is not None and budget_fit is None and start_iter + UNTIMED_STEPS + TIMED_STEPS < length
-
-    def checkpoint_state(metrics: dict | None = None) -> dict[str, Any]:
-        return training_state(
-            model=model,
-            optimizer=optimizer,
-            scaler=scaler,
-            experiment=exp,
-            dataset=train_set,
-            commit=commit,
-            best_miou=best,
-            train_seconds=elapsed(),
-            metrics=metrics,
-            budget_fit=budget_fit,
-        )
-
-    def run_eval(iteration: int) -> dict[str, Any]:
-        metrics = evaluate(model, val_set, exp.eval, device=device, dist_info=info, progress=False)
-        if info.is_main:
-            _log(run_dir / "log.jsonl", {"iter": iteration, "split": "val", "time": elapsed(), **_scalars(metrics)})
+        if self.info.is_main:
+            _log(self.log_path, {"iter": self.it, "split": "val", "time": self.elapsed(), **_scalars(metrics)})
+        self.model.train()
         return metrics
 
-    bar = tqdm(total=length, initial=start_iter, disable=not (progress and info.is_main), desc="train", unit="it")
-    started, last_ckpt, metrics, stopped = time.perf_counter(), None, {}, False
+    def checkpoint(self, metrics: dict[str, Any] | None, *, best: bool) -> None:
+        if self.info.is_main:
+            state = training_state(
+                model=self.model,
+                optimizer=self.optimizer,
+                scaler=self.scaler,
+                experiment=self.exp,
+                dataset=self.train_set,
+                commit=self.commit,
+                best_miou=self.best,
+                train_seconds=self.elapsed(),
+                metrics=metrics,
+                budget_fit=self.budget_fit,
+            )
+            self.last_ckpt = self.ckpts.save(state, self.it, best=best)
+        if self.info.enabled:
+            dist.barrier()
 
-    def elapsed() -> float:
-        """Seconds of this run so far, earlier (resumed) processes included."""
-        return trained_before + time.perf_counter() - started
-
-    images_per_iter = exp.data.batch_size * info.world_size * t.iter_size
-    it = start_iter
-    tick, tick_it = time.perf_counter(), it
-    if info.is_main:
-        _log(run_dir / "log.jsonl", {"iter": it, "event": "start", "amp": amp, "machine": exp.resolved["machine"]})
-    model.train()
-    with _explain_stops(lambda: it + 1, last_good, lambda: _dead_workers(batches)):
-        while it < length:
-            factor = lr_factor(it, length, schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = exp.optim.lr * group["lr_mult"] * factor
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for micro in range(t.iter_size):
-                batch = next(batches)
-                images = batch["image"].to(device, non_blocking=True)
-                if exp.model.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                target = batch["mask"].to(device)
-                weight = batch["weight"].to(device) if "weight" in batch else None
-                sync = nullcontext() if not info.enabled or micro == t.iter_size - 1 else net.no_sync()
-                with sync:
-                    with autocast(amp, device):
-                        output = net(images)
-                    loss = loss_fn(output, target, weight) / t.iter_size
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
-                loss_sum += float(loss.detach())
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            grad_norm = None
-            if t.clip_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm))
-            elif scaler is None:
-                # A NaN gradient with a finite loss would poison the weights, and the next checkpoint, silently.
-                grad_norm = _grad_norm(model)
-            bad = None
-            if not math.isfinite(loss_sum):
-                bad = f"loss ({loss_sum})"
-            elif scaler is None and grad_norm is not None and not math.isfinite(grad_norm):
-                bad = f"gradient (norm {grad_norm})"  # fp16: the GradScaler skips such steps itself
-            if bad is not None:
-                where = f"non-finite {bad} at iteration {it + 1}"
-                if not t.skip_nonfinite:
-                    raise NonFiniteLossError(
-                        f"{where}; stopped. Last good checkpoint: {last_good()}. Lower optim.lr, set "
-                        f"train.clip_grad_norm, or set train.skip_nonfinite=true to skip such steps"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                if info.is_main:
-                    _log(run_dir / "log.jsonl", {"iter": it + 1, "skipped": where})
-            elif scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            it += 1
-
-            if fit_pending and it == start_iter + UNTIMED_STEPS:
-                timing_started = time.perf_counter()
-            elif fit_pending and it == start_iter + UNTIMED_STEPS + TIMED_STEPS:
-                fit_pending = False
-                step_s = (time.perf_counter() - timing_started) / TIMED_STEPS
-                budget_fit = _fit_budget(exp, it, elapsed(), step_s, model, val_set, device, info)
-                if budget_fit["iterations"] < length:
-                    length = budget_fit["iterations"]
-                    schedule = fitted_schedule(exp.schedule, t.iterations, length)
-                    bar.total = length
-                    bar.refresh()
-                exp.resolved["budget_fit"] = budget_fit
-                if info.is_main:
-                    _write_config(run_dir, exp)
-                    _log(run_dir / "log.jsonl", {"iter": it, "budget_fit": budget_fit})
-
-            if info.is_main and (it % max(t.log_every, 1) == 0 or it == length):
-                now = time.perf_counter()
-                rate = (it - tick_it) * images_per_iter / max(now - tick, 1e-9)
-                tick, tick_it = now, it
-                lr = exp.optim.lr * factor
-                _log(
-                    run_dir / "log.jsonl",
-                    {"iter": it, "loss": loss_sum, "lr": lr, "img_per_s": rate, "time": elapsed()},
-                )
-                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
-            bar.update(1)
-
-            out_of_time = t.max_minutes is not None and elapsed() > 60 * t.max_minutes
-            if out_of_time and info.enabled:  # every rank must stop at the same iteration
-                flag = torch.tensor([float(out_of_time)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                out_of_time = bool(flag.item())
-            evaluate_now = (t.eval_every and it % t.eval_every == 0) or it == length or out_of_time
-            is_best = False
-            if evaluate_now:
-                metrics = run_eval(it)
-                model.train()
-                if best is None or metrics["miou"] > best:
-                    best, is_best = metrics["miou"], True
-            if (t.checkpoint_every and it % t.checkpoint_every == 0) or it == length or out_of_time:
-                if info.is_main:
-                    last_ckpt = ckpts.save(checkpoint_state(metrics if evaluate_now else None), it, best=is_best)
-                if info.enabled:
-                    dist.barrier()
-            if out_of_time:
-                stopped = True
-                break
-    bar.close()
-    seconds = elapsed()
-    if info.is_main:
-        summary = {"iterations": it, "train_seconds": seconds, "best_miou": best, **_scalars(metrics)}
-        save_atomic_json(run_dir / "metrics.json", {**summary, "per_class": _per_class(metrics, val_set)})
-        try:
+    # -- finish -----------------------------------------------------------------------------
+    def finish(self) -> TrainResult:
+        self.bar.close()
+        seconds = self.elapsed()
+        if self.info.is_main:
+            summary = {
+                "iterations": self.it,
+                "train_seconds": seconds,
+                "best_miou": self.best,
+                **_scalars(self.metrics),
+            }
+            per_class = _per_class(self.metrics, self.val_set)
+            save_atomic_json(self.run_dir / "metrics.json", {**summary, "per_class": per_class})
             from .plots import plot_training_curves
 
-            plot_training_curves(run_dir / "log.jsonl", run_dir / "curves.png")
-        except ImportError:  # pragma: no cover - plots are optional
-            pass
-    return TrainResult(run_dir, it, metrics, best, seconds, last_ckpt, stopped, exp.resolved)
+            plot_training_curves(self.log_path, self.run_dir / "curves.png")
+        return TrainResult(
+            self.run_dir, self.it, self.metrics, self.best, seconds, self.last_ckpt, self.stopped, self.exp.resolved
+        )
 
 
 def _fit_budget(
