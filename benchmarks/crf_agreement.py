@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from densepred.crf import (
-    _CANDIDATE_BUDGET,
+    CANDIDATE_BUDGET,
     PRESETS,
     CRFParams,
-    _features,
-    _TruncatedGaussian,
+    TruncatedGaussian,
+    crf_features,
     dense_crf,
     dense_crf_exact,
 )
@@ -47,9 +47,9 @@ def random_input(h: int, w: int, c: int, seed: int) -> tuple[np.ndarray, np.ndar
 def agreement(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> tuple[str, float, float, float | None]:
     """(path the default took, default, lattice-only, pydensecrf) label agreement with the exact CRF."""
     exact = dense_crf_exact(image, probs, params).argmax(0)
-    features, _ = _features(torch.from_numpy(image).permute(2, 0, 1)[None], params)
+    features, _ = crf_features(torch.from_numpy(image).permute(2, 0, 1)[None], params)
     groups = torch.zeros(features.shape[0], dtype=torch.int64)
-    path = "exact sums" if _TruncatedGaussian.build(features, groups, _CANDIDATE_BUDGET) else "lattice"
+    path = "exact sums" if TruncatedGaussian.build(features, groups, CANDIDATE_BUDGET) else "lattice"
     auto = (dense_crf(image, probs, params).argmax(0) == exact).mean()
     lattice = (dense_crf(image, probs, params, bilateral_kernel="lattice").argmax(0) == exact).mean()
     run_reference = pydensecrf_reference(image, probs, params)

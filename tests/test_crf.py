@@ -12,9 +12,9 @@ from densepred.crf import (
     EXACT_MAX_PIXELS,
     PRESETS,
     CRFParams,
-    _GridGaussian,
-    _RowSums,
-    _TruncatedGaussian,
+    GridGaussian,
+    RowSums,
+    TruncatedGaussian,
     dense_crf,
     dense_crf_exact,
     dense_crf_torch,
@@ -91,7 +91,7 @@ def test_truncated_kernel_is_the_exact_kernel_within_four_widths():
     rng = np.random.default_rng(0)
     features = torch.from_numpy(rng.uniform(0, [3, 3, 20, 20, 20], (300, 5))).float()
     groups = torch.arange(2).repeat_interleave(150)  # two images: no pairs across them
-    sparse = _TruncatedGaussian.build(features, groups, budget=10**6)
+    sparse = TruncatedGaussian.build(features, groups, budget=10**6)
     f = features.double()
     kernel = torch.exp(-0.5 * torch.cdist(f, f).square())
     kernel[torch.cdist(f, f) >= 4] = 0
@@ -101,7 +101,7 @@ def test_truncated_kernel_is_the_exact_kernel_within_four_widths():
     expected = 2.0 * norm * (kernel @ (norm * q.double()))
     np.testing.assert_allclose(sparse.normalised(2.0)(q).numpy(), expected.numpy(), atol=1e-5)
     # over budget: dense features are left to the lattice
-    assert _TruncatedGaussian.build(features * 0.01, groups, budget=64) is None
+    assert TruncatedGaussian.build(features * 0.01, groups, budget=64) is None
 
 
 def _pydensecrf(image: np.ndarray, probs: np.ndarray, params: CRFParams) -> np.ndarray:
@@ -133,14 +133,14 @@ def test_sparse_rows_match_dense_matrix():
     dense[3] = 0  # an empty row sums to zero
     rows, cols = np.nonzero(dense)
     offsets = np.searchsorted(rows, np.arange(7))
-    matrix = _RowSums(torch.from_numpy(cols), torch.from_numpy(offsets), torch.from_numpy(dense[rows, cols]).float())
+    matrix = RowSums(torch.from_numpy(cols), torch.from_numpy(offsets), torch.from_numpy(dense[rows, cols]).float())
     x = torch.randn(5, 3)
     np.testing.assert_allclose((matrix @ x).numpy(), dense @ x.numpy(), atol=1e-5)
 
 
 def test_grid_gaussian_is_the_exact_smoothness_kernel():
     n, h, w, theta = 2, 9, 7, 1.3
-    grid = _GridGaussian(n, h, w, theta, torch.device("cpu"))
+    grid = GridGaussian(n, h, w, theta, torch.device("cpu"))
     ys, xs = np.mgrid[:h, :w]
     pos = np.stack([xs.ravel(), ys.ravel()], 1) / theta
     kernel = np.exp(-0.5 * ((pos[:, None] - pos[None]) ** 2).sum(-1))

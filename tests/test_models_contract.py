@@ -8,7 +8,8 @@ import torch
 
 import densepred
 from densepred.models.unet import unet_valid_size
-from densepred.zoo import _theoretical_copy, measure_receptive_field, summarize
+from densepred.zoo import summarize
+from receptive_field import measure_receptive_field, theoretical_copy
 from slim import HEAVY, slim
 
 # Contracts run over the whole registry: the 134M-parameter nets as slim copies of the same
@@ -95,7 +96,7 @@ _NARROW = {"unet": dict(base_channels=8), "unet_padded": dict(base_channels=8)}
 def test_declared_receptive_field_is_measured(name):
     probe, in_ch, height, phases = _RF_PROBES[name]
     model = densepred.create_model(name, num_classes=2, in_channels=in_ch, **_NARROW.get(name, {}))
-    model = _theoretical_copy(slim(model) if name in HEAVY else model)
+    model = theoretical_copy(slim(model) if name in HEAVY else model)
     width = unet_valid_size(256)[0] if name == "unet" else 256
     rf = measure_receptive_field(probe(model), in_ch, height, width, phases=phases)
     assert rf == densepred.model_entry(name).receptive_field

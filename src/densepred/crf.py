@@ -48,6 +48,12 @@ __all__ = [
     "dense_crf_torch",
     "dense_crf_exact",
     "EXACT_MAX_PIXELS",
+    # building blocks, tested on their own
+    "RowSums",
+    "TruncatedGaussian",
+    "GridGaussian",
+    "CANDIDATE_BUDGET",
+    "crf_features",
 ]
 
 # "auto": the exact truncated kernel where features are sparse, else the lattice; "lattice": always
@@ -230,7 +236,7 @@ class _Lattice:
             neighbours.append((forward, backward[:m]))
         return neighbours
 
-    def _blurs(self, neighbours: list[tuple[Tensor, Tensor]]) -> list[_RowSums]:
+    def _blurs(self, neighbours: list[tuple[Tensor, Tensor]]) -> list[RowSums]:
         """The d+1 blurs [1/2, 1, 1/2] (Adams et al. Sec. 4, as pydensecrf) as sparse row sums."""
         m, device = self.num_vertices, self.device
         rows = torch.arange(m, device=device)
@@ -247,10 +253,10 @@ class _Lattice:
             cols[torch.where(has_b.bool(), first + 1 + has_f, nnz)] = backward
             values = torch.full((nnz,), 0.5, device=device)
             values[first] = 1.0
-            blurs.append(_RowSums(cols[:nnz], first, values))
+            blurs.append(RowSums(cols[:nnz], first, values))
         return blurs
 
-    def _chain(self, scale_in: Tensor | None, scale_out: Tensor | None) -> list[_RowSums]:
+    def _chain(self, scale_in: Tensor | None, scale_out: Tensor | None) -> list[RowSums]:
         """``diag(scale_out) Slice Blur Splat diag(scale_in)``, the diagonal scalings folded into
         the splat's and slice's weights so that they cost nothing per iteration."""
         into = self.sorted_weights
@@ -259,8 +265,8 @@ class _Lattice:
         out = self.weights * self.alpha
         if scale_out is not None:
             out *= scale_out.reshape(-1).repeat_interleave(self.dim + 1)
-        splat = _RowSums(self.sorted_pixel, self.vertex_ptr, into)
-        return [splat, *self.blurs, _RowSums(self.vertex_of, self.pixel_ptr, out)]
+        splat = RowSums(self.sorted_pixel, self.vertex_ptr, into)
+        return [splat, *self.blurs, RowSums(self.vertex_of, self.pixel_ptr, out)]
 
     def filter(self, values: Tensor) -> Tensor:
         """Approximate Gaussian filtering: ``out_i = sum_j exp(-|f_i - f_j|^2 / 2) values_j`` (P, C)."""
@@ -273,7 +279,7 @@ class _Lattice:
 
 
 @dataclass(frozen=True)
-class _RowSums:
+class RowSums:
     """A sparse matrix by rows: ``out[i] = sum_k weights[k] * x[indices[k]]`` over row i's
     entries, which start at ``offsets[i]`` (CSR without the last pointer).
 
@@ -290,7 +296,7 @@ class _RowSums:
         return F.embedding_bag(self.indices, x, self.offsets, mode="sum", per_sample_weights=self.weights)
 
 
-def _apply_chain(matrices: list[_RowSums], values: Tensor) -> Tensor:
+def _apply_chain(matrices: list[RowSums], values: Tensor) -> Tensor:
     for matrix in matrices:
         values = matrix @ values
     return values
@@ -302,13 +308,13 @@ _TRUNCATE_AT = 4.0
 # per pixel. That bounds its build (measured at 500x375: 1-2 s, a lattice build ~0.5 s) and its
 # messages: the pairs kept are a fraction of the candidates (~2% for evenly spread features, a
 # ball inside 3^5 cells), so they cost less than the lattice's splat, blurs and slice.
-_CANDIDATE_BUDGET = 512
+CANDIDATE_BUDGET = 512
 # ... and at most this many in all, whatever the image size: the pairs kept (int64 row and column,
 # float32 weight) then stay under ~1.3 GB even if every candidate is kept.
 _MAX_CANDIDATES = 2**26
 
 
-class _TruncatedGaussian:
+class TruncatedGaussian:
     """The exact kernel ``exp(-|f_i - f_j|^2 / 2)`` summed over the pairs closer than
     :data:`_TRUNCATE_AT`, as one sparse matrix: O(N) per iteration where features are sparse.
 
@@ -319,11 +325,11 @@ class _TruncatedGaussian:
     explicit sum is cheap (:func:`_near_pairs`).
     """
 
-    def __init__(self, kernel: _RowSums, rows: Tensor) -> None:
+    def __init__(self, kernel: RowSums, rows: Tensor) -> None:
         self.kernel, self.rows = kernel, rows  # rows[k]: the row of the kernel's entry k
 
     @classmethod
-    def build(cls, features: Tensor, groups: Tensor, budget: int) -> _TruncatedGaussian | None:
+    def build(cls, features: Tensor, groups: Tensor, budget: int) -> TruncatedGaussian | None:
         """The kernel over ``features`` (P, d), or None when the pairs to examine would average
         more than ``budget`` per pixel (dense features: the lattice's job)."""
         pairs = _near_pairs(features.to(torch.float32), groups, _TRUNCATE_AT, budget)
@@ -333,7 +339,7 @@ class _TruncatedGaussian:
         # Row-major (CSR) in pixel order: each pixel's row holds at least itself.
         rows, order = torch.sort(rows)
         per_row = torch.bincount(rows, minlength=features.shape[0])
-        kernel = _RowSums(cols[order], per_row.cumsum(0) - per_row, torch.exp(-0.5 * sq_dist[order]))
+        kernel = RowSums(cols[order], per_row.cumsum(0) - per_row, torch.exp(-0.5 * sq_dist[order]))
         return cls(kernel, rows)
 
     def normalised(self, weight: float):
@@ -341,7 +347,7 @@ class _TruncatedGaussian:
         k = self.kernel
         norm = k.weights.new_zeros(k.offsets.numel()).index_add_(0, self.rows, k.weights).rsqrt_()
         weights = weight * norm[self.rows] * k.weights * norm[k.indices]
-        return partial(_RowSums.__matmul__, dataclasses.replace(k, weights=weights))
+        return partial(RowSums.__matmul__, dataclasses.replace(k, weights=weights))
 
 
 def _near_pairs(f: Tensor, groups: Tensor, radius: float, budget: int) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -403,7 +409,7 @@ def _search(sorted_keys: Tensor, queries: Tensor, right: bool) -> Tensor:
     return torch.searchsorted(sorted_keys, queries, right=right)
 
 
-class _GridGaussian:
+class GridGaussian:
     """Exact position-only Gaussian ``exp(-|p_i - p_j|^2 / (2 theta^2))`` on the pixel grid.
 
     The smoothness kernel depends on position alone, so it is separable and shift-invariant:
@@ -421,7 +427,7 @@ class _GridGaussian:
         self.taps = torch.exp(-0.5 * (self.offsets / theta) ** 2)
         self.shape = (n, h, w)
 
-    def _banded(self, size: int, blocks: int, scale: float = 1.0, normalise: bool = False) -> _RowSums:
+    def _banded(self, size: int, blocks: int, scale: float = 1.0, normalise: bool = False) -> RowSums:
         """``blocks`` copies of the (size x size) banded Gaussian ``s K`` (or ``s D^-1/2 K D^-1/2``
         with ``D = K 1`` when ``normalise``) along the diagonal. Every row keeps all taps; those
         outside the image get weight 0."""
@@ -434,13 +440,13 @@ class _GridGaussian:
             norm = weights.sum(1).rsqrt()
             weights = norm[:, None] * weights * norm[j]
         base = (torch.arange(blocks, device=j.device) * size).repeat_interleave(size)[:, None]
-        return _RowSums(
+        return RowSums(
             (j.repeat(blocks, 1) + base).reshape(-1),
             torch.arange(0, blocks * size * len(self.taps), len(self.taps), device=j.device),
             (scale * weights).repeat(blocks, 1).reshape(-1).float(),
         )
 
-    def _message(self, along_h: _RowSums, along_w: _RowSums):
+    def _message(self, along_h: RowSums, along_w: RowSums):
         n, h, w = self.shape
         return lambda q: along_w @ (along_h @ q.reshape(n * h, -1)).view(n * h * w, -1)
 
@@ -493,7 +499,7 @@ def _check_batch(images: Tensor, probs: Tensor) -> None:
         raise ValueError(f"probs must be floating point, got {probs.dtype}")
 
 
-def _features(images: Tensor, params: CRFParams) -> tuple[Tensor, Tensor]:
+def crf_features(images: Tensor, params: CRFParams) -> tuple[Tensor, Tensor]:
     """Per-pixel (x, y, r, g, b) features, flattened to (N*H*W, 5), x = column as in pydensecrf."""
     n, _, h, w = images.shape
     ys, xs = torch.meshgrid(
@@ -568,13 +574,13 @@ def dense_crf_torch(
     # (P, C) row-major: the filters read each pixel's C values as one contiguous row.
     unary = _unary(probs.to(torch.float32).permute(0, 2, 3, 1).contiguous().view(-1, c), logits)
     groups = torch.arange(n, device=probs.device).repeat_interleave(h * w)
-    bilateral, smooth = _features(images, params)
+    bilateral, smooth = crf_features(images, params)
     messages = []
     if params.w1 > 0 and params.iterations > 0:
-        sparse = _TruncatedGaussian.build(bilateral, groups, _CANDIDATE_BUDGET) if bilateral_kernel == "auto" else None
+        sparse = TruncatedGaussian.build(bilateral, groups, CANDIDATE_BUDGET) if bilateral_kernel == "auto" else None
         messages.append((sparse or _Lattice(bilateral, groups)).normalised(float(params.w1)))
     if params.w2 > 0 and params.iterations > 0:
-        messages.append(_GridGaussian(n, h, w, params.theta_gamma, probs.device).normalised(float(params.w2)))
+        messages.append(GridGaussian(n, h, w, params.theta_gamma, probs.device).normalised(float(params.w2)))
     q = _mean_field(unary, messages, params.iterations)
     return q.reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
 
@@ -654,7 +660,7 @@ def dense_crf_exact(image: np.ndarray, probs: np.ndarray, params: CRFParams, *, 
     images = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None]
     p = torch.from_numpy(np.asarray(probs, dtype=np.float64)).permute(1, 2, 0).reshape(-1, c)
     unary = (-torch.log_softmax(p, 1) if logits else -torch.log(p.clamp(min=_PROB_CLIP))).to(torch.float64)
-    bilateral, smooth = _features(images, params)
+    bilateral, smooth = crf_features(images, params)
 
     messages = [
         _DenseGaussian(f).normalised(float(w_)) for w_, f in ((params.w1, bilateral), (params.w2, smooth)) if w_ > 0
