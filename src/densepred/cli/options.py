@@ -43,7 +43,8 @@ def add_inference_options(parser: argparse.ArgumentParser) -> None:
         if f.name not in INFERENCE_HELP:
             continue
         default = getattr(defaults, f.name)
-        kwargs: dict[str, Any] = {"dest": f.name, "help": f"{INFERENCE_HELP[f.name]} (default: {default})"}
+        shown = f"{default:.3g}" if isinstance(default, float) else default
+        kwargs: dict[str, Any] = {"dest": f.name, "help": f"{INFERENCE_HELP[f.name]} (default: {shown})"}
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if f.name == "crf":
