@@ -30,7 +30,8 @@ def run_summary(result) -> str:
     """Iterations, time, precision and the machine: a figure holds for the CPU it was taken on."""
     r = result.resolved
     fit = r.get("budget_fit")
-    fitted = f" (of {fit['requested']}, fitted to train.max_minutes={fit['budget_minutes']})" if fit else ""
+    cut = fit and fit["iterations"] < fit["requested"]
+    fitted = f" (of {fit['requested']}, fitted to train.max_minutes={fit['budget_minutes']})" if cut else ""
     m = r.get("machine", {})
     return (
         f"trained {result.iterations} iterations{fitted} in {result.train_seconds:.0f} s, precision "
