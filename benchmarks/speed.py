@@ -184,9 +184,19 @@ def machine() -> dict:
     return machine_info().to_dict()
 
 
-def run_speed(path: Path, *, only: list[str] | None = None, force: bool = False) -> dict:
+def load_results(path: Path, *, force: bool) -> dict:
+    """The results measured so far, to add to, on this machine only: a file from another machine
+    (or one that did not record it) is measured again, so a table never mixes machines."""
     results = json.loads(path.read_text()) if path.exists() and not force else {}
+    if results and results.get("machine") != machine():
+        print(f"{path}: measured on another machine ({results.get('machine')}); measuring again", flush=True)
+        results = {}
     results["machine"] = machine()
+    return results
+
+
+def run_speed(path: Path, *, only: list[str] | None = None, force: bool = False) -> dict:
+    results = load_results(path, force=force)
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():

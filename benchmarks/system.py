@@ -26,7 +26,7 @@ from densepred.build import build_dataset
 from densepred.config import apply_overrides, experiment_from_dict, load_experiment, resolve_config
 from densepred.data import make_loader
 
-from .speed import machine
+from .speed import load_results
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "src" / "densepred" / "configs"
 
@@ -78,13 +78,11 @@ def _one_thread() -> Iterator[None]:
 
 
 def run_system(path: Path, data_root: Path, *, force: bool = False) -> dict:
-    results = json.loads(path.read_text()) if path.exists() and not force else {}
+    results = load_results(path, force=force)
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def save():
         path.write_text(json.dumps(results, indent=2))
-
-    results["machine"] = machine()
 
     loaders = results.setdefault("loader", {})
     for recipe in sorted(RECIPES_DIR.glob("*.yaml")):
