@@ -320,6 +320,8 @@ def test_bad_values_name_the_option_and_the_valid_range(override, message):
             r"YAML aliases \(\*a\) are not allowed in recipes",
         ),
         (b"optim: {learning_rate: 0.1}\n", r"unknown key\(s\) optim.learning_rate; valid keys in 'optim': betas"),
+        (b"optim: {lr: 0.1}\noptim: {lr: 0.2}\n", r"key 'optim' is given twice \(first on line 1\)"),
+        (b"optim:\n  lr: 0.1\n  lr: 0.2\n", r"key 'lr' is given twice \(first on line 2\)"),
     ],
 )
 def test_bad_config_files_name_the_file_and_the_fault(tmp_path, text, message):

@@ -355,7 +355,22 @@ def experiment_from_dict(raw: dict[str, Any]) -> Experiment:
 
 class _NoAliasLoader(yaml.SafeLoader):
     """safe_load without aliases: nested ``*refs`` ("billion laughs") would expand exponentially when
-    the resolved config is copied and saved. Recipes never need them."""
+    the resolved config is copied and saved. Recipes never need them. A key given twice in one
+    mapping is an error too: YAML would keep the last silently, and a recipe says each thing once."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[no-untyped-def]
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (first on line {seen[key].start_mark.line + 1}); keep one",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
     def compose_node(self, parent, index):  # type: ignore[no-untyped-def]
         if self.check_event(yaml.AliasEvent):
