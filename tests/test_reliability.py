@@ -357,3 +357,44 @@ def test_non_finite_steps_are_skipped_when_allowed(tmp_path, monkeypatch, where,
     three = _weights(ckpt / "iter_0000003.pt")
     assert all(torch.isfinite(v).all() for v in three.values())
     assert any(not torch.equal(three[k], v) for k, v in _weights(ckpt / "iter_0000002.pt").items())  # step 3 ran
+
+
+def test_resume_where_no_checkpoint_loads_stops_and_changes_nothing(tmp_path):
+    """Before: a warning per file, then training from zero, the damaged files pruned, the log replaced."""
+    run = tmp_path / "run"
+    exp = _tiny("train.iterations=4", "train.checkpoint_every=2", "train.keep_last=5")
+    train(exp, run, progress=False)
+    files = sorted((run / "checkpoints").glob("iter_*.pt"))
+    for f in files:
+        f.write_bytes(b"not a checkpoint")
+    log = (run / "log.jsonl").read_text()
+    with pytest.raises(
+        CheckpointError, match=r"(?s)cannot resume: no checkpoint in \S+ loads \(iter_0000004.pt: .*iter_0000002.pt"
+    ):
+        train(exp, run, resume=True, progress=False)
+    assert sorted((run / "checkpoints").glob("iter_*.pt")) == files  # nothing deleted
+    assert all(f.read_bytes() == b"not a checkpoint" for f in files)
+    assert (run / "log.jsonl").read_text() == log
+
+
+def test_after_a_resume_the_log_holds_each_iteration_once(tmp_path, monkeypatch):
+    import densepred.trainer as trainer
+
+    run = tmp_path / "run"
+    exp = _tiny("train.iterations=10", "train.checkpoint_every=5", "train.log_every=1")
+    real = trainer.lr_factor
+
+    def crash_at_8(it, total, s):
+        if it == 8:
+            raise KeyboardInterrupt  # iterations 6-8 were logged after the checkpoint of iteration 5
+        return real(it, total, s)
+
+    monkeypatch.setattr(trainer, "lr_factor", crash_at_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(exp, run, progress=False)
+    with (run / "log.jsonl").open("a") as f:
+        f.write('{"iter": 8, "loss": 0.')  # the torn line a kill -9 leaves
+    monkeypatch.setattr(trainer, "lr_factor", real)
+    train(exp, run, resume=True, progress=False)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records if "loss" in r] == list(range(1, 11))

@@ -136,12 +136,21 @@ class CheckpointManager:
         return stale
 
     def latest(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest checkpoint that loads; a damaged newer file is skipped with a warning."""
+        """The newest checkpoint that loads (None in a folder without any); a damaged newer file
+        is skipped with a warning. If there are checkpoints and none loads, resuming would
+        silently start over: a :class:`CheckpointError` lists each file and why instead."""
+        failures = []
         for path in reversed(self.iteration_files()):
             try:
                 return path, load_checkpoint(path)
             except CheckpointError as exc:
                 print(f"warning: skipping {path}: {exc}")
+                failures.append(f"{path.name}: {exc}")
+        if failures:
+            raise CheckpointError(
+                f"cannot resume: no checkpoint in {self.folder} loads ({'; '.join(failures)}). Nothing was "
+                "changed; restore a good checkpoint there, or train into a new run folder"
+            )
         return None
 
 

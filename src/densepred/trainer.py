@@ -231,6 +231,23 @@ def _make_loader(exp: Experiment, dataset, info: DistInfo, start_batch: int) -> 
     )
 
 
+def _trim_log(path: Path, iteration: int) -> None:
+    """Drop the log records past ``iteration`` (and a torn last line): the steps a killed process
+    logged after its last checkpoint are run again by the resumed one, and each is logged once."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and int(record.get("iter", 0)) <= iteration:
+            kept.append(line + "\n")
+    text = "".join(kept).encode()
+    write_atomic(path, lambda f: f.write(text), what="training log")
+
+
 def _log(path: Path, record: dict[str, Any]) -> None:
     try:
         with path.open("a") as f:
@@ -327,6 +344,7 @@ class _Run:
             if info.is_main:
                 planned = self.budget_fit["iterations"] if self.budget_fit else t.iterations
                 print(f"resuming from {path} (iteration {self.it} of {planned})")
+                _trim_log(self.log_path, self.it)
         elif info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             _write_config(self.run_dir, self.exp)
