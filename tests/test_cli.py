@@ -69,3 +69,23 @@ def test_user_errors_exit_2_with_one_line_in_every_group(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"densepred {' '.join(argv[:2]) if argv[0] == 'data' else argv[0]}: error:"), err
         assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--port", "99999", "must be between 0 and 65535"),
+        ("--max-pixels", "-5", "must be >= 1"),
+        ("--max-upload-mb", "-1", "must be >= 0.001"),
+        ("--max-upload-mb", "nan", "out of range"),
+        ("--concurrency", "0", "must be >= 1"),
+        ("--port", "http", "is not an integer"),
+    ],
+)
+def test_serve_numbers_are_range_checked_where_they_are_parsed(option, value, message, capsys):
+    """Before: --port 99999 was an OverflowError traceback; negative limits were accepted."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--checkpoint", "c.pt", option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}" in err and message in err

@@ -244,6 +244,37 @@ def test_cli_export_options_and_errors(checkpoint, tmp_path, capsys):
     assert "would overwrite the checkpoint" in capsys.readouterr().err
 
 
+def test_cli_export_writes_what_the_file_name_says(checkpoint, tmp_path, capsys):
+    """Before: ``--out m.onnx`` without ``--format`` wrote safetensors bytes into m.onnx (exit 0)."""
+    from densepred.cli import main
+
+    out = tmp_path / "m.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out)]) == 0
+    assert read_metadata(out)["model"] == "unet_padded"  # an ONNX file with our metadata
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "w.pt")]) == 0
+    assert read_metadata(tmp_path / "w.pt")["model"] == "unet_padded"  # TorchScript
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "safetensors", "--out", str(out)]) == 2
+    assert "--format safetensors but --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.pop("config"), "no 'config' entry"),
+        (lambda s: s["config"]["model"].update(name="fcn8s", options={}), "weights do not fit fcn8s"),
+    ],
+)
+def test_cli_export_refuses_checkpoints_the_other_commands_refuse(checkpoint, tmp_path, capsys, edit, message):
+    from densepred.checkpoint import load_checkpoint, save_atomic
+    from densepred.cli import main
+
+    state = load_checkpoint(checkpoint)
+    edit(state)
+    bad = save_atomic(state, tmp_path / "edited.pt")
+    assert main(["export", "--checkpoint", str(bad), "--format", "safetensors"]) == 2
+    assert message in capsys.readouterr().err
+
+
 class _FullDisk:
     """A file object that accepts ``room`` bytes, then fails as a full disk does (ENOSPC)."""
 

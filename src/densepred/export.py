@@ -266,12 +266,35 @@ def default_export_path(checkpoint: str | Path, fmt: str) -> Path:
     return checkpoint.with_name(checkpoint.stem + EXPORT_FORMATS[fmt])
 
 
-def export_checkpoint(
-    checkpoint: str | Path, fmt: str, out: str | Path | None = None, *, opset: int = DEFAULT_OPSET
-) -> Path:
-    """Export a training checkpoint as ``fmt`` (``onnx``, ``torchscript`` or ``safetensors``)."""
-    from .checkpoint import export_safetensors
+def format_of(path: str | Path) -> str | None:
+    """The export format a file name says (``.onnx``, ``.safetensors``, ``.pt``/``.ts``: TorchScript)."""
+    name = Path(path).name.lower()
+    if name.endswith(".onnx"):
+        return "onnx"
+    if name.endswith(".safetensors"):
+        return "safetensors"
+    if name.endswith((".pt", ".ts", ".torchscript")):
+        return "torchscript"
+    return None
 
+
+def export_checkpoint(
+    checkpoint: str | Path, fmt: str | None = None, out: str | Path | None = None, *, opset: int = DEFAULT_OPSET
+) -> Path:
+    """Export a training checkpoint as ``fmt`` (``onnx``, ``torchscript`` or ``safetensors``).
+
+    Without ``fmt`` the format follows ``out``'s suffix (safetensors when neither says); a
+    format and a suffix that disagree are an error, so a file always holds what its name says.
+    The checkpoint is validated as every other command does (its model must build and load).
+    """
+    from .checkpoint import export_safetensors, load_trained
+
+    if out is not None and Path(out).resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"the output {out} would overwrite the checkpoint; choose another file name")
+    named = format_of(out) if out is not None else None
+    if fmt is not None and named is not None and fmt != named:
+        raise ValueError(f"--format {fmt} but --out {out} names a {named} file; make them agree")
+    fmt = fmt or named or "safetensors"
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     out = Path(out) if out is not None else default_export_path(checkpoint, fmt)
@@ -281,6 +304,7 @@ def export_checkpoint(
         return export_onnx(checkpoint, out, opset=opset)
     if fmt == "torchscript":
         return export_torchscript(checkpoint, out)
+    load_trained(checkpoint, "meta")  # refuses what the other commands refuse, without allocating weights
     return export_safetensors(checkpoint, out)
 
 

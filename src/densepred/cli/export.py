@@ -9,9 +9,9 @@ __all__ = ["add_commands"]
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ..export import DEFAULT_OPSET, export_checkpoint
+    from ..export import DEFAULT_OPSET, export_checkpoint, format_of
 
-    if args.opset is not None and args.format != "onnx":
+    if args.opset is not None and (args.format or format_of(args.out or "")) != "onnx":
         raise ValueError("--opset applies to --format onnx only")
     try:
         out = export_checkpoint(args.checkpoint, args.format, args.out, opset=args.opset or DEFAULT_OPSET)
@@ -31,7 +31,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="export a checkpoint: ONNX or TorchScript (any input size, preprocessing in the file) or weights",
     )
     p.add_argument("--checkpoint", required=True, help="a training checkpoint (run/checkpoints/*.pt)")
-    p.add_argument("--format", choices=["onnx", "torchscript", "safetensors"], default="safetensors")
+    p.add_argument(
+        "--format",
+        choices=["onnx", "torchscript", "safetensors"],
+        help="default: what --out's suffix says (.onnx, .pt, .safetensors), else safetensors",
+    )
     p.add_argument(
         "--out", help="output file (default: next to the checkpoint, .onnx / .torchscript.pt / .safetensors)"
     )

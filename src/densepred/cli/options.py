@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
+from collections.abc import Callable
 from typing import Any, Literal
 
 from ..config import ConfigError, EvalConfig, coerce
 
-__all__ = ["add_inference_options", "inference_options", "INFERENCE_HELP"]
+__all__ = ["add_inference_options", "inference_options", "INFERENCE_HELP", "in_range"]
 
 # One line of help per EvalConfig field offered on the command line.
 INFERENCE_HELP: dict[str, str] = {
@@ -88,3 +89,20 @@ def _key_value(item: str) -> tuple[str, float]:
         return key, float(value)
     except ValueError:
         raise ValueError(f"--crf-param {item!r} must look like name=number, e.g. w1=5") from None
+
+
+def in_range(kind: type, low: float, high: float | None = None) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses ``kind`` and refuses values outside ``[low, high]``,
+    so a bad number is a usage error naming the option, never a traceback later."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not (value >= low and (high is None or value <= high)) or value != value:
+            bounds = f"between {low:g} and {high:g}" if high is not None else f">= {low:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bounds}")
+        return value
+
+    return parse

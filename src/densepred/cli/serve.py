@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from .options import add_inference_options, inference_options
+from .options import add_inference_options, in_range, inference_options
 
 __all__ = ["add_commands"]
 
@@ -47,11 +47,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="a web page and HTTP API that segment uploaded images (needs [serve])")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=in_range(int, 0, 65535), default=8000, help="TCP port (0: any free one)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload, in MiB")
-    p.add_argument("--max-pixels", type=int, default=25_000_000, help="largest accepted image, width x height")
-    p.add_argument("--concurrency", type=int, default=2, help="inferences run at once")
-    p.add_argument("--queue", type=int, default=16, help="requests that may wait; more get 503")
+    p.add_argument("--max-upload-mb", type=in_range(float, 0.001), default=10.0, help="largest accepted upload, in MiB")
+    p.add_argument(
+        "--max-pixels", type=in_range(int, 1), default=25_000_000, help="largest accepted image, width x height"
+    )
+    p.add_argument("--concurrency", type=in_range(int, 1), default=2, help="inferences run at once")
+    p.add_argument("--queue", type=in_range(int, 0), default=16, help="requests that may wait; more get 503")
     add_inference_options(p)
     p.set_defaults(func=_cmd_serve)
