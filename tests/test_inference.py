@@ -211,3 +211,22 @@ def test_predict_with_crf(checkpoint, tmp_path):
     assert main(args) == 0
     assert (out / "img0.png").is_file()
     assert main([*args[:-1], "w9=5"]) == 2  # unknown CRF parameter is a clear error
+
+
+def test_predict_over_many_files_reports_each_failure_and_writes_the_rest(checkpoint, tmp_path, capsys):
+    """Before: one bad file among good ones stopped the command with nothing written for the others."""
+    from densepred.cli import main
+
+    images = _images(tmp_path / "in", n=2)
+    (images / "a_broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")  # sorted first
+    out = tmp_path / "out"
+    args = ["predict", "--checkpoint", str(checkpoint), str(images), "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "a_broken.png" in err and "1 of 3 inputs failed" in err
+    assert sorted(p.name for p in out.glob("img*.png") if "overlay" not in p.name) == ["img0.png", "img1.png"]
+
+    fast = tmp_path / "fast"
+    assert main([*args[:4], "--out", str(fast), "--no-progress", "--fail-fast"]) == 2
+    assert "a_broken.png" in capsys.readouterr().err
+    assert not list(fast.glob("img*.png"))  # stopped at the first input

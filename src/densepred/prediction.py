@@ -6,6 +6,7 @@ import glob
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ __all__ = [
     "predict",
     "collect_inputs",
     "predict_files",
+    "PredictedFiles",
     "save_index_png",
     "overlay",
     "predict_dataset_figures",
@@ -122,17 +124,39 @@ def collect_inputs(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(found))  # keep order, drop repeats
 
 
+class PredictedFiles(NamedTuple):
+    written: list[Path]  # the masks written
+    failed: list[tuple[Path, str]]  # inputs that could not be read, and why
+
+
 def predict_files(
-    predictor: Predictor, inputs: list[str], out: str | Path, *, probabilities: bool = False, progress: bool = True
-) -> list[Path]:
+    predictor: Predictor,
+    inputs: list[str],
+    out: str | Path,
+    *,
+    probabilities: bool = False,
+    progress: bool = True,
+    fail_fast: bool = False,
+) -> PredictedFiles:
     """Segment every input image: ``NAME.png`` (class ids, palette PNG), ``NAME_overlay.png``,
-    and with ``probabilities`` one 8-bit map per class in ``NAME_probs/``. Returns the masks."""
+    and with ``probabilities`` one 8-bit map per class in ``NAME_probs/``.
+
+    An input that cannot be read (damaged, not an image, the wrong channels) is reported in
+    ``failed`` and the others are still segmented; ``fail_fast`` raises at the first instead.
+    A failed write (a full disk) always stops: every later file would fail the same way.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    trained, written = predictor.trained, []
+    trained, written, failed = predictor.trained, [], []
     for path in tqdm(collect_inputs(inputs), desc="predict", unit="img", disable=not progress):
-        image = read_image(path, channels=trained.in_channels)
-        labels, probs = predictor(image)
+        try:
+            image = read_image(path, channels=trained.in_channels)
+            labels, probs = predictor(image)
+        except ValueError as exc:  # DataError included: the file's own fault, named in the message
+            if fail_fast:
+                raise
+            failed.append((path, str(exc)))
+            continue
         written.append(save_index_png(labels, trained.palette, out / f"{path.stem}.png"))
         Image.fromarray(overlay(image, labels, trained.palette)).save(out / f"{path.stem}_overlay.png")
         if probabilities:
@@ -140,7 +164,7 @@ def predict_files(
             folder.mkdir(exist_ok=True)
             for c, name in enumerate(trained.class_names):
                 Image.fromarray((probs[c] * 255).round().astype(np.uint8)).save(folder / f"{c:02d}_{name}.png")
-    return written
+    return PredictedFiles(written, failed)
 
 
 def predict_dataset_figures(run_dir: str | Path, count: int = 4) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .options import add_inference_options, inference_options
 
@@ -15,8 +16,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     predictor = Predictor.from_checkpoint(args.checkpoint, str(device), inference_options(args))
-    written = predict_files(predictor, args.inputs, args.out, probabilities=args.probs, progress=not args.no_progress)
+    written, failed = predict_files(
+        predictor,
+        args.inputs,
+        args.out,
+        probabilities=args.probs,
+        progress=not args.no_progress,
+        fail_fast=args.fail_fast,
+    )
     print(f"wrote {len(written)} masks (+ overlays{' and probability maps' if args.probs else ''}) to {args.out}")
+    for path, reason in failed:
+        print(
+            f"densepred predict: error: {reason}"
+            if str(path) in reason
+            else f"densepred predict: error: {path}: {reason}",
+            file=sys.stderr,
+        )
+    if failed:
+        print(f"densepred predict: {len(failed)} of {len(failed) + len(written)} inputs failed", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -28,5 +46,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probs", action="store_true", help="also write one probability map per class")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first input that cannot be read")
     add_inference_options(p)
     p.set_defaults(func=_cmd_predict)
