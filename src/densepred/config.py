@@ -426,8 +426,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        shipped = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
-        if not path.is_file() and path.parent == Path(".") and shipped.is_file():
+        if not path.is_file() and path.parent == Path(".") and (shipped := _shipped_recipe(path.name)):
             path = shipped  # a shipped recipe by name: load_experiment("synthetic_unet")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; shipped recipes are in configs/")
@@ -449,8 +448,12 @@ def resolve_config(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = CONFIG_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
-    if shipped.is_file():
+    if shipped := _shipped_recipe(name_or_path):
         return shipped
     names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
     raise FileNotFoundError(f"config {name_or_path!r} is neither a file nor a shipped recipe; shipped: {names}")
+
+
+def _shipped_recipe(name: str) -> Path | None:
+    path = CONFIG_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    return path if path.is_file() else None

@@ -25,13 +25,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         fail_fast=args.fail_fast,
     )
     print(f"wrote {len(written)} masks (+ overlays{' and probability maps' if args.probs else ''}) to {args.out}")
-    for path, reason in failed:
-        print(
-            f"densepred predict: error: {reason}"
-            if str(path) in reason
-            else f"densepred predict: error: {path}: {reason}",
-            file=sys.stderr,
-        )
+    for path, reason in failed:  # the reader's errors name the file; others get it in front
+        named = reason if str(path) in reason else f"{path}: {reason}"
+        print(f"densepred predict: error: {named}", file=sys.stderr)
     if failed:
         print(f"densepred predict: {len(failed)} of {len(failed) + len(written)} inputs failed", file=sys.stderr)
         return 2
