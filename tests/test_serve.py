@@ -192,13 +192,13 @@ def test_requests_beyond_the_queue_get_503(predictor):
     release = []
 
     class Slow:  # a predictor that holds its worker until told, to fill the pool deterministically
-        trained, device = predictor.trained, predictor.device
+        trained, device, options = predictor.trained, predictor.device, predictor.options
 
-        def __call__(self, image):
+        def labels(self, image, options):
             deadline = time.monotonic() + 30  # never hang the suite if the test goes wrong
             while not release and time.monotonic() < deadline:
                 time.sleep(0.01)
-            return predictor(image)
+            return predictor.labels(image, options)
 
     app = create_app(Slow(), max_concurrency=1, queue_size=1, warmup=False)
     data = _png(_scene())
@@ -274,7 +274,11 @@ def test_cli_serve_loads_the_checkpoint_once_and_runs_uvicorn(predictor, monkeyp
     calls = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
     monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(lambda cls, path, device: predictor))
-    assert main(["serve", "--checkpoint", str(tmp_path / "x.pt"), "--port", "8123", "--max-upload-mb", "1"]) == 0
+    argv = ["serve", "--checkpoint", str(tmp_path / "x.pt"), "--port", "8123", "--max-upload-mb", "1"]
+    assert main([*argv, "--memory-budget-mb", "300", "--read-timeout", "5"]) == 0
     ((app, kw),) = calls
+    protocol = kw.pop("http")
     assert kw == {"host": "127.0.0.1", "port": 8123, "log_level": "info"}
+    assert protocol.__name__ == "HeaderTimeoutH11"
     assert app.state.predictor is predictor
+    assert app.state.budget.total == 300 * 2**20

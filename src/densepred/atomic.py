@@ -16,6 +16,17 @@ from typing import BinaryIO
 __all__ = ["write_atomic", "WriteError"]
 
 
+def _default_mode() -> int:
+    """What ``open()`` would give a new file: 0o666 less the umask (mkstemp's 0o600 would make
+    checkpoints unreadable to the group that can read the rest of the run folder)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_MODE = _default_mode()
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -45,6 +56,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], *, what: s
     except OSError as exc:
         raise WriteError(exc.errno, f"cannot write {what} {path}: {exc.strerror or exc}") from exc
     try:
+        os.fchmod(fd, _MODE)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

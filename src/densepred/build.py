@@ -21,6 +21,7 @@ from .data import (
     eval_transform,
     unet_train,
 )
+from .footprint import check_model_size
 from .models.layers import FrozenBatchNorm2d
 from .registry import create_model
 
@@ -79,8 +80,16 @@ def freeze_batch_norm(model: nn.Module) -> nn.Module:
 
 
 def build_model(exp: Experiment, num_classes: int, in_channels: int) -> nn.Module:
+    """The recipe's model, after its size was checked on the meta device (nothing allocated).
+
+    Inside ``with torch.device("meta")`` (loading a checkpoint) the checked meta model is it.
+    """
     m = exp.model
-    model = create_model(m.name, num_classes=num_classes, in_channels=in_channels, pretrained=m.pretrained, **m.options)
+    model = check_model_size(exp, num_classes, in_channels)
+    if torch.get_default_device().type != "meta":
+        model = create_model(
+            m.name, num_classes=num_classes, in_channels=in_channels, pretrained=m.pretrained, **m.options
+        )
     if m.freeze_bn:
         freeze_batch_norm(model)
     return model

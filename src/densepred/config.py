@@ -55,10 +55,13 @@ class ModelConfig:
     channels_last: bool = False
     freeze_bn: bool = False  # eval-mode batch norm, statistics and affine fixed
     sync_bn: bool = False  # SyncBatchNorm under torchrun
+    # Checked on the meta device before anything is allocated (the largest net here: 134M).
+    max_parameters: int = 1_000_000_000
 
     def validate(self) -> None:
         from .registry import UnknownModelError, model_entry
 
+        _require(self.max_parameters >= 1, f"model.max_parameters must be >= 1, got {self.max_parameters}")
         try:
             entry = model_entry(self.name)
         except UnknownModelError as exc:  # unknown names list the close matches
@@ -114,6 +117,13 @@ class OptimConfig:
 
     def validate(self) -> None:
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
+        # Float32 parameters overflow long before this (1e308 became inf at the first step).
+        fastest = self.lr * max(1.0, self.bias_lr_mult, self.head_lr_mult)
+        _require(
+            fastest <= 1e3,
+            f"optim.lr={self.lr} makes the fastest layers step at lr {fastest:g}, above 1e3; "
+            "recipes train at 1e-10 (Caffe's summed loss) to 0.1",
+        )
         _require(0 <= self.momentum < 1, f"optim.momentum must be in [0, 1), got {self.momentum}")
         _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         for key in ("bias_lr_mult", "bias_decay_mult", "head_lr_mult"):
@@ -164,6 +174,8 @@ class TrainConfig:
     # iterations that fits the budget and lays the schedule over it (then stops there).
     max_minutes: float | None = None
     device: str = "auto"
+    # Refuse a batch x crop x model whose step, counted on the meta device, exceeds the RAM.
+    memory_check: bool = True
 
     def validate(self) -> None:
         _require(self.iterations >= 1, f"train.iterations must be >= 1, got {self.iterations}")

@@ -96,7 +96,7 @@ def sliding_window(
         for k, (y, x) in enumerate(chunk):
             logits[:, :, y : y + th, x : x + tw] += out[k * n : (k + 1) * n] * weight
             counts[:, :, y : y + th, x : x + tw] += weight
-    return logits / counts
+    return logits.div_(counts)  # in place: a large image holds one logits map, not two
 
 
 def mirror_pad(x: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:

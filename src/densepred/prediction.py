@@ -55,7 +55,8 @@ class Predictor:
         trained = load_trained(path, device)
         return cls(trained, torch.device(device), options or trained.experiment.eval)
 
-    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def logits(self, image: np.ndarray, options: EvalConfig | None = None) -> torch.Tensor:
+        """Float logits ``(1, classes, H, W)`` of a uint8 image, with ``options`` or the predictor's."""
         if image.ndim == 2:
             image = image[..., None]
         channels = self.trained.in_channels
@@ -63,11 +64,21 @@ class Predictor:
             raise ValueError(f"the model takes {channels}-channel images, got shape {image.shape}")
         norm = normalization_for(self.trained.normalization, channels)
         x = norm(np.ascontiguousarray(image))[None].to(self.device)
-        logits = predict_logits(self.trained.model, x, self.options)
+        return predict_logits(self.trained.model, x, options or self.options)
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits = self.logits(image)
         probs = torch.softmax(logits, 1)[0].cpu().numpy()
         if self.crf is not None:
             probs = dense_crf_any_channels(image, probs, self.crf)
-        return probs.argmax(0).astype(np.uint8), probs
+            return probs.argmax(0).astype(np.uint8), probs
+        return logits.argmax(1)[0].to(torch.uint8).cpu().numpy(), probs  # as labels(): ties never differ
+
+    def labels(self, image: np.ndarray, options: EvalConfig | None = None) -> np.ndarray:
+        """Class ids only: the logits' argmax, without keeping probabilities (unless the CRF needs them)."""
+        if self.crf is not None:
+            return self(image)[0]
+        return self.logits(image, options).argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 
 def predict(

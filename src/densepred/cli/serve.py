@@ -15,7 +15,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..serve import create_app
+        from ..serve import create_app, http_protocol
     except ImportError as exc:
         print(
             f"densepred serve: {exc.name} is missing; install the web extra: pip install 'densepred[serve]'",
@@ -37,9 +37,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         max_concurrency=args.concurrency,
         queue_size=args.queue,
+        memory_budget=int(args.memory_budget_mb * 2**20) if args.memory_budget_mb else None,
+        tile=args.tile_size,
+        timeout_s=args.timeout,
+        read_timeout_s=args.read_timeout,
     )
     print(f"densepred serve: {args.checkpoint} on http://{args.host}:{args.port}/ (API docs at /docs)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    budget = app.state.budget.total / 2**20
+    print(f"memory budget {budget:,.0f} MiB; larger images than their share run by {args.tile_size}-px tiles")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http_protocol(args.read_timeout))
     return 0
 
 
@@ -55,5 +61,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--concurrency", type=in_range(int, 1), default=2, help="inferences run at once")
     p.add_argument("--queue", type=in_range(int, 0), default=16, help="requests that may wait; more get 503")
+    p.add_argument(
+        "--memory-budget-mb",
+        type=in_range(float, 1),
+        help="memory admitted inferences may take together (default: half of what is available at start)",
+    )
+    p.add_argument(
+        "--tile-size", type=in_range(int, 32), default=512, help="sliding-window tile for images too large to run whole"
+    )
+    p.add_argument("--timeout", type=in_range(float, 0.1), default=60.0, help="inference deadline in s (then 504)")
+    p.add_argument(
+        "--read-timeout", type=in_range(float, 0.1), default=30.0, help="s a client may take to send headers or body"
+    )
     add_inference_options(p)
     p.set_defaults(func=_cmd_serve)
