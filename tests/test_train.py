@@ -122,7 +122,8 @@ def _write_recipe(tmp_path: Path) -> Path:
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
-    exp = _tiny("train.iterations=6", "train.checkpoint_every=2", "optim.lr=1e30", "optim.name=sgd", "optim.momentum=0")
+    exp = _tiny("train.iterations=6", "train.checkpoint_every=2", "optim.name=sgd", "optim.momentum=0")
+    exp.optim.lr = 1e30  # past what a recipe may say (refused when read): the way to blow up a step
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* at iteration \d+.*Last good checkpoint"):
         train(exp, tmp_path, progress=False)
     files = sorted((tmp_path / "checkpoints").glob("iter_*.pt"))
@@ -132,9 +133,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def test_non_finite_steps_can_be_skipped(tmp_path):
-    exp = _tiny(
-        "train.iterations=3", "optim.lr=1e30", "optim.name=sgd", "optim.momentum=0", "train.skip_nonfinite=true"
-    )
+    exp = _tiny("train.iterations=3", "optim.name=sgd", "optim.momentum=0", "train.skip_nonfinite=true")
+    exp.optim.lr = 1e30
     train(exp, tmp_path, progress=False)
     assert any("skipped" in json.loads(s) for s in (tmp_path / "log.jsonl").read_text().splitlines())
 

@@ -63,18 +63,57 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    from safetensors import SafetensorError
+
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not _names_python_objects(path):  # an unknown opcode, a bad key: damage, not a payload
+            raise CheckpointError(
+                f"checkpoint {path} is corrupt: it is not a valid PyTorch file ({_first_line(exc)})"
+            ) from None
         raise CheckpointError(
-            f"refused to load {path}: it contains objects other than tensors and plain data "
-            f"(loading it could execute code). Only load files you trust with other tools. Detail: {exc}"
+            f"refused to load {path}: it is unsafe, it names Python objects other than tensors and plain data "
+            f"(loading it could execute code). Only load files you trust with other tools. Detail: {_first_line(exc)}"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {exc}") from None
+    except SafetensorError as exc:
+        raise CheckpointError(f"checkpoint {path} is a corrupt safetensors file: {exc}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, OverflowError, MemoryError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt (unreadable or truncated): {_first_line(exc)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+_CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+
+
+def _names_python_objects(path: Path) -> bool:
+    """Whether a file the weights-only loader refused is a well-formed pickle that names Python
+    callables (unsafe), as opposed to bytes that are no pickle at all (corrupt). Only parsed,
+    never run (``pickletools.genops``)."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                if name is None:
+                    return False
+                data = archive.read(name)
+        else:
+            data = path.read_bytes()
+        return any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(data))
+    except Exception:  # noqa: BLE001 (any parse failure means: not a well-formed pickle)
+        return False
+
+
+def _first_line(exc: BaseException) -> str:
+    """PyTorch's weights-only errors are paragraphs of advice; their first line says what happened."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = next((line for line in lines if "error:" in line.lower() or "unsupported" in line.lower()), None)
+    return (detail or (lines[0] if lines else type(exc).__name__))[:300]
 
 
 def rng_state() -> dict[str, Any]:
@@ -273,9 +312,29 @@ def restore_training_state(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
 ) -> ResumePoint:
-    """Load a :func:`training_state` into the run's objects (and the RNGs) and say where it stood."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    """Load a :func:`training_state` into the run's objects (and the RNGs) and say where it stood.
+
+    A checkpoint of another model (the recipe changed since) is a :class:`CheckpointError` that
+    says how they differ; nothing is loaded then.
+    """
+    expected = model.state_dict()
+    found = state["model"]
+    if set(found) != set(expected) or any(tuple(found[k].shape) != tuple(v.shape) for k, v in expected.items()):
+        was = state.get("config", {}).get("model", {})
+        raise CheckpointError(
+            f"mismatched checkpoint: iteration {state.get('iteration')} was trained as {was.get('name')} with "
+            f"model.options={was.get('options')}, which does not fit the model the recipe builds now "
+            f"({_misfit(expected, found)}). Resume with the recipe the run was trained with (its config.yaml), "
+            "or train the new recipe into a new run folder"
+        )
+    model.load_state_dict(found)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"mismatched checkpoint: its optimiser state does not fit optim.name={type(optimizer).__name__.lower()} "
+            f"as the recipe sets it now ({exc}); resume with the recipe the run was trained with"
+        ) from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])

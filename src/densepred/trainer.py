@@ -37,6 +37,7 @@ from .data.errors import DataError
 from .data.loader import make_loader
 from .distributed import DistInfo, seed_everything, setup_distributed
 from .evaluation import evaluate
+from .footprint import ModelTooLarge, check_model_size, physical_memory, training_bytes
 from .losses import RecipeLoss, WithWeightMaps
 from .models.base import SegmentationModel, input_rule_of
 from .precision import autocast, machine_info, resolve_amp
@@ -142,6 +143,23 @@ def _check_recipe_fits(exp: Experiment, model: nn.Module, dataset) -> None:
         raise ConfigError(
             f"train.class_weights has {len(t.class_weights)} values but {d.dataset} has {dataset.num_classes} "
             f"classes ({', '.join(dataset.class_names)}); give one weight per class or set train.class_weights=null"
+        )
+
+
+def _check_memory_fits(exp: Experiment, dataset) -> None:
+    """Refuse a training step that cannot fit this machine's RAM, from the meta device's count."""
+    d = exp.data
+    meta = check_model_size(exp, dataset.num_classes, dataset.in_channels)
+    height, width = (d.crop, d.crop) if d.crop else dataset.load(0)[0].shape[:2]
+    try:
+        need, have = training_bytes(meta, d.batch_size, dataset.in_channels, height, width), physical_memory()
+    except ValueError:  # a size the model cannot take: the recipe checks after the build name it
+        return
+    if need > have:
+        raise ModelTooLarge(
+            f"one training step of {exp.model.name} on {d.batch_size} x {height}x{width} needs about "
+            f"{need / 2**30:,.1f} GiB, more than this machine's {have / 2**30:,.1f} GiB; lower data.batch_size "
+            "or data.crop, or use smaller model.options (train.memory_check=false skips this check)"
         )
 
 
@@ -312,6 +330,8 @@ class _Run:
 
         self.train_set = build_dataset(exp, exp.data.train_split, train=True, seed=t.seed)
         self.val_set = build_dataset(exp, exp.data.val_split, train=False)
+        if t.memory_check and device.type == "cpu":
+            _check_memory_fits(exp, self.train_set)
         model = build_model(exp, self.train_set.num_classes, self.train_set.in_channels).to(device)
         _check_recipe_fits(exp, model, self.train_set)
         if exp.model.sync_bn and info.enabled:
