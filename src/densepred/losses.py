@@ -333,14 +333,25 @@ def fit_target(logits: Tensor, target: Tensor, *, crop: bool) -> Tensor:
 
 
 class RecipeLoss:
-    """The recipe's loss (``train.loss``), for one output (a tensor, or the multi-scale dict).
+    """The recipe's loss (``train.loss``), for one output (a tensor, or a dict of branches:
+    multi-scale inputs, auxiliary heads, weighted by ``branch_weights``).
 
     ``crop_target``: the model's output is its input's centre (the valid U-Net), so labels are
     centre-cropped to it; a smaller score map otherwise sees labels sub-sampled to its size.
     """
 
-    def __init__(self, t: TrainConfig, ignore_index: int, device: torch.device, *, crop_target: bool) -> None:
+    def __init__(
+        self,
+        t: TrainConfig,
+        ignore_index: int,
+        device: torch.device,
+        *,
+        crop_target: bool,
+        branch_weights: Mapping[str, float] | None = None,
+    ) -> None:
         self.kind, self.ignore_index, self.crop_target = t.loss, ignore_index, crop_target
+        # Auxiliary heads' losses are weighted (PSPNet Sec. 4.1: 0.4); other branches count once.
+        self.branch_weights = dict(branch_weights or {})
         self.class_weights = torch.tensor(t.class_weights, device=device) if t.class_weights else None
 
     def single(self, logits: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
@@ -363,8 +374,10 @@ class RecipeLoss:
         return ce
 
     def __call__(self, output: Tensor | dict[str, Tensor], target: Tensor, weight: Tensor | None) -> Tensor:
-        if isinstance(output, dict):  # multi-scale inputs (v2 MSC): one loss per branch, summed
-            return sum(self.single(v, target, weight) for v in output.values())  # type: ignore[return-value]
+        if isinstance(output, dict):  # multi-scale inputs (v2 MSC), auxiliary heads: one loss per branch
+            return sum(  # type: ignore[return-value]
+                self.branch_weights.get(name, 1.0) * self.single(v, target, weight) for name, v in output.items()
+            )
         return self.single(output, target, weight)
 
 

@@ -39,7 +39,7 @@ from .distributed import DistInfo, seed_everything, setup_distributed
 from .evaluation import evaluate
 from .footprint import ModelTooLarge, check_model_size, physical_memory, training_bytes
 from .losses import RecipeLoss, WithWeightMaps
-from .models.base import SegmentationModel, input_rule_of
+from .models.base import SegmentationModel, input_rule_of, loss_weights_of
 from .precision import autocast, machine_info, resolve_amp
 from .sampling import ResumableBatchSampler, SeededSamples
 from .schedule import fit_iterations, fitted_schedule, lr_factor
@@ -341,7 +341,13 @@ class _Run:
         self.model = model
         self.optimizer = build_optimizer(model, exp.optim)
         self.scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
-        self.loss_fn = RecipeLoss(t, self.train_set.ignore_index, device, crop_target=input_rule_of(model).shrink > 0)
+        self.loss_fn = RecipeLoss(
+            t,
+            self.train_set.ignore_index,
+            device,
+            crop_target=input_rule_of(model).shrink > 0,
+            branch_weights=loss_weights_of(model),
+        )
         self.ckpts = CheckpointManager(run_dir / "checkpoints", keep_last=t.keep_last)
         self.log_path = run_dir / "log.jsonl"
         self.it, self.best, self.trained_before, self.budget_fit = 0, None, 0.0, None

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["InputRule", "CoarseScores", "SegmentationModel", "input_rule_of"]
+__all__ = ["InputRule", "CoarseScores", "SegmentationModel", "input_rule_of", "loss_weights_of"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,10 @@ class SegmentationModel(nn.Module):
         """The class-scoring layers (recipes may give them their own learning rate)."""
         return []
 
+    def loss_weights(self) -> dict[str, float]:
+        """Weights of the training outputs' branches other than ``fused`` (auxiliary heads)."""
+        return {}
+
     def stride_logits(self, x: Tensor) -> Tensor | dict[str, Tensor]:
         """The scores a loss at the output stride sees (DeepLab v1: against labels sub-sampled by 8)."""
         return self(x)
@@ -145,3 +149,8 @@ class SegmentationModel(nn.Module):
 def input_rule_of(model: nn.Module) -> InputRule:
     """The input rule of any module: what a :class:`SegmentationModel` declares, else any size."""
     return model.input_rule() if isinstance(model, SegmentationModel) else InputRule()
+
+
+def loss_weights_of(model: nn.Module) -> dict[str, float]:
+    """The loss weights a model declares for its auxiliary outputs (none for other modules)."""
+    return model.loss_weights() if isinstance(model, SegmentationModel) else {}

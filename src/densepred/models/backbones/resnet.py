@@ -8,9 +8,17 @@ ImageNet files load directly; :mod:`densepred.weights` maps the Caffe (MSRA) nam
 - ``caffe_style=True`` puts the stride in the first 1x1 convolution of a block, as in the
   original MSRA model that DeepLab v2 fine-tunes, and uses Caffe's ceil-mode max-pool;
   torchvision puts it in the 3x3 convolution ("ResNet v1.5").
+- ``dilation_rule``: in DeepLab's nets every block of a dilated stage uses the stage's rate;
+  torchvision's ``replace_stride_with_dilation`` keeps the previous rate in a stage's first
+  block (the one that would have had the stride) - its segmentation weights need that variant.
+- ``multi_grid`` (DeepLab v3, Sec. 3.2): block4's three units use rate x (1, 2, 4).
+- ``deep_stem`` (PSPNet; "ResNet-C"): three 3x3 convolutions (64, 64, 128) replace the 7x7.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -77,17 +85,32 @@ class ResNet(Backbone):
         output_stride: int = 32,
         caffe_style: bool = False,
         frozen_bn: bool = False,
+        dilation_rule: Literal["deeplab", "torchvision"] = "deeplab",
+        multi_grid: Sequence[int] | None = None,
+        deep_stem: bool = False,
     ) -> None:
         super().__init__()
         if depth not in RESNET_DEPTHS:
             raise ValueError(f"ResNet depth must be one of {sorted(RESNET_DEPTHS)}, got {depth}")
         if output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        if dilation_rule not in ("deeplab", "torchvision"):
+            raise ValueError(f"dilation_rule must be 'deeplab' or 'torchvision', got {dilation_rule!r}")
+        grid = tuple(multi_grid or [1] * RESNET_DEPTHS[depth][3])
+        if len(grid) != RESNET_DEPTHS[depth][3] or min(grid) < 1:
+            raise ValueError(f"multi_grid needs {RESNET_DEPTHS[depth][3]} positive multipliers (block4), got {grid}")
         self.depth, self.in_channels, self.output_stride = depth, in_channels, output_stride
-        self.caffe_style = caffe_style
+        self.caffe_style, self.deep_stem = caffe_style, deep_stem
         norm: type[nn.Module] = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
-        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = norm(64)
+        if deep_stem:  # PSPNet's conv1_1 (stride 2), conv1_2, conv1_3
+            widths = (in_channels, 64, 64, 128)
+            for i in range(3):
+                stride = 2 if i == 0 else 1
+                self.add_module(f"conv1_{i + 1}", nn.Conv2d(widths[i], widths[i + 1], 3, stride, 1, bias=False))
+                self.add_module(f"bn1_{i + 1}", norm(widths[i + 1]))
+        else:
+            self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+            self.bn1 = norm(64)
         self.relu = nn.ReLU(inplace=True)
         # Caffe rounds pooling up; with padding 1 a 321 input gives DeepLab's 41x41 scores.
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=caffe_style)
@@ -98,17 +121,20 @@ class ResNet(Backbone):
             strides[3], dilations[3] = 1, 2
         if output_stride == 8:
             strides[2], dilations[2], dilations[3] = 1, 2, 4
-        in_ch, stride = 64, 4
+        in_ch, stride = (128 if deep_stem else 64), 4
         self.feature_info = {}
         for i, (blocks, width) in enumerate(zip(RESNET_DEPTHS[depth], (64, 128, 256, 512), strict=True)):
             layer = []
             for b in range(blocks):
+                dilation = dilations[i] * (grid[b] if i == 3 else 1)
+                if b == 0 and dilation_rule == "torchvision" and dilations[i] > 1:
+                    dilation = dilations[i - 1]  # the rate before this stage traded its stride
                 layer.append(
                     Bottleneck(
                         in_ch,
                         width,
                         stride=strides[i] if b == 0 else 1,
-                        dilation=dilations[i],
+                        dilation=dilation,
                         caffe_style=caffe_style,
                         norm=norm,
                     )
@@ -126,7 +152,12 @@ class ResNet(Backbone):
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         check_input(x, self.in_channels, f"ResNet-{self.depth}")
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        if self.deep_stem:
+            for i in (1, 2, 3):
+                x = self.relu(getattr(self, f"bn1_{i}")(getattr(self, f"conv1_{i}")(x)))
+            x = self.maxpool(x)
+        else:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         out: dict[str, Tensor] = {}
         for name in ("layer1", "layer2", "layer3", "layer4"):
             x = getattr(self, name)(x)
