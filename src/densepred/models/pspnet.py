@@ -93,6 +93,10 @@ class PSPNet(AuxiliaryHeadModel):
     """Dilated ResNet, the pyramid pooling module and the scores, upsampled 8x to the input."""
 
     align_corners = True
+    no_imagenet_weights = (
+        "PSPNet's deep-stem ResNet has no torchvision ImageNet file (its stem is three 3x3 convolutions); "
+        "give the authors' converted ImageNet weights as a file, or train from scratch"
+    )
 
     def pyramid(self) -> PyramidPooling:
         return self.classifier[0]
