@@ -59,6 +59,8 @@ for _name, _opts in {
     "deeplabv3": {"depth": 50},
     "deeplabv3plus": {"depth": 50},
     "pspnet": {"depth": 50},
+    "deeplabv3_mobilenet_v3_large": {},
+    "lraspp_mobilenet_v3_large": {},
 }.items():
     CASES[_name] = Case(_name, _opts, RESNET_ODD, trace=(33, 25))
 for _name in ("fcn_resnet101", "deeplabv3_resnet101"):

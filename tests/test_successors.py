@@ -18,6 +18,8 @@ TORCHVISION_PARAMS = {
     "fcn_resnet101": 54_314_346,
     "deeplabv3_resnet50": 42_004_074,
     "deeplabv3_resnet101": 60_996_202,
+    "deeplabv3_mobilenet_v3_large": 11_029_328,
+    "lraspp_mobilenet_v3_large": 3_221_538,
 }
 # torchvision's resnet50/101 ImageNet models less their 2048 x 1000 fc layer.
 RESNET_TRUNK = {50: 25_557_032 - 2_049_000, 101: 44_549_160 - 2_049_000}
@@ -246,6 +248,19 @@ def test_a_file_in_torchvisions_layout_loads_strict_and_computes_what_torchvisio
             expected = F.interpolate(expected, size=size, mode="bilinear", align_corners=False)
             torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(model(x), ours["out"])
+
+
+def test_deeplabv3_mobilenet_taps_torchvisions_stage_indices():
+    model = densepred.create_model("deeplabv3_mobilenet_v3_large", num_classes=3).eval()
+    assert model.backbone.taps == {"out": 16, "aux": 4}
+    assert model.output_stride == 16 and model.backbone.feature_info["aux"].stride == 8
+    assert model.aux_classifier[0].in_channels == 40 and model.aspp().convs[1][0].in_channels == 960
+    keys = set(model.state_dict())
+    assert {"backbone.16.0.weight", "classifier.0.convs.4.1.weight", "aux_classifier.4.bias"} <= keys
+    assert not any(k.startswith("backbone.17") for k in keys)
+    x = torch.randn(1, 3, 57, 75)
+    out = model.outputs(x)
+    assert out["out"].shape == out["aux"].shape == (1, 3, 57, 75)
 
 
 def test_torchvision_keys_of_the_101_layer_models():

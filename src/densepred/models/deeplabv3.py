@@ -12,7 +12,8 @@ Convolution") and torchvision's DeepLabV3 configuration.
   upsampled 4x, two 3x3 convolutions of 256, the class scores, upsampled 4x. ResNet-101 here
   with ordinary convolutions (the paper's aligned Xception and separable convolutions are not
   built).
-- torchvision (``deeplabv3_resnet50/101``): output stride 8 with torchvision's dilation rule
+- torchvision (``deeplabv3_resnet50/101``, ``deeplabv3_mobilenet_v3_large`` at stride 16 on
+  the dilated MobileNetV3-Large): output stride 8 with torchvision's dilation rule
   (the first block of a dilated stage keeps the previous rate), no multi-grid, ASPP rates
   (12, 24, 36), dropout 0.5 after the projection, an extra 3x3 convolution of 256 before the
   scores, and an FCN auxiliary head on layer3. Module names are torchvision's, so its files
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from ..registry import register_model
 from ..weights import with_pretrained
+from .backbones.mobilenetv3 import FeatureTaps, MobileNetV3Large
 from .backbones.resnet import ResNet
 from .fcn_resnet import AuxiliaryHeadModel, FCNHead
 
@@ -208,3 +210,28 @@ def deeplabv3_resnet101(
 ) -> DeepLabV3:
     """torchvision's DeepLabV3-ResNet101 (60,996,202 parameters with aux, 21 classes)."""
     return _torchvision_deeplabv3(101, num_classes, in_channels, aux, pretrained)
+
+
+@register_model("deeplabv3_mobilenet_v3_large", paper=_TV, output_stride=16, receptive_field=1843, default_size=520)
+def deeplabv3_mobilenet_v3_large(
+    *, num_classes: int = 21, in_channels: int = 3, aux: bool = True, pretrained: str | None = None
+) -> DeepLabV3:
+    """torchvision's DeepLabV3 on dilated MobileNetV3-Large (11,029,328 parameters with aux, 21
+    classes): the head of the ResNet models on the last map (960 channels, stride 16), the
+    auxiliary FCN head on the stride-8 map (40 channels). (Field: the convolutions only.)"""
+    trunk = MobileNetV3Large(in_channels, dilated=True)
+    out, aux_at = trunk.stage_indices[-1], trunk.stage_indices[-4]
+    backbone = FeatureTaps(trunk, {"out": out, "aux": aux_at})
+    channels = backbone.feature_info["out"].channels
+    classifier = nn.Sequential(
+        ASPP(channels, (12, 24, 36), dropout=0.5), *_conv_bn_relu(256, 256, 3), nn.Conv2d(256, num_classes, 1)
+    )
+    model = DeepLabV3(
+        backbone,
+        classifier,
+        FCNHead(backbone.feature_info["aux"].channels, num_classes) if aux else None,
+        feature="out",
+        aux_feature="aux",
+        num_classes=num_classes,
+    )
+    return with_pretrained(model, pretrained)
