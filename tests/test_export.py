@@ -61,6 +61,7 @@ for _name, _opts in {
     "pspnet": {"depth": 50},
     "deeplabv3_mobilenet_v3_large": {},
     "lraspp_mobilenet_v3_large": {},
+    "segnet": {},
 }.items():
     CASES[_name] = Case(_name, _opts, RESNET_ODD, trace=(33, 25))
 for _name in ("fcn_resnet101", "deeplabv3_resnet101"):

@@ -85,6 +85,7 @@ _RF_PROBES = {
     "deeplab_v1_largefov": (lambda m: m.coarse_logits, 3, 33, 1),
     "deeplab_v2_vgg16": (lambda m: m.coarse_logits, 3, 33, 1),
     "deeplab_v2_resnet101": (lambda m: m.coarse_logits, 3, 33, 1),
+    "segnet": (lambda m: lambda x: m.encoder(x)[0], 3, 32, 1),  # pool5, the deepest encoder map
     "unet": (lambda m: m, 1, 188, 16),
     "unet_padded": (lambda m: m, 1, 188, 16),
 }
