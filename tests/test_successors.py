@@ -272,3 +272,20 @@ def test_frozen_batch_norm_is_not_used_by_the_successors():
     # Their recipes train batch norm (v3 Sec. 4.1: "batch normalization parameters are fine-tuned").
     for name in ("deeplabv3", "deeplabv3plus", "pspnet", "deeplabv3_resnet50"):
         assert not any(isinstance(m, FrozenBatchNorm2d) for m in _meta(name).modules())
+
+
+def test_median_frequency_class_weights_are_computed_from_the_training_masks(tmp_path):
+    import yaml
+
+    from densepred.build import build_dataset
+    from densepred.data.stats import compute_stats, median_frequency_weights
+    from densepred.trainer import train
+    from tiny import tiny_experiment
+
+    exp = tiny_experiment("train.class_weights=median_frequency")
+    train(exp, tmp_path, progress=False)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    expected = median_frequency_weights(compute_stats(build_dataset(exp, "train", train=True)))
+    assert saved["train"]["class_weights"] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert saved["resolved"]["class_weights"] == saved["train"]["class_weights"]
+    assert len(expected) == 6 and (expected > 0).any()

@@ -157,7 +157,9 @@ class TrainConfig:
     iterations: int = 1000
     iter_size: int = 1  # gradient accumulation (Caffe's iter_size)
     loss: Literal["ce", "ce_sum", "unet_weighted", "dice", "ce_dice"] = "ce"
-    class_weights: list[float] | None = None
+    # One weight per class, or median_frequency: computed from the training masks (Eigen & Fergus
+    # 2015; SegNet on CamVid, Sec. 3.3), recorded in the run's config.
+    class_weights: list[float] | Literal["median_frequency"] | None = None
     loss_at_output_stride: bool = False  # DeepLab v1: stride-8 scores vs labels sub-sampled by 8
     clip_grad_norm: float | None = None
     # auto: bf16 on a CPU with native bfloat16, fp16 on CUDA, else fp32 (densepred.precision)
@@ -189,7 +191,7 @@ class TrainConfig:
             f"train.max_minutes must be > 0 or null, got {self.max_minutes}",
         )
         _require(
-            self.class_weights is None or all(w >= 0 for w in self.class_weights),
+            self.class_weights in (None, "median_frequency") or all(w >= 0 for w in self.class_weights),
             f"train.class_weights must be >= 0 (one per class), got {self.class_weights}",
         )
         _require(

@@ -34,6 +34,7 @@ from .build import build_dataset, build_model
 from .checkpoint import CheckpointManager, git_commit, restore_training_state, training_state
 from .config import ConfigError, Experiment, OptimConfig
 from .data.errors import DataError
+from .data.stats import compute_stats, median_frequency_weights
 from .data.loader import make_loader
 from .distributed import DistInfo, seed_everything, setup_distributed
 from .evaluation import evaluate
@@ -330,6 +331,10 @@ class _Run:
 
         self.train_set = build_dataset(exp, exp.data.train_split, train=True, seed=t.seed)
         self.val_set = build_dataset(exp, exp.data.val_split, train=False)
+        if t.class_weights == "median_frequency":  # from the masks alone, the same on every resume
+            weights = median_frequency_weights(compute_stats(self.train_set))
+            t.class_weights = [round(float(w), 6) for w in weights]
+            exp.resolved["class_weights"] = t.class_weights
         if t.memory_check and device.type == "cpu":
             _check_memory_fits(exp, self.train_set)
         model = build_model(exp, self.train_set.num_classes, self.train_set.in_channels).to(device)
