@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import densepred
 from densepred import weights
 from densepred.models.backbones import VGG16, ResNet, vgg16_classifier
+from densepred.models.backbones.mobilenetv3 import FeatureTaps, MobileNetV3Large
 from densepred.models.unet import UNet
 from densepred.weights import WeightsError, WeightsWarning
 
@@ -587,12 +588,22 @@ def test_imagenet_resnet_is_refused_before_downloading_when_the_stride_conventio
 # The table
 
 
+# Only the tag in torchvision's file name is published for these: checked as a prefix, with a warning.
+PREFIX_ONLY = {"mobilenet_v3_large"}
+
+
 def test_pretrained_table_has_full_hashes_matching_the_file_name_tags():
     for name, spec in weights.PRETRAINED.items():
-        assert spec.sha256 is not None and len(spec.sha256) == 64, name
         tag = spec.url.rsplit("-", 1)[1].split(".")[0]
-        assert spec.sha256.startswith(tag), name
+        if name in PREFIX_ONLY:
+            assert spec.sha256 is None and spec.sha256_prefix == tag and len(tag) == 8, name
+        else:
+            assert spec.sha256 is not None and len(spec.sha256) == 64, name
+            assert spec.sha256.startswith(tag), name
         assert spec.layout == "torchvision" and spec.preprocessing == weights.IMAGENET_RGB
+    assert weights.PRETRAINED["mobilenet_v3_large"].url == (
+        "https://download.pytorch.org/models/mobilenet_v3_large-8738ca79.pth"
+    )
 
 
 def test_pretrained_num_params_are_those_of_our_modules():
@@ -602,6 +613,7 @@ def test_pretrained_num_params_are_those_of_our_modules():
             # our ResNet has no ImageNet classifier: add fc (2048 -> 1000)
             "resnet50": sum(p.numel() for p in ResNet(50).parameters()) + 2048 * 1000 + 1000,
             "resnet101": sum(p.numel() for p in ResNet(101).parameters()) + 2048 * 1000 + 1000,
+            "mobilenet_v3_large": sum(p.numel() for p in MobileNetV3Large(with_classifier=True).parameters()),
         }
     for name, spec in weights.PRETRAINED.items():
         assert spec.meta["num_params"] == counts[name], name
@@ -612,8 +624,199 @@ def test_imagenet_spec_follows_the_backbone():
         assert weights.imagenet_spec(densepred.create_model("fcn8s")).name == "vgg16"
         assert weights.imagenet_spec(densepred.create_model("deeplab_v2_vgg16", msc=True)).name == "vgg16"
         assert weights.imagenet_spec(densepred.create_model("deeplab_v2_resnet101")).name == "resnet101"
+        for name in MOBILENET_MODELS:
+            spec = weights.imagenet_spec(densepred.create_model(name, num_classes=3))
+            assert spec.arch == spec.name == "mobilenet_v3_large", name
+        assert weights.imagenet_spec(MobileNetV3Large()).arch == "mobilenet_v3_large"
 
 
 def test_weights_spec_rejects_a_malformed_hash():
     with pytest.raises(ValueError, match="64 lowercase hex"):
         dataclasses.replace(weights.PRETRAINED["vgg16"], sha256="397923af")
+
+
+# ---------------------------------------------------------------------------------------------
+# MobileNetV3-Large: torchvision's ImageNet file into the FeatureTaps of LR-ASPP and DeepLabV3
+
+MOBILENET_MODELS = ("lraspp_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large")
+
+
+def tv_mobilenet_v3_large(make=None) -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet state dict layout (``features.{i}.*``, ``classifier.0/3.*``), new values;
+    ``make(key, tensor)`` gives each floating-point tensor (default: random, of a net that stays finite)."""
+    torch.manual_seed(3)
+    make = make or _random_like
+    return {
+        k: (make(k, v) if v.is_floating_point() else v.clone())
+        for k, v in MobileNetV3Large(with_classifier=True).state_dict().items()
+    }
+
+
+def _random_like(key: str, t: torch.Tensor) -> torch.Tensor:
+    kind = key.rsplit(".", 1)[1]
+    if kind == "weight" and t.dim() > 1:  # convolutions and linear layers
+        kind = "conv"
+    return _random_tensor(t.shape, kind)
+
+
+@pytest.fixture(scope="module")
+def tv_mobilenet():
+    return tv_mobilenet_v3_large()
+
+
+@pytest.fixture(scope="module")
+def tv_mobilenet_file(tv_mobilenet, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mnv3") / "mobilenet_v3_large-tv.pth"
+    torch.save(tv_mobilenet, path)
+    return path
+
+
+def test_mobilenet_v3_file_is_not_taken_for_vgg16(tv_mobilenet):
+    assert weights.detect_layout(tv_mobilenet) == "torchvision-mobilenetv3"
+    assert weights.detect_layout({"features.1.block.0.0.weight"}) == "torchvision-mobilenetv3"
+    assert weights.detect_layout({"features.4.block.2.fc1.weight"}) == "torchvision-mobilenetv3"
+    assert weights.detect_layout(tv_vgg16(_vgg_shapes())) == "torchvision-vgg16"  # unchanged
+
+
+@pytest.mark.parametrize("name", MOBILENET_MODELS)
+def test_torchvision_mobilenet_v3_fills_the_backbone_and_leaves_the_heads(name, tv_mobilenet, tv_mobilenet_file):
+    model = densepred.create_model(name, num_classes=3)
+    assert isinstance(model.backbone, FeatureTaps)
+    heads = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+    report = weights.load_pretrained(model, tv_mobilenet_file)
+    assert report.layout == "torchvision-mobilenetv3"
+    state = model.state_dict()
+    backbone_keys = [k for k in state if k.startswith("backbone.")]
+    assert len(backbone_keys) > 300  # 0 .. 16: every layer of the trunk is tapped here
+    for key in backbone_keys:
+        assert torch.equal(state[key], tv_mobilenet["features." + key.removeprefix("backbone.")]), key
+    assert set(report.loaded) == set(backbone_keys)  # the file's num_batches_tracked included
+    for key, before in heads.items():
+        assert torch.equal(state[key], before), key  # the heads keep their initialisation
+    assert report.ignored == ("classifier.0.bias", "classifier.0.weight", "classifier.3.bias", "classifier.3.weight")
+    with torch.no_grad():
+        out = model.eval()(torch.randn(1, 3, 64, 64))
+    out = out["out"] if isinstance(out, dict) else out
+    assert out.shape[:2] == (1, 3) and torch.isfinite(out).all()
+
+
+def test_torchvision_mobilenet_v3_through_pretrained_path(tv_mobilenet, tv_mobilenet_file):
+    model = densepred.create_model("lraspp_mobilenet_v3_large", num_classes=2, pretrained=str(tv_mobilenet_file))
+    assert torch.equal(
+        model.get_submodule("backbone.5.block.2.fc1").weight, tv_mobilenet["features.5.block.2.fc1.weight"]
+    )
+
+
+def test_feature_taps_take_layers_up_to_the_deepest_tap_and_report_the_rest(tv_mobilenet, tv_mobilenet_file):
+    trunk = MobileNetV3Large(dilated=True)
+    taps = FeatureTaps(trunk, {"low": 4, "high": 7})  # layers 0 .. 7
+    report = weights.load_pretrained(taps, tv_mobilenet_file)
+    for key, value in taps.state_dict().items():
+        assert torch.equal(value, tv_mobilenet[f"features.{key}"]), key
+    deeper = {k for k in tv_mobilenet if k.startswith("features.") and int(k.split(".")[1]) > 7}
+    assert set(report.ignored) == deeper | {
+        "classifier.0.weight",
+        "classifier.0.bias",
+        "classifier.3.weight",
+        "classifier.3.bias",
+    }
+    assert any(k.startswith("features.16.") for k in report.ignored)
+
+
+def test_bare_mobilenet_v3_loads_with_and_without_its_classifier(tv_mobilenet, tv_mobilenet_file):
+    full = MobileNetV3Large(with_classifier=True)
+    report = weights.load_pretrained(full, tv_mobilenet_file)
+    assert report.ignored == () and set(report.loaded) == set(tv_mobilenet)
+    assert all(torch.equal(full.state_dict()[k], v) for k, v in tv_mobilenet.items())
+    trunk = MobileNetV3Large()
+    report = weights.load_pretrained(trunk, tv_mobilenet_file)
+    assert len(report.ignored) == 4 and all(k.startswith("classifier.") for k in report.ignored)
+    assert torch.equal(trunk.features[16][0].weight, tv_mobilenet["features.16.0.weight"])
+
+
+def test_mobilenet_v3_file_missing_or_extra_keys_are_named(tv_mobilenet, tmp_path):
+    path = tmp_path / "mnv3.pth"
+    state = dict(tv_mobilenet)
+    del state["features.3.block.1.0.weight"]
+    state["features.17.0.weight"] = torch.zeros(1)  # not a layer of MobileNetV3-Large: not "deeper"
+    torch.save(state, path)
+    model = densepred.create_model("lraspp_mobilenet_v3_large", num_classes=3)
+    before = model.get_submodule("backbone.0.0").weight.clone()
+    with pytest.raises(WeightsError) as err:
+        weights.load_pretrained(model, path)
+    msg = str(err.value)
+    assert path.name in msg and "torchvision-mobilenetv3 layout" in msg and "LRASPP" in msg
+    assert "missing keys (1): features.3.block.1.0.weight" in msg
+    assert "unexpected keys (1): features.17.0.weight" in msg
+    assert torch.equal(model.get_submodule("backbone.0.0").weight, before)  # nothing was written
+
+    state = dict(tv_mobilenet)
+    state["features.2.block.0.0.weight"] = torch.zeros(8, 16, 1, 1)
+    torch.save(state, path)
+    shapes = r"features.2.block.0.0.weight \(8, 16, 1, 1\) cannot fill backbone.2.block.0.0.weight \(64, 16, 1, 1\)"
+    with pytest.raises(WeightsError, match=shapes):
+        weights.load_pretrained(model, path)
+
+
+def test_other_layouts_and_mobilenet_v3_refuse_each_other(tv_mobilenet_file, tiny_tv_vgg, tmp_path):
+    state, vgg_path = tiny_tv_vgg
+    torch.save(state, vgg_path)
+    lraspp = densepred.create_model("lraspp_mobilenet_v3_large", num_classes=3)
+    with pytest.raises(WeightsError, match=r"vgg16.pth holds VGG16 weights .* LRASPP has a FeatureTaps backbone"):
+        weights.load_pretrained(lraspp, vgg_path)
+    resnet_path = tmp_path / "resnet50.pth"
+    torch.save(
+        {"conv1.weight": expanded((64, 3, 7, 7)), "layer1.0.conv1.weight": expanded((64, 64, 1, 1))}, resnet_path
+    )
+    with pytest.raises(WeightsError, match=r"resnet50.pth holds ResNet weights .* DeepLabV3 has a FeatureTaps"):
+        weights.load_pretrained(densepred.create_model("deeplabv3_mobilenet_v3_large", num_classes=3), resnet_path)
+    name = tv_mobilenet_file.name
+    with pytest.raises(WeightsError, match=rf"{name} holds MobileNetV3Large weights .* VGG16 backbone"):
+        weights.load_pretrained(VGG16(), tv_mobilenet_file)
+    with pytest.raises(WeightsError, match=r"MobileNetV3Large weights .* FCN has a VGG16 backbone"):
+        weights.load_pretrained(densepred.create_model("fcn32s"), tv_mobilenet_file)
+    with pytest.raises(WeightsError, match=r"MobileNetV3Large weights .* no VGG16/ResNet/MobileNetV3 backbone"):
+        weights.load_pretrained(UNet(3, 2, padding="same", base_channels=4, depth=2), tv_mobilenet_file)
+
+
+def test_torchvision_segmentation_checkpoint_still_loads_as_its_own_keys(tmp_path):
+    """torchvision's deeplabv3_mobilenet_v3_large file has the model's own keys (``backbone.{i}``)."""
+    torch.manual_seed(4)
+    src = densepred.create_model("deeplabv3_mobilenet_v3_large", num_classes=21)
+    state = {k: (torch.randn_like(v) if v.is_floating_point() else v) for k, v in src.state_dict().items()}
+    path = tmp_path / "deeplabv3_mobilenet_v3_large-tv.pth"
+    torch.save(state, path)
+    assert weights.detect_layout(state) is None
+    model = densepred.create_model("deeplabv3_mobilenet_v3_large", num_classes=21, pretrained=str(path))
+    got = model.state_dict()
+    assert got.keys() == state.keys() and all(torch.equal(got[k], v) for k, v in state.items())
+    report = weights.load_pretrained(model, path)
+    assert report.layout == "densepred"
+
+
+def test_imagenet_mobilenet_v3_is_checked_by_its_name_tag_with_a_warning(http_server, tmp_path, monkeypatch):
+    state = tv_mobilenet_v3_large(make=lambda k, t: expanded(t.shape, 0.25))  # a few kB on disk
+    src = tmp_path / "src.pth"
+    torch.save(state, src)
+    data = src.read_bytes()
+    tag = _digest(data)[:8]
+    http_server.files[f"/mobilenet_v3_large-{tag}.pth"] = data
+    spec = weights.PRETRAINED["mobilenet_v3_large"]
+    assert spec.sha256 is None and spec.sha256_prefix == "8738ca79"
+    fake = dataclasses.replace(spec, url=http_server.url(f"mobilenet_v3_large-{tag}.pth"), sha256_prefix=tag)
+    monkeypatch.setitem(weights.PRETRAINED, "mobilenet_v3_large", fake)
+    monkeypatch.setenv("DENSEPRED_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(WeightsWarning, match=rf"only the first 8 hex digits .*\({tag}\)"):
+        model = densepred.create_model("deeplabv3_mobilenet_v3_large", num_classes=3, pretrained="imagenet")
+    assert (model.get_submodule("backbone.16.0").weight == 0.25).all() and (
+        model.get_submodule("backbone.0.1").running_var == 0.25
+    ).all()
+    assert (tmp_path / "cache" / f"mobilenet_v3_large-{tag}.pth").read_bytes() == data
+
+    wrong = "0" * 8 if tag != "0" * 8 else "1" * 8
+    http_server.files[f"/mobilenet_v3_large-{wrong}.pth"] = data
+    bad = dataclasses.replace(spec, url=http_server.url(f"mobilenet_v3_large-{wrong}.pth"), sha256_prefix=wrong)
+    monkeypatch.setitem(weights.PRETRAINED, "mobilenet_v3_large", bad)
+    with pytest.warns(WeightsWarning), pytest.raises(WeightsError, match=rf"sha256 mismatch .*expected {wrong}"):
+        densepred.create_model("lraspp_mobilenet_v3_large", num_classes=3, pretrained="imagenet")
+    assert not (tmp_path / "cache" / f"mobilenet_v3_large-{wrong}.pth").exists()

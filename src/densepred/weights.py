@@ -21,6 +21,13 @@ Layouts
     conv5_3; ``classifier.0`` is fc6 (Linear 25088 -> 4096), ``classifier.3`` fc7 (4096 ->
     4096), ``classifier.6`` the ImageNet fc8. ResNet: ``conv1``, ``bn1``, ``layerK.M.*``,
     ``fc``, the module names of :class:`~densepred.models.backbones.resnet.ResNet`.
+    MobileNetV3-Large: ``features.{0..16}.*`` (the stem, the fifteen bneck blocks
+    ``features.N.block.M.*`` with squeeze-and-excite ``fc1``/``fc2``, the final 1x1 conv) and
+    ``classifier.0``/``classifier.3``, the module names of
+    :class:`~densepred.models.backbones.mobilenetv3.MobileNetV3Large`. A segmentation model holds
+    the layers up to its deepest tap in a :class:`~densepred.models.backbones.mobilenetv3.FeatureTaps`
+    (``backbone.{i}.*``, torchvision's ``IntermediateLayerGetter``): ``features.{i}`` fills
+    ``backbone.{i}``, and the file's deeper layers are ignored by design, as the classifier is.
 
 ``caffe`` (the flat dump of a ``.caffemodel``, as used by the FCN and DeepLab reference models):
     one entry per blob, keyed ``"{caffe_layer_name}.{blob_index}"``, each blob with the shape
@@ -48,7 +55,8 @@ Layouts
 What goes where: the VGG16 convolutions go to the backbone and fc6/fc7 to every module of the
 model that has ``fc6`` and ``fc7`` (FCN itself, DeepLab's :class:`FCHead`, each ASPP-VGG
 branch), reshaped (FCN Sec. 3.1) or decimated (:func:`decimate_fc`, DeepLab v1) to fit.
-ImageNet classifiers (``classifier.6``, ``fc8``, ``fc``, ``fc1000``) are ignored by design, and
+ImageNet classifiers (``classifier.6``, ``fc8``, ``fc``, ``fc1000``, MobileNetV3's ``classifier.0/3``
+unless the model is a bare :class:`MobileNetV3Large` built ``with_classifier``) are ignored by design, and
 the class-scoring layers (``score_fr``, ``fc8``, ResNet's ASPP) keep their initialisation.
 """
 
@@ -70,6 +78,7 @@ from torch import Tensor, nn
 
 from .download import TransferFailed, TransferInterrupted, download_to_part, sha256_file
 from .models.backbones import VGG16, ResNet
+from .models.backbones.mobilenetv3 import BNECKS_LARGE, FeatureTaps, MobileNetV3Large
 from .models.backbones.vgg import VGG16_STAGES
 from .models.base import SegmentationModel
 
@@ -125,6 +134,8 @@ IMAGENET_RGB = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.22
 
 _HEX = re.compile(r"[0-9a-f]+")
 
+Arch = Literal["vgg16", "resnet50", "resnet101", "mobilenet_v3_large"]
+
 
 @dataclass(frozen=True)
 class WeightsSpec:
@@ -139,7 +150,7 @@ class WeightsSpec:
     url: str
     sha256: str | None
     layout: Literal["torchvision", "caffe"]
-    arch: Literal["vgg16", "resnet50", "resnet101"]
+    arch: Arch
     preprocessing: Preprocessing
     meta: Mapping[str, Any] = field(default_factory=dict)
     sha256_prefix: str | None = None
@@ -153,12 +164,15 @@ class WeightsSpec:
             raise ValueError(f"{self.name}: sha256_prefix {self.sha256_prefix} is not a prefix of {self.sha256}")
 
 
-def _torchvision(arch: Literal["vgg16", "resnet50", "resnet101"], sha256: str, **meta: Any) -> WeightsSpec:
-    # torchvision names its files "<arch>-<first 8 hex digits of the sha256>.pth".
+def _torchvision(arch: Arch, sha256: str | None, *, sha256_prefix: str | None = None, **meta: Any) -> WeightsSpec:
+    # torchvision names its files "<arch>-<first 8 hex digits of the sha256>.pth"; where only that
+    # tag is known, pass sha256=None and the tag as sha256_prefix (fetch then warns, see WeightsSpec).
+    tag = (sha256 or sha256_prefix or "")[:8]
     return WeightsSpec(
         name=arch,
-        url=f"https://download.pytorch.org/models/{arch}-{sha256[:8]}.pth",
+        url=f"https://download.pytorch.org/models/{arch}-{tag}.pth",
         sha256=sha256,
+        sha256_prefix=sha256_prefix,
         layout="torchvision",
         arch=arch,
         preprocessing=IMAGENET_RGB,
@@ -172,9 +186,10 @@ def _torchvision(arch: Literal["vgg16", "resnet50", "resnet101"], sha256: str, *
 
 
 # Full sha256 digests: each starts with the tag in its file name, and each was found recorded
-# independently in public projects that verify these downloads. ``num_params`` counts the whole
-# ImageNet classifier in the file (a test recounts it from our modules); ``top1`` is
-# torchvision's ImageNet-1k validation accuracy of the file.
+# independently in public projects that verify these downloads. For MobileNetV3-Large only the
+# tag in the file name (the first 8 hex digits) is known: it is checked against those, with a
+# WeightsWarning. ``num_params`` counts the whole ImageNet classifier in the file (a test recounts
+# it from our modules); ``top1`` is torchvision's ImageNet-1k validation accuracy of the file.
 PRETRAINED: dict[str, WeightsSpec] = {
     "vgg16": _torchvision(
         "vgg16",
@@ -195,6 +210,13 @@ PRETRAINED: dict[str, WeightsSpec] = {
         "63fe2227b86e8f1f2063f43a75c84d195911b6a0eace650907dd3dc62dd49a0a",
         num_params=44_549_160,
         top1=77.374,
+    ),
+    "mobilenet_v3_large": _torchvision(
+        "mobilenet_v3_large",
+        None,
+        sha256_prefix="8738ca79",
+        num_params=5_483_032,
+        top1=74.042,
     ),
 }
 
@@ -389,7 +411,14 @@ def _listing(keys: Sequence[str], limit: int = 10) -> str:
 _TV_VGG16_CONVS = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 _VGG16_CONV_NAMES = tuple(f"conv{stage}_{i}" for stage, n, _ in VGG16_STAGES for i in range(1, n + 1))
 
-Layout = Literal["torchvision-vgg16", "torchvision-resnet", "caffe-vgg16", "caffe-resnet", "densepred"]
+# torchvision's mobilenet_v3_large().features: the stem, the bneck blocks, the final 1x1 conv.
+_MOBILENETV3_LAYERS = len(BNECKS_LARGE) + 2
+_MOBILENETV3_CLASSIFIER = ("classifier.0.weight", "classifier.0.bias", "classifier.3.weight", "classifier.3.bias")
+_MOBILENETV3_BLOCK = re.compile(r"features\.\d+\.block\.")
+
+Layout = Literal[
+    "torchvision-vgg16", "torchvision-resnet", "torchvision-mobilenetv3", "caffe-vgg16", "caffe-resnet", "densepred"
+]
 
 
 def detect_layout(keys: Iterable[str]) -> Layout | None:
@@ -399,6 +428,10 @@ def detect_layout(keys: Iterable[str]) -> Layout | None:
     an ImageNet layout" and :func:`load_pretrained` then compares the keys with the model's.
     """
     keys = set(keys)
+    # Both torchvision VGG16 and MobileNetV3 keep a ``features`` Sequential; only MobileNetV3's
+    # layers are blocks (``features.1.block.0.0.weight``, SE ``features.4.block.2.fc1.weight``).
+    if any(_MOBILENETV3_BLOCK.match(k) for k in keys):
+        return "torchvision-mobilenetv3"
     if any(k.startswith("features.") for k in keys):
         return "torchvision-vgg16"
     if "conv1_1.0" in keys:
@@ -511,11 +544,14 @@ def _weights_root(model: nn.Module) -> nn.Module:
     return model.weights_root() if isinstance(model, SegmentationModel) else model
 
 
+_BACKBONES = (VGG16, ResNet, MobileNetV3Large, FeatureTaps)
+
+
 def _backbone(root: nn.Module) -> nn.Module | None:
-    if isinstance(root, (VGG16, ResNet)):
+    if isinstance(root, _BACKBONES):
         return root
     backbone = getattr(root, "backbone", None)
-    return backbone if isinstance(backbone, (VGG16, ResNet)) else None
+    return backbone if isinstance(backbone, _BACKBONES) else None
 
 
 def _fc_prefixes(root: nn.Module) -> list[str]:
@@ -594,6 +630,25 @@ def _resnet_plan(
     return plan, {"fc1000.0", "fc1000.1"}
 
 
+def _mobilenetv3_plan(root: nn.Module, backbone: nn.Module, file_keys: set[str]) -> tuple[list[_Assign], set[str]]:
+    """``features.{i}.X`` -> ``features.{i}.X`` (a bare trunk) or ``backbone.{i}.X`` (FeatureTaps)."""
+    prefix = _module_prefix(root, backbone)
+    taps = isinstance(backbone, FeatureTaps)
+    sources = {key: f"features.{key}" if taps else key for key in backbone.state_dict()}
+    plan = [
+        _Assign(prefix + key, (source,))
+        for key, source in sources.items()
+        if not key.endswith("num_batches_tracked") or source in file_keys
+    ]
+    # FeatureTaps holds layers 0 .. its deepest tap: the trunk's deeper layers are not in the model.
+    held = len(backbone.features) if not taps else max(backbone.taps.values()) + 1
+    deeper = {f"features.{i}." for i in range(held, _MOBILENETV3_LAYERS)}
+    ignored = {k for k in file_keys if k.startswith(tuple(deeper))} if deeper else set()
+    if not hasattr(backbone, "classifier"):  # a bare trunk built with_classifier takes the file's
+        ignored |= set(_MOBILENETV3_CLASSIFIER)
+    return plan, ignored
+
+
 def _own_plan(root: nn.Module, file_keys: set[str]) -> list[_Assign]:
     return [
         _Assign(key, (key,)) for key in root.state_dict() if not key.endswith("num_batches_tracked") or key in file_keys
@@ -601,12 +656,20 @@ def _own_plan(root: nn.Module, file_keys: set[str]) -> list[_Assign]:
 
 
 def _check_arch(root: nn.Module, backbone: nn.Module | None, layout: str, path: Path) -> None:
-    wanted = VGG16 if layout.endswith("vgg16") else ResNet
+    wanted: tuple[type[nn.Module], ...]
+    if layout.endswith("vgg16"):
+        wanted = (VGG16,)
+    elif layout.endswith("mobilenetv3"):
+        wanted = (MobileNetV3Large, FeatureTaps)  # FeatureTaps holds MobileNetV3Large's layers
+    else:
+        wanted = (ResNet,)
     if not isinstance(backbone, wanted):
-        have = f"a {type(backbone).__name__} backbone" if backbone is not None else "no VGG16/ResNet backbone"
+        have = (
+            f"a {type(backbone).__name__} backbone" if backbone is not None else "no VGG16/ResNet/MobileNetV3 backbone"
+        )
         raise WeightsError(
-            f"{path.name} holds {wanted.__name__} weights ({layout} layout) but {type(root).__name__} has {have}; "
-            f"pick a model built on {wanted.__name__}"
+            f"{path.name} holds {wanted[0].__name__} weights ({layout} layout) but {type(root).__name__} has {have}; "
+            f"pick a model built on {wanted[0].__name__}"
         )
     if isinstance(backbone, ResNet):
         caffe = layout.startswith("caffe")
@@ -658,6 +721,9 @@ def _apply(
     return LoadReport(path, layout, tuple(values), tuple(sorted(used)))
 
 
+_LAYOUT_OF_ARCH = {"vgg16": "vgg16", "resnet50": "resnet", "resnet101": "resnet", "mobilenet_v3_large": "mobilenetv3"}
+
+
 def imagenet_spec(model: nn.Module) -> WeightsSpec:
     """The :data:`PRETRAINED` ImageNet weights for ``model``'s backbone.
 
@@ -670,7 +736,11 @@ def imagenet_spec(model: nn.Module) -> WeightsSpec:
         raise WeightsError(root.no_imagenet_weights)
     backbone = _backbone(root)
     if backbone is None:
-        raise WeightsError(f"{type(root).__name__} has no VGG16 or ResNet backbone, so no ImageNet weights apply")
+        raise WeightsError(
+            f"{type(root).__name__} has no VGG16, ResNet or MobileNetV3 backbone, so no ImageNet weights apply"
+        )
+    if isinstance(backbone, (MobileNetV3Large, FeatureTaps)):
+        return PRETRAINED["mobilenet_v3_large"]
     return PRETRAINED[f"resnet{backbone.depth}" if isinstance(backbone, ResNet) else "vgg16"]
 
 
@@ -693,7 +763,7 @@ def load_pretrained(
     """Load weights into ``model`` in place, strictly; see the module docstring for the layouts.
 
     Args:
-        model: a densepred model (FCN, DeepLab, MultiScaleInputs, UNet) or a bare backbone.
+        model: a densepred model (FCN, DeepLab, LR-ASPP, MultiScaleInputs, UNet) or a bare backbone.
         source: ``"imagenet"`` (the :data:`PRETRAINED` weights of the model's backbone, see
             :func:`imagenet_spec`), a path, or a URL (see :func:`fetch`).
         sha256: the expected digest of a path or URL source.
@@ -708,7 +778,7 @@ def load_pretrained(
     if os.fspath(source) == "imagenet":
         spec = imagenet_spec(model)
         # Refuse a model that cannot take these weights before downloading hundreds of MB.
-        expected_layout = f"{spec.layout}-{'vgg16' if spec.arch == 'vgg16' else 'resnet'}"
+        expected_layout = f"{spec.layout}-{_LAYOUT_OF_ARCH[spec.arch]}"
         _check_arch(root, _backbone(root), expected_layout, Path(urllib.parse.urlsplit(spec.url).path))
         path = fetch(
             spec.url, sha256=spec.sha256, sha256_prefix=spec.sha256_prefix, cache_dir=cache_dir, progress=progress
@@ -733,6 +803,8 @@ def load_pretrained(
     _check_arch(root, backbone, layout, path)
     if layout.endswith("vgg16"):
         plan, ignored = _vgg16_plan(root, backbone, caffe=layout.startswith("caffe"))
+    elif layout == "torchvision-mobilenetv3":
+        plan, ignored = _mobilenetv3_plan(root, backbone, keys)
     else:
         plan, ignored = _resnet_plan(root, backbone, caffe=layout.startswith("caffe"), file_keys=keys)
     return _apply(root, plan, ignored, state, path, layout)
