@@ -23,7 +23,14 @@ def test_every_issue_model_is_registered():
 
 
 def test_list_models_filters_with_a_pattern():
-    assert densepred.list_models("fcn*") == ["fcn16s", "fcn32s", "fcn8s", "fcn8s_atonce", "fcn_resnet101", "fcn_resnet50"]
+    assert densepred.list_models("fcn*") == [
+        "fcn16s",
+        "fcn32s",
+        "fcn8s",
+        "fcn8s_atonce",
+        "fcn_resnet101",
+        "fcn_resnet50",
+    ]
     assert densepred.list_models("nothing*") == []
 
 

@@ -34,8 +34,8 @@ from .build import build_dataset, build_model
 from .checkpoint import CheckpointManager, git_commit, restore_training_state, training_state
 from .config import ConfigError, Experiment, OptimConfig
 from .data.errors import DataError
-from .data.stats import compute_stats, median_frequency_weights
 from .data.loader import make_loader
+from .data.stats import compute_stats, median_frequency_weights
 from .distributed import DistInfo, seed_everything, setup_distributed
 from .evaluation import evaluate
 from .footprint import ModelTooLarge, check_model_size, physical_memory, training_bytes
