@@ -30,3 +30,16 @@ def http_server():
     """A :class:`http_server.LoopbackServer` on 127.0.0.1, stopped after the test."""
     with LoopbackServer() as server:
         yield server
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the registry-wide contracts model by model, so they can share one model at a time."""
+    slots = [i for i, item in enumerate(items) if item.module.__name__ == "test_models_contract"]
+    contract = [items[i] for i in slots]
+
+    def model_first(item):
+        spec = getattr(item, "callspec", None)
+        return (str(spec.params.get("name", "")) if spec else "", contract.index(item))
+
+    for slot, item in zip(slots, sorted(contract, key=model_first), strict=True):
+        items[slot] = item

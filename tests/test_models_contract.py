@@ -29,9 +29,10 @@ def _build(name: str, num_classes: int = 3, device: str = "cpu"):
     return slim(model) if name.endswith("-slim") else model
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1)
 def _shared(name: str):
-    """One build per model for the contracts below (FCN's fc6 alone has 103M weights)."""
+    """The model the contracts below share, one at a time: they run model by model (see
+    ``pytest_collection_modifyitems`` in conftest.py), and 20 cached nets would hold GBs."""
     return _build(name)
 
 
@@ -48,6 +49,7 @@ def test_forward_and_backward(name):
     torch.nn.functional.cross_entropy(logits, target).backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    model.zero_grad(set_to_none=True)  # the gradients would double the cached model's memory
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)

@@ -194,6 +194,8 @@ def _smoke_overrides(name: str) -> list[str]:
     ]
     if exp.data.augment == "none":
         extra.append("data.augment=deeplab")  # synthetic images vary in nothing, but keep crops small
+    if exp.model.options.get("depth") == 101 and exp.model.name != "unet_padded":
+        extra.append("model.options.depth=50")  # the same recipe on the 50-layer twin: half the cost
     if exp.model.options.get("frozen_bn"):
         # Frozen statistics are for fine-tuning ImageNet weights; from random init they blow up.
         extra.append("model.options.frozen_bn=false")
