@@ -289,3 +289,58 @@ def test_median_frequency_class_weights_are_computed_from_the_training_masks(tmp
     assert saved["train"]["class_weights"] == pytest.approx(expected.tolist(), abs=1e-6)
     assert saved["resolved"]["class_weights"] == saved["train"]["class_weights"]
     assert len(expected) == 6 and (expected > 0).any()
+
+
+SUCCESSORS_SMALL = {
+    "fcn_resnet50": {},
+    "deeplabv3_resnet50": {},
+    "deeplabv3_mobilenet_v3_large": {},
+    "lraspp_mobilenet_v3_large": {},
+    "deeplabv3": {"depth": 50},
+    "deeplabv3plus": {"depth": 50},
+    "pspnet": {"depth": 50},
+    "segnet": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SUCCESSORS_SMALL))
+def test_heat_maps_and_feature_maps_work_for_every_successor(name):
+    from densepred.visualize import class_heatmaps, default_layers, feature_maps
+
+    model = densepred.create_model(name, num_classes=4, **SUCCESSORS_SMALL[name]).eval()
+    image = torch.randn(3, 97, 81)
+    maps = class_heatmaps(model, image, 2)
+    assert maps.dense.shape == (97, 81)
+    assert maps.coarse.shape == model.coarse_scores(image[None]).logits.shape[-2:]
+    assert maps.stride == model.output_stride
+    layers = default_layers(model)
+    features = feature_maps(model, image, layers, top_k=2)
+    assert list(features) == layers and all(f.channels.shape[0] == 2 for f in features.values())
+    strides = [f.stride for f in features.values()]
+    assert strides == sorted(strides) and strides[-1] > 1  # shallow to deep
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("lraspp_mobilenet_v3_large", "{}"), pytest.param("pspnet", "{depth: 50}", marks=pytest.mark.slow)],
+)
+def test_the_server_segments_with_a_successor(name, options, tmp_path):
+    pytest.importorskip("fastapi")
+    import io
+
+    import numpy as np
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from densepred.prediction import Predictor
+    from densepred.serve import create_app
+    from tiny import tiny_checkpoint
+
+    checkpoint = tiny_checkpoint(tmp_path, f"model.name={name}", f"model.options={options}", "data.batch_size=2")
+    predictor = Predictor.from_checkpoint(checkpoint)
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(buf, format="PNG")
+    with TestClient(create_app(predictor, memory_budget=2**30)) as client:
+        r = client.post("/api/segment", files={"image": ("a.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(r.content)).size == (90, 70)
