@@ -14,7 +14,7 @@ from pathlib import Path
 from densepred.precision import MachineInfo
 
 from .accuracy import CAMVID_PAPERS, ISBI_PAPER, RUNS, _curve
-from .speed import PAPER_SIZE, _family, _input_size
+from .speed import _input_size, _paper_size
 
 
 def _load(path: Path) -> dict | None:
@@ -53,7 +53,7 @@ def _speed_section(speed: dict | None) -> list[str]:
     out = _heading("Inference, eager fp32 (images/s, latency per batch, peak resident memory of the process)", speed)
     rows = []
     for name, r in speed.get("models", {}).items():
-        paper = _input_size(name, PAPER_SIZE[_family(name)])
+        paper = _input_size(name, _paper_size(name))
         small = _input_size(name, 256)
         cells = [name]
         for side in (paper, small):

@@ -33,8 +33,19 @@ TRAIN_CROP = {"fcn": 500, "deeplab": 321, "unet": 572}
 TRAIN_BATCH = 2  # the recipes use 1-20; 2 keeps the biggest models within minutes on a CPU
 
 
-def _family(name: str) -> str:
-    return next(f for f in PAPER_SIZE if name.startswith(f))
+def _family(name: str) -> str | None:
+    return next((f for f in PAPER_SIZE if name.startswith(f) and not name.startswith(("deeplabv3", "fcn_"))), None)
+
+
+def _paper_size(name: str) -> int:
+    """The paper's input side (the registry's for the successors: 513, 473, 360, 520)."""
+    family = _family(name)
+    return PAPER_SIZE[family] if family else model_entry(name).default_size
+
+
+def _train_crop(name: str) -> int:
+    family = _family(name)
+    return TRAIN_CROP[family] if family else model_entry(name).default_size
 
 
 def _channels(name: str) -> int:
@@ -155,13 +166,14 @@ def _onnxruntime(model: torch.nn.Module, x: torch.Tensor) -> dict:
 
 
 def _train_step(name: str, model: torch.nn.Module) -> dict:
-    crop = _input_size(name, TRAIN_CROP[_family(name)])
+    crop = _input_size(name, _train_crop(name))
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.9)
     x = torch.randn(TRAIN_BATCH, _channels(name), crop, crop)
 
     def step():
         out = model(x)
+        out = out["fused"] if isinstance(out, dict) else out  # auxiliary heads: the main output
         target = torch.zeros(out.shape[0], *out.shape[2:], dtype=torch.long)
         loss = F.cross_entropy(out, target)
         optimizer.zero_grad(set_to_none=True)
@@ -207,7 +219,7 @@ def run_speed(path: Path, *, only: list[str] | None = None, force: bool = False)
             continue
         entry = results.setdefault("models", {}).setdefault(name, {"paper": model_entry(name).paper})
         model = _build(name)
-        for size in (PAPER_SIZE[_family(name)], 256):
+        for size in (_paper_size(name), 256):
             side = _input_size(name, size)
             for batch in (1, 8):
                 key = f"infer {side}x{side} b{batch}"

@@ -589,7 +589,7 @@ def test_imagenet_resnet_is_refused_before_downloading_when_the_stride_conventio
 
 
 # Only the tag in torchvision's file name is published for these: checked as a prefix, with a warning.
-PREFIX_ONLY = {"mobilenet_v3_large"}
+PREFIX_ONLY = {"mobilenet_v3_large", "vgg16_bn"}
 
 
 def test_pretrained_table_has_full_hashes_matching_the_file_name_tags():
@@ -615,6 +615,8 @@ def test_pretrained_num_params_are_those_of_our_modules():
             "resnet101": sum(p.numel() for p in ResNet(101).parameters()) + 2048 * 1000 + 1000,
             "mobilenet_v3_large": sum(p.numel() for p in MobileNetV3Large(with_classifier=True).parameters()),
         }
+        # VGG16-BN: VGG16 and the scale and shift of a batch norm after each of its 13 convolutions.
+        counts["vgg16_bn"] = counts["vgg16"] + 2 * (2 * 64 + 2 * 128 + 3 * 256 + 6 * 512)
     for name, spec in weights.PRETRAINED.items():
         assert spec.meta["num_params"] == counts[name], name
 

@@ -134,7 +134,7 @@ IMAGENET_RGB = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.22
 
 _HEX = re.compile(r"[0-9a-f]+")
 
-Arch = Literal["vgg16", "resnet50", "resnet101", "mobilenet_v3_large"]
+Arch = Literal["vgg16", "vgg16_bn", "resnet50", "resnet101", "mobilenet_v3_large"]
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def _torchvision(arch: Arch, sha256: str | None, *, sha256_prefix: str | None = 
 # Full sha256 digests: each starts with the tag in its file name, and each was found recorded
 # independently in public projects that verify these downloads. For MobileNetV3-Large only the
 # tag in the file name (the first 8 hex digits) is known: it is checked against those, with a
-# WeightsWarning. ``num_params`` counts the whole ImageNet classifier in the file (a test recounts
+# WeightsWarning; the same for VGG16-BN. ``num_params`` counts the whole ImageNet classifier in the file (a test recounts
 # it from our modules); ``top1`` is torchvision's ImageNet-1k validation accuracy of the file.
 PRETRAINED: dict[str, WeightsSpec] = {
     "vgg16": _torchvision(
@@ -218,6 +218,8 @@ PRETRAINED: dict[str, WeightsSpec] = {
         num_params=5_483_032,
         top1=74.042,
     ),
+    # SegNet's encoder (its builder loads the features.* of this file).
+    "vgg16_bn": _torchvision("vgg16_bn", None, sha256_prefix="6c64b313", num_params=138_365_992, top1=73.360),
 }
 
 
@@ -721,7 +723,13 @@ def _apply(
     return LoadReport(path, layout, tuple(values), tuple(sorted(used)))
 
 
-_LAYOUT_OF_ARCH = {"vgg16": "vgg16", "resnet50": "resnet", "resnet101": "resnet", "mobilenet_v3_large": "mobilenetv3"}
+_LAYOUT_OF_ARCH = {
+    "vgg16": "vgg16",
+    "vgg16_bn": "vgg16",
+    "resnet50": "resnet",
+    "resnet101": "resnet",
+    "mobilenet_v3_large": "mobilenetv3",
+}
 
 
 def imagenet_spec(model: nn.Module) -> WeightsSpec:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import register_model
-from ..weights import WeightsError, detect_layout, fetch, load_pretrained, read_state_dict
+from ..weights import PRETRAINED, WeightsError, detect_layout, fetch, load_pretrained, read_state_dict
 from .backbones.vgg import VGG16_STAGES
 from .base import InputRule, SegmentationModel
 from .layers import check_input
@@ -136,9 +136,9 @@ class SegNet(SegmentationModel):
     """
 
     no_imagenet_weights = (
-        "SegNet's encoder is VGG16 with batch norm, and densepred's verified ImageNet files hold only the "
-        "BN-free VGG16; load torchvision's vgg16_bn file with pretrained=<path> (its features.* keys go to the "
-        "encoder, see densepred.models.segnet.load_vgg16_bn_features). Sec. 3.3 trains from He initialisation."
+        "SegNet's encoder takes torchvision's vgg16_bn ImageNet file through its builder: "
+        "create_model('segnet', pretrained='imagenet') (its features.* keys go to the encoder, "
+        "densepred.models.segnet.load_vgg16_bn_features). Sec. 3.3 trains from He initialisation."
     )
 
     def __init__(self, num_classes: int, in_channels: int = 3) -> None:
@@ -237,9 +237,11 @@ def segnet(*, num_classes: int = 11, in_channels: int = 3, pretrained: str | Non
     model = SegNet(num_classes, in_channels)
     if pretrained is None:
         return model
-    if os.fspath(pretrained) == "imagenet":
-        return _load(model, pretrained)  # raises no_imagenet_weights' message
-    path = fetch(pretrained)
+    if os.fspath(pretrained) == "imagenet":  # torchvision's vgg16_bn, checked by its name's hash tag
+        spec = PRETRAINED["vgg16_bn"]
+        path = fetch(spec.url, sha256=spec.sha256, sha256_prefix=spec.sha256_prefix)
+    else:
+        path = fetch(pretrained)
     state = read_state_dict(path)
     if detect_layout(state) == "torchvision-vgg16":
         try:
