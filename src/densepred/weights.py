@@ -186,10 +186,10 @@ def _torchvision(arch: Arch, sha256: str | None, *, sha256_prefix: str | None = 
 
 
 # Full sha256 digests: each starts with the tag in its file name, and each was found recorded
-# independently in public projects that verify these downloads. For MobileNetV3-Large only the
-# tag in the file name (the first 8 hex digits) is known: it is checked against those, with a
-# WeightsWarning; the same for VGG16-BN. ``num_params`` counts the whole ImageNet classifier in the file (a test recounts
-# it from our modules); ``top1`` is torchvision's ImageNet-1k validation accuracy of the file.
+# independently in public projects that verify these downloads. For MobileNetV3-Large and
+# VGG16-BN only the tag in the file name (the first 8 hex digits) is known: it is checked against
+# those, with a WeightsWarning. ``num_params`` counts the whole ImageNet classifier in the file (a
+# test recounts it from our modules); ``top1`` is torchvision's ImageNet-1k validation accuracy of the file.
 PRETRAINED: dict[str, WeightsSpec] = {
     "vgg16": _torchvision(
         "vgg16",
