@@ -53,19 +53,23 @@ CASES: dict[str, Case] = {
 # The successors: ResNet-50 builds in the default tier, ResNet-101 ones in the slow tier. Sizes
 # other than the traced one check the image pooling (v3) and PSPNet's bins at every size.
 RESNET_ODD = [(1, 41, 57), (2, 25, 35), (1, 70, 49)]
+# deeplabv3_resnet50 covers the ASPP of the paper's v3 and of v3+ (same modules), pspnet the bins.
 for _name, _opts in {
-    "fcn_resnet50": {},
     "deeplabv3_resnet50": {},
-    "deeplabv3": {"depth": 50},
-    "deeplabv3plus": {"depth": 50},
     "pspnet": {"depth": 50},
     "deeplabv3_mobilenet_v3_large": {},
     "lraspp_mobilenet_v3_large": {},
     "segnet": {},
 }.items():
     CASES[_name] = Case(_name, _opts, RESNET_ODD, trace=(33, 25))
-for _name in ("fcn_resnet101", "deeplabv3_resnet101"):
-    CASES[_name] = Case(_name, {}, RESNET_ODD, trace=(33, 25), slow=True)
+for _name, _opts in {
+    "fcn_resnet50": {},
+    "deeplabv3": {"depth": 50},
+    "deeplabv3plus": {"depth": 50},
+    "fcn_resnet101": {},
+    "deeplabv3_resnet101": {},
+}.items():
+    CASES[_name] = Case(_name, _opts, RESNET_ODD, trace=(33, 25), slow=True)
 for _name in HEAVY:
     _fcn = _name.startswith("fcn")
     CASES[f"{_name}-slim"] = Case(_name, {}, [*FCN_ODD, (2, 31, 20)] if _fcn else ODD, slim=True)

@@ -200,9 +200,9 @@ def test_api_docs_are_served_without_any_outside_network(predictor):
 
 
 def test_a_load_of_large_uploads_is_answered_within_the_budget_and_health_keeps_answering(predictor):
-    budget = 160 * MiB
+    budget = 80 * MiB
     app = create_app(predictor, memory_budget=budget, max_concurrency=2, queue_size=8, tile=256)
-    images = [_png(1000, seed) for seed in range(8)]
+    images = [_png(700, seed) for seed in range(6)]
     health: list[tuple[int, float]] = []
     seen: list[int] = []
     done = threading.Event()
@@ -233,7 +233,7 @@ def test_a_load_of_large_uploads_is_answered_within_the_budget_and_health_keeps_
         prober.join()
     slowest = max(seconds for _, seconds in health)
     print(
-        f"{len(images)} uploads of 1000x1000: {seen.count(503)} answers 503 before a 200; "
+        f"{len(images)} uploads of 700x700: {seen.count(503)} answers 503 before a 200; "
         f"/health max {slowest * 1e3:.0f} ms"
     )
     assert codes == [200] * len(images) and set(seen) <= {200, 503}
