@@ -303,7 +303,14 @@ SUCCESSORS_SMALL = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(SUCCESSORS_SMALL))
+# Three in the default tier (taps + ASPP pooling, the pyramid, unpooling), all in the slow tier.
+_PICTURE_DEFAULT = {"deeplabv3_mobilenet_v3_large", "pspnet", "segnet"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=[] if n in _PICTURE_DEFAULT else [pytest.mark.slow]) for n in sorted(SUCCESSORS_SMALL)],
+)
 def test_heat_maps_and_feature_maps_work_for_every_successor(name):
     from densepred.visualize import class_heatmaps, default_layers, feature_maps
 
@@ -322,7 +329,10 @@ def test_heat_maps_and_feature_maps_work_for_every_successor(name):
 
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("lraspp_mobilenet_v3_large", "{}"), pytest.param("pspnet", "{depth: 50}", marks=pytest.mark.slow)],
+    [
+        pytest.param("lraspp_mobilenet_v3_large", "{}", marks=pytest.mark.slow),
+        pytest.param("pspnet", "{depth: 50}", marks=pytest.mark.slow),
+    ],
 )
 def test_the_server_segments_with_a_successor(name, options, tmp_path):
     pytest.importorskip("fastapi")

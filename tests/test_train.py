@@ -208,6 +208,7 @@ def _recipes() -> list:
 
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
     heavy = {n for n in names if load_experiment(resolve_config(n)).model.name in HEAVY}
+    heavy.add("pspnet_resnet101_cityscapes")  # the VOC recipe's model and loop, another dataset's crop
     return [pytest.param(n, marks=[pytest.mark.slow] if n in heavy else []) for n in names]
 
 
