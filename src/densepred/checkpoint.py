@@ -78,7 +78,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         ) from None
     except SafetensorError as exc:
         raise CheckpointError(f"checkpoint {path} is a corrupt safetensors file: {exc}") from None
-    except (RuntimeError, EOFError, OSError, ValueError, OverflowError, MemoryError) as exc:
+    except Exception as exc:  # noqa: BLE001 (damaged bytes make torch.load fail in many ways: IndexError, KeyError...)
         raise CheckpointError(f"checkpoint {path} is corrupt (unreadable or truncated): {_first_line(exc)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
@@ -104,7 +104,11 @@ def _names_python_objects(path: Path) -> bool:
                 data = archive.read(name)
         else:
             data = path.read_bytes()
-        return any(op.name in _CODE_OPCODES for op, _, _ in pickletools.genops(data))
+        ops = list(pickletools.genops(data))
+        # A pickle ends at its STOP; bytes after it (random data that happens to parse) are no pickle.
+        if not ops or ops[-1][0].name != "STOP" or ops[-1][2] != len(data) - 1:
+            return False
+        return any(op.name in _CODE_OPCODES for op, _, _ in ops)
     except Exception:  # noqa: BLE001 (any parse failure means: not a well-formed pickle)
         return False
 
