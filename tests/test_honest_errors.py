@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import time
 from pathlib import Path
 
 import pytest
@@ -102,15 +101,12 @@ def test_a_checkpoint_whose_config_asks_for_an_impossible_model_is_refused_at_on
 ):
     monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("serve started"))
     edited = _edited_checkpoint(checkpoint, tmp_path, depth=30)
-    start = time.perf_counter()
     assert main(_argv(command, edited, image, tmp_path / "out")) == 2
     err = capsys.readouterr().err
     assert "cannot exist: its layer sizes overflow" in err and "model.options" in err, err
-    assert time.perf_counter() - start < 30  # refused from the config, not after allocating
 
 
 def test_a_model_too_large_to_build_is_refused_with_its_size_and_the_option(tmp_path, capsys):
-    start = time.perf_counter()
     overrides = [*TINY, "model.options={base_channels: 16, depth: 99, batch_norm: true}"]
     assert main(["demo", "--run-dir", str(tmp_path / "run"), "--no-progress", *overrides]) == 2
     assert "cannot exist" in capsys.readouterr().err
@@ -121,7 +117,6 @@ def test_a_model_too_large_to_build_is_refused_with_its_size_and_the_option(tmp_
         ModelTooLarge, match=r"has 2,0[\d,]+ parameters \([\d,.]+ GiB in float32\), above model.max_parameters"
     ):
         check_model_size(exp, 2, 3)
-    assert time.perf_counter() - start < 60
     raised = load_experiment(
         None, [*TINY, "model.options={base_channels: 64, depth: 12}", "model.max_parameters=3000000000000"]
     )
@@ -173,11 +168,9 @@ def test_every_file_of_a_run_folder_has_one_mode(tmp_path):
 
 def test_a_training_step_beyond_the_machines_memory_is_refused_before_the_model_is_built(tmp_path, capsys):
     big = [*TINY, "model.options={base_channels: 64, depth: 4, batch_norm: true}", "data.batch_size=4096"]
-    start = time.perf_counter()
     assert main(["demo", "--run-dir", str(tmp_path / "run"), "--no-progress", *big]) == 2
     err = capsys.readouterr().err
     assert "one training step of unet_padded on 4096 x 64x64 needs about" in err and "data.batch_size" in err
-    assert time.perf_counter() - start < 60
 
 
 def test_training_bytes_grow_with_the_batch():
