@@ -1,17 +1,10 @@
-import ctypes
-import ctypes.util
 import gc
 
 import pytest
 import torch
 
+from densepred.admission import return_free_memory
 from http_server import LoopbackServer
-
-try:  # glibc only: returns freed heap pages to the OS
-    _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-except (OSError, AttributeError):
-    _LIBC = None
 
 
 @pytest.fixture(autouse=True)
@@ -21,8 +14,7 @@ def _seed_and_threads():
     # Full-size models (540 MB each for VGG16 FCNs) come and go test after test; give their
     # memory back to the OS so the suite's resident size stays that of one test, not the sum.
     gc.collect()
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    return_free_memory()
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from .config import EvalConfig
-from .footprint import peak_bytes
+from .footprint import peak_bytes, physical_memory
 from .inference import predict_logits
 from .models.base import input_rule_of
 
@@ -130,7 +129,7 @@ def available_memory() -> int:
         for line in meminfo.read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return physical_memory()
 
 
 def _load_malloc_trim() -> Callable[[int], int] | None:

@@ -25,10 +25,11 @@ AUX_LOSS_WEIGHT = 0.5  # torchvision references/segmentation: loss = out + 0.5 *
 
 
 class FCNHead(nn.Sequential):
-    """3x3 conv to ``in/4`` channels + BN + ReLU, dropout 0.1, 1x1 conv to the classes."""
+    """3x3 conv to ``width`` (default ``in/4``) channels + BN + ReLU, dropout 0.1, 1x1 conv to
+    the classes (also PSPNet's head after its pyramid, Sec. 3.3, at 512)."""
 
-    def __init__(self, in_channels: int, num_classes: int) -> None:
-        inter = in_channels // 4
+    def __init__(self, in_channels: int, num_classes: int, width: int | None = None) -> None:
+        inter = width or in_channels // 4
         super().__init__(
             nn.Conv2d(in_channels, inter, 3, padding=1, bias=False),
             nn.BatchNorm2d(inter),

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..registry import register_model
 from ..weights import with_pretrained
 from .backbones.resnet import ResNet
-from .fcn_resnet import AuxiliaryHeadModel
+from .fcn_resnet import AuxiliaryHeadModel, FCNHead
 
 __all__ = ["PyramidPooling", "PSPNet", "PSP_BINS", "AUX_WEIGHT"]
 
@@ -79,16 +79,6 @@ class PyramidPooling(nn.Module):
         return torch.cat([x, *pooled], 1)
 
 
-def _head(in_channels: int, width: int, num_classes: int) -> list[nn.Module]:
-    return [
-        nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        nn.Dropout(0.1),
-        nn.Conv2d(width, num_classes, 1),
-    ]
-
-
 class PSPNet(AuxiliaryHeadModel):
     """Dilated ResNet, the pyramid pooling module and the scores, upsampled 8x to the input."""
 
@@ -117,8 +107,8 @@ def pspnet(
     ppm = PyramidPooling(2048, bins)
     model = PSPNet(
         backbone,
-        nn.Sequential(ppm, *_head(ppm.out_channels, 512, num_classes)),
-        nn.Sequential(*_head(1024, 256, num_classes)) if aux else None,
+        nn.Sequential(ppm, *FCNHead(ppm.out_channels, num_classes, width=512)),  # flat: classifier.0 = the pyramid
+        FCNHead(1024, num_classes) if aux else None,
         feature="layer4",
         aux_feature="layer3",
         num_classes=num_classes,
