@@ -200,24 +200,26 @@ def test_imagenet_by_name_is_torchvisions_vgg16_bn_checked_by_its_tag(http_serve
     import io
 
     from densepred import weights
+    from densepred.catalogue import Digest
     from densepred.weights import WeightsWarning
 
     spec = weights.PRETRAINED["vgg16_bn"]
-    assert spec.url == "https://download.pytorch.org/models/vgg16_bn-6c64b313.pth" and spec.sha256 is None
+    assert spec.url == "https://download.pytorch.org/models/vgg16_bn-6c64b313.pth"
+    assert spec.digest is not None and not spec.digest.complete
     state = {**_vgg16_bn_state_dict(), "classifier.6.weight": torch.zeros(1000, 4096)}
     buf = io.BytesIO()
     torch.save(state, buf)
     tag = hashlib.sha256(buf.getvalue()).hexdigest()[:8]
     http_server.files[f"/vgg16_bn-{tag}.pth"] = buf.getvalue()
-    fake = dataclasses.replace(spec, url=http_server.url(f"vgg16_bn-{tag}.pth"), sha256_prefix=tag)
+    fake = dataclasses.replace(spec, url=http_server.url(f"vgg16_bn-{tag}.pth"), digest=Digest("sha256", tag, "test"))
     monkeypatch.setitem(weights.PRETRAINED, "vgg16_bn", fake)
     monkeypatch.setenv("DENSEPRED_CACHE", str(tmp_path / "cache"))
-    with pytest.warns(WeightsWarning, match="only the first 8 hex digits"):
+    with pytest.warns(WeightsWarning, match="first 8 hex digits of the sha256"):
         model = densepred.create_model("segnet", pretrained="imagenet")
     assert torch.equal(model.encoder[40].weight, state["features.40.weight"])
     # torchvision's count: VGG16 (138,357,544) and 13 batch norms' scale and shift.
     bn = sum(2 * m.num_features for m in model.encoder if isinstance(m, nn.BatchNorm2d))
-    assert spec.meta["num_params"] == 138_357_544 + bn
+    assert spec.num_params == 138_357_544 + bn
 
 
 def test_recipe_loads_with_the_papers_settings():

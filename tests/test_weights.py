@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 import densepred
 from densepred import weights
+from densepred.catalogue import IMAGENET_RGB as IMAGENET
+from densepred.catalogue import Digest
 from densepred.models.backbones import VGG16, ResNet, vgg16_classifier
 from densepred.models.backbones.mobilenetv3 import FeatureTaps, MobileNetV3Large
 from densepred.models.unet import UNet
@@ -544,7 +546,7 @@ def test_hash_from_url_fragment_or_file_name_tag(http_server, tmp_path):
     digest = _digest(data)
     http_server.files["/a.pth"] = http_server.files[f"/b-{digest[:8]}.pth"] = http_server.files["/c.pth"] = data
     assert weights.fetch(http_server.url("a.pth") + f"#sha256={digest}", cache_dir=tmp_path, progress=False).exists()
-    with pytest.warns(WeightsWarning, match=rf"only the first 8 hex digits .*\({digest[:8]}\)"):
+    with pytest.warns(WeightsWarning, match=rf"first 8 hex digits of the sha256 {digest[:8]}"):
         weights.fetch(http_server.url(f"b-{digest[:8]}.pth"), cache_dir=tmp_path, progress=False)
     with pytest.raises(WeightsError, match="no sha256 known"):
         weights.fetch(http_server.url("c.pth"), cache_dir=tmp_path, progress=False)
@@ -568,7 +570,11 @@ def test_imagenet_weights_come_from_the_table_through_the_cache(http_server, tmp
     torch.save(state, path)
     data = path.read_bytes()
     http_server.files["/vgg16-test.pth"] = data
-    spec = dataclasses.replace(weights.PRETRAINED["vgg16"], url=http_server.url("vgg16-test.pth"), sha256=_digest(data))
+    spec = dataclasses.replace(
+        weights.PRETRAINED["vgg16"],
+        url=http_server.url("vgg16-test.pth"),
+        digest=Digest("sha256", _digest(data), "test"),
+    )
     monkeypatch.setitem(weights.PRETRAINED, "vgg16", spec)
     monkeypatch.setenv("DENSEPRED_CACHE", str(tmp_path / "cache"))
     model = densepred.create_model("deeplab_v1_largefov", pretrained="imagenet")
@@ -595,12 +601,12 @@ PREFIX_ONLY = {"mobilenet_v3_large", "vgg16_bn"}
 def test_pretrained_table_has_full_hashes_matching_the_file_name_tags():
     for name, spec in weights.PRETRAINED.items():
         tag = spec.url.rsplit("-", 1)[1].split(".")[0]
+        assert spec.digest is not None and spec.digest.algorithm == "sha256", name
         if name in PREFIX_ONLY:
-            assert spec.sha256 is None and spec.sha256_prefix == tag and len(tag) == 8, name
+            assert not spec.digest.complete and spec.digest.value == tag and len(tag) == 8, name
         else:
-            assert spec.sha256 is not None and len(spec.sha256) == 64, name
-            assert spec.sha256.startswith(tag), name
-        assert spec.layout == "torchvision" and spec.preprocessing == weights.IMAGENET_RGB
+            assert spec.digest.complete and spec.digest.value.startswith(tag), name
+        assert spec.layout == "torchvision" and spec.normalization == IMAGENET and spec.kind == "backbone"
     assert weights.PRETRAINED["mobilenet_v3_large"].url == (
         "https://download.pytorch.org/models/mobilenet_v3_large-8738ca79.pth"
     )
@@ -618,23 +624,27 @@ def test_pretrained_num_params_are_those_of_our_modules():
         # VGG16-BN: VGG16 and the scale and shift of a batch norm after each of its 13 convolutions.
         counts["vgg16_bn"] = counts["vgg16"] + 2 * (2 * 64 + 2 * 128 + 3 * 256 + 6 * 512)
     for name, spec in weights.PRETRAINED.items():
-        assert spec.meta["num_params"] == counts[name], name
+        assert spec.num_params == counts[name], name
 
 
 def test_imagenet_spec_follows_the_backbone():
     with torch.device("meta"):
-        assert weights.imagenet_spec(densepred.create_model("fcn8s")).name == "vgg16"
-        assert weights.imagenet_spec(densepred.create_model("deeplab_v2_vgg16", msc=True)).name == "vgg16"
-        assert weights.imagenet_spec(densepred.create_model("deeplab_v2_resnet101")).name == "resnet101"
+        assert weights.imagenet_spec(densepred.create_model("fcn8s")).name == "vgg16.imagenet"
+        assert weights.imagenet_spec(densepred.create_model("deeplab_v2_vgg16", msc=True)).model == "vgg16"
+        assert weights.imagenet_spec(densepred.create_model("deeplab_v2_resnet101")).model == "resnet101"
         for name in MOBILENET_MODELS:
             spec = weights.imagenet_spec(densepred.create_model(name, num_classes=3))
-            assert spec.arch == spec.name == "mobilenet_v3_large", name
-        assert weights.imagenet_spec(MobileNetV3Large()).arch == "mobilenet_v3_large"
+            assert spec.model == "mobilenet_v3_large", name
+        assert weights.imagenet_spec(MobileNetV3Large()).model == "mobilenet_v3_large"
 
 
-def test_weights_spec_rejects_a_malformed_hash():
-    with pytest.raises(ValueError, match="64 lowercase hex"):
-        dataclasses.replace(weights.PRETRAINED["vgg16"], sha256="397923af")
+def test_a_digest_rejects_a_malformed_hash():
+    with pytest.raises(ValueError, match="lowercase hex"):
+        Digest("sha256", "397923AF", "test")
+    with pytest.raises(ValueError, match="must have 40 hex digits"):
+        Digest("sha1", "397923af", "test")  # a prefix is a sha256-only check
+    with pytest.raises(ValueError, match="must have 64 hex digits"):
+        Digest("sha256", "397923", "test")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -804,11 +814,13 @@ def test_imagenet_mobilenet_v3_is_checked_by_its_name_tag_with_a_warning(http_se
     tag = _digest(data)[:8]
     http_server.files[f"/mobilenet_v3_large-{tag}.pth"] = data
     spec = weights.PRETRAINED["mobilenet_v3_large"]
-    assert spec.sha256 is None and spec.sha256_prefix == "8738ca79"
-    fake = dataclasses.replace(spec, url=http_server.url(f"mobilenet_v3_large-{tag}.pth"), sha256_prefix=tag)
+    assert spec.digest is not None and spec.digest.value == "8738ca79" and not spec.digest.complete
+    fake = dataclasses.replace(
+        spec, url=http_server.url(f"mobilenet_v3_large-{tag}.pth"), digest=Digest("sha256", tag, "the file name")
+    )
     monkeypatch.setitem(weights.PRETRAINED, "mobilenet_v3_large", fake)
     monkeypatch.setenv("DENSEPRED_CACHE", str(tmp_path / "cache"))
-    with pytest.warns(WeightsWarning, match=rf"only the first 8 hex digits .*\({tag}\)"):
+    with pytest.warns(WeightsWarning, match=rf"first 8 hex digits of the sha256 {tag}"):
         model = densepred.create_model("deeplabv3_mobilenet_v3_large", num_classes=3, pretrained="imagenet")
     assert (model.get_submodule("backbone.16.0").weight == 0.25).all() and (
         model.get_submodule("backbone.0.1").running_var == 0.25
@@ -817,7 +829,9 @@ def test_imagenet_mobilenet_v3_is_checked_by_its_name_tag_with_a_warning(http_se
 
     wrong = "0" * 8 if tag != "0" * 8 else "1" * 8
     http_server.files[f"/mobilenet_v3_large-{wrong}.pth"] = data
-    bad = dataclasses.replace(spec, url=http_server.url(f"mobilenet_v3_large-{wrong}.pth"), sha256_prefix=wrong)
+    bad = dataclasses.replace(
+        spec, url=http_server.url(f"mobilenet_v3_large-{wrong}.pth"), digest=Digest("sha256", wrong, "the file name")
+    )
     monkeypatch.setitem(weights.PRETRAINED, "mobilenet_v3_large", bad)
     with pytest.warns(WeightsWarning), pytest.raises(WeightsError, match=rf"sha256 mismatch .*expected {wrong}"):
         densepred.create_model("lraspp_mobilenet_v3_large", num_classes=3, pretrained="imagenet")

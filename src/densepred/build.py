@@ -30,12 +30,14 @@ __all__ = ["NORMALIZATIONS", "normalization_for", "build_dataset", "build_model"
 NORMALIZATIONS = {"imagenet": IMAGENET, "caffe": CAFFE_BGR, "unit": UNIT}
 
 
-def normalization_for(name: str, channels: int) -> Normalization:
-    """The recipe's normalisation for images of ``channels`` channels.
+def normalization_for(name: str | Normalization, channels: int) -> Normalization:
+    """The recipe's normalisation for images of ``channels`` channels (or a released net's own).
 
     ImageNet statistics are per RGB channel, so gray images are scaled to [0, 1] instead;
     Caffe's BGR mean needs RGB images.
     """
+    if isinstance(name, Normalization):
+        return name
     if name == "caffe" and channels != 3:
         raise ValueError(f"data.normalization=caffe needs RGB images; these have {channels} channel(s)")
     return UNIT if name == "imagenet" and channels != 3 else NORMALIZATIONS[name]

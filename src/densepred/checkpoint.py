@@ -25,6 +25,7 @@ from torch import nn
 from .atomic import WriteError, write_atomic
 from .build import build_model
 from .config import Experiment, experiment_from_dict
+from .data.normalization import Normalization
 
 __all__ = [
     "CheckpointError",
@@ -238,7 +239,7 @@ class Trained:
     palette: list[tuple[int, int, int]]
     in_channels: int
     ignore_index: int
-    normalization: str
+    normalization: str | Normalization  # a recipe's name, or a released net's own (densepred.catalogue)
     iteration: int
 
 

@@ -20,7 +20,7 @@ from urllib.request import Request, urlopen
 
 from tqdm.auto import tqdm
 
-__all__ = ["TransferError", "TransferInterrupted", "TransferFailed", "sha256_file", "download_to_part"]
+__all__ = ["TransferError", "TransferInterrupted", "TransferFailed", "sha256_file", "hash_file", "download_to_part"]
 
 _CHUNK = 1 << 20
 
@@ -51,7 +51,12 @@ class TransferFailed(TransferError):
 
 def sha256_file(path: str | os.PathLike) -> str:
     """The hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
+    return hash_file(path, "sha256")
+
+
+def hash_file(path: str | os.PathLike, algorithm: str) -> str:
+    """The hex digest of a file by ``algorithm`` (``sha256``, ``sha1``, ``md5``), read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             digest.update(chunk)

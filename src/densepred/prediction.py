@@ -14,13 +14,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .build import build_dataset, normalization_for
+from .catalogue import weights_entry
 from .checkpoint import Trained, load_trained
-from .config import EvalConfig
+from .config import EvalConfig, Experiment
 from .crf import CRFParams, crf_params, dense_crf_any_channels
 from .data.files import IMAGE_SUFFIXES
 from .data.io import read_image
-from .data.labels import colorize
+from .data.labels import IGNORE_INDEX, bitwise_palette, colorize
 from .inference import predict_logits
+from .weights import load_released
 
 __all__ = [
     "Predictor",
@@ -54,6 +56,29 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", options: EvalConfig | None = None) -> Predictor:
         trained = load_trained(path, device)
         return cls(trained, torch.device(device), options or trained.experiment.eval)
+
+    @classmethod
+    def from_weights(
+        cls,
+        name: str,
+        device: str = "cpu",
+        options: EvalConfig | None = None,
+        *,
+        file: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+    ) -> Predictor:
+        """A predictor for the released weights ``name`` (``"fcn8s.voc_caffe"``, see
+        ``densepred weights list``): the entry's classes, palette and preprocessing, whole-image
+        inference unless ``options`` say otherwise."""
+        entry = weights_entry(name)
+        model = load_released(name, file=file, cache_dir=cache_dir).to(device)
+        experiment = Experiment(name=name)
+        experiment.model.name = entry.model
+        n = len(entry.classes)
+        trained = Trained(
+            model, experiment, n, list(entry.classes), bitwise_palette(n), 3, IGNORE_INDEX, entry.normalization, 0
+        )
+        return cls(trained, torch.device(device), options or experiment.eval)
 
     def logits(self, image: np.ndarray, options: EvalConfig | None = None) -> torch.Tensor:
         """Float logits ``(1, classes, H, W)`` of a uint8 image, with ``options`` or the predictor's."""

@@ -65,10 +65,12 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import urllib.parse
 import warnings
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal, TypeVar
 
@@ -76,7 +78,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .download import TransferFailed, TransferInterrupted, download_to_part, sha256_file
+from .atomic import write_atomic
+from .caffemodel import CaffeModelError, read_caffemodel
+from .catalogue import Digest, Weights, list_weights, weights_entry
+from .download import TransferFailed, TransferInterrupted, download_to_part, hash_file, sha256_file
 from .models.backbones import VGG16, ResNet
 from .models.backbones.mobilenetv3 import BNECKS_LARGE, FeatureTaps, MobileNetV3Large
 from .models.backbones.vgg import VGG16_STAGES
@@ -90,9 +95,6 @@ __all__ = [
     "vgg16_classifier_key",
     "WeightsError",
     "WeightsWarning",
-    "Preprocessing",
-    "IMAGENET_RGB",
-    "WeightsSpec",
     "PRETRAINED",
     "LoadReport",
     "default_cache_dir",
@@ -103,6 +105,8 @@ __all__ = [
     "decimate_fc",
     "imagenet_spec",
     "load_pretrained",
+    "fetch_released",
+    "load_released",
 ]
 
 
@@ -115,112 +119,10 @@ class WeightsWarning(UserWarning):
     corrupt cached copy that was deleted and downloaded again."""
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images must be prepared for a set of weights: ``(x * 255 / value_range - mean) / std``.
-
-    ``value_range`` is 1.0 for images scaled to [0, 1] and 255.0 for raw pixel values;
-    ``color_order`` is the channel order of the first convolution's input.
-    """
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    color_order: Literal["RGB", "BGR"]
-    value_range: float
-
-
-# torchvision's ImageNet recipe: RGB in [0, 1], normalised per channel.
-IMAGENET_RGB = Preprocessing(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), color_order="RGB", value_range=1.0)
-
 _HEX = re.compile(r"[0-9a-f]+")
 
-Arch = Literal["vgg16", "vgg16_bn", "resnet50", "resnet101", "mobilenet_v3_large"]
-
-
-@dataclass(frozen=True)
-class WeightsSpec:
-    """A published weight file: where it is, how to verify it, how to feed it, what it is.
-
-    ``sha256`` is the full digest; where only the first hex digits are known (torchvision's
-    file names carry eight) ``sha256`` is ``None`` and ``sha256_prefix`` holds them, and
-    :func:`fetch` warns that the check is partial.
-    """
-
-    name: str
-    url: str
-    sha256: str | None
-    layout: Literal["torchvision", "caffe"]
-    arch: Arch
-    preprocessing: Preprocessing
-    meta: Mapping[str, Any] = field(default_factory=dict)
-    sha256_prefix: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.sha256 is not None and not (len(self.sha256) == 64 and _HEX.fullmatch(self.sha256)):
-            raise ValueError(f"{self.name}: sha256 must be 64 lowercase hex digits, got {self.sha256!r}")
-        if self.sha256 is None and not (self.sha256_prefix and _HEX.fullmatch(self.sha256_prefix)):
-            raise ValueError(f"{self.name}: give the full sha256 or at least a hex sha256_prefix")
-        if self.sha256 and self.sha256_prefix and not self.sha256.startswith(self.sha256_prefix):
-            raise ValueError(f"{self.name}: sha256_prefix {self.sha256_prefix} is not a prefix of {self.sha256}")
-
-
-def _torchvision(arch: Arch, sha256: str | None, *, sha256_prefix: str | None = None, **meta: Any) -> WeightsSpec:
-    # torchvision names its files "<arch>-<first 8 hex digits of the sha256>.pth"; where only that
-    # tag is known, pass sha256=None and the tag as sha256_prefix (fetch then warns, see WeightsSpec).
-    tag = (sha256 or sha256_prefix or "")[:8]
-    return WeightsSpec(
-        name=arch,
-        url=f"https://download.pytorch.org/models/{arch}-{tag}.pth",
-        sha256=sha256,
-        sha256_prefix=sha256_prefix,
-        layout="torchvision",
-        arch=arch,
-        preprocessing=IMAGENET_RGB,
-        meta={
-            "source": "torchvision (https://github.com/pytorch/vision), IMAGENET1K_V1",
-            "license": "BSD-3-Clause",
-            "dataset": "ImageNet-1k",
-            **meta,
-        },
-    )
-
-
-# Full sha256 digests: each starts with the tag in its file name, and each was found recorded
-# independently in public projects that verify these downloads. For MobileNetV3-Large and
-# VGG16-BN only the tag in the file name (the first 8 hex digits) is known: it is checked against
-# those, with a WeightsWarning. ``num_params`` counts the whole ImageNet classifier in the file (a
-# test recounts it from our modules); ``top1`` is torchvision's ImageNet-1k validation accuracy of the file.
-PRETRAINED: dict[str, WeightsSpec] = {
-    "vgg16": _torchvision(
-        "vgg16",
-        "397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0",
-        num_params=138_357_544,
-        file_size=553_433_881,
-        top1=71.592,
-    ),
-    "resnet50": _torchvision(
-        "resnet50",
-        "0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a",
-        num_params=25_557_032,
-        file_size=102_530_333,
-        top1=76.130,
-    ),
-    "resnet101": _torchvision(
-        "resnet101",
-        "63fe2227b86e8f1f2063f43a75c84d195911b6a0eace650907dd3dc62dd49a0a",
-        num_params=44_549_160,
-        top1=77.374,
-    ),
-    "mobilenet_v3_large": _torchvision(
-        "mobilenet_v3_large",
-        None,
-        sha256_prefix="8738ca79",
-        num_params=5_483_032,
-        top1=74.042,
-    ),
-    # SegNet's encoder (its builder loads the features.* of this file).
-    "vgg16_bn": _torchvision("vgg16_bn", None, sha256_prefix="6c64b313", num_params=138_365_992, top1=73.360),
-}
+# The ImageNet trunks' entries live beside the backbones (models/backbones/*.py), in the catalogue.
+PRETRAINED: dict[str, Weights] = {w.model: w for w in list_weights(kind="backbone")}
 
 
 @dataclass(frozen=True)
@@ -243,19 +145,33 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "densepred" / "weights"
 
 
-def _mismatch(path: Path, sha256: str | None, prefix: str | None, name: str) -> str | None:
-    """``None`` when ``path`` has the expected digest, else what differs (for the caller's message)."""
-    expected = sha256 or prefix
-    assert expected is not None  # callers pass at least one
-    if sha256 is None:
-        warnings.warn(
-            f"only the first {len(expected)} hex digits of the sha256 of {name} are known "
-            f"({expected}); the file is checked against them only",
-            WeightsWarning,
-            stacklevel=3,
-        )
+def _mismatch(path: Path, digest: Digest, name: str) -> str | None:
+    """``None`` when ``path`` has the expected digest, else what differs (for the caller's message).
+
+    Anything short of a full sha256 is said with a :class:`WeightsWarning`.
+    """
+    if not (digest.algorithm == "sha256" and digest.complete):
+        warnings.warn(f"{name} is checked against the {digest} only", WeightsWarning, stacklevel=3)
+    actual = hash_file(path, digest.algorithm)
+    ok = actual.startswith(digest.value) if digest.algorithm == "sha256" else actual == digest.value
+    return None if ok else f"{digest.algorithm} mismatch for {name}: expected {digest.value}, got {actual}"
+
+
+def _recorded(dest: Path) -> Path:
+    return dest.with_name(dest.name + ".sha256")
+
+
+def _record_first_use(path: Path, url: str, record: Path | None = None) -> None:
+    """Trust on first use: keep the sha256 of ``path`` to check every later use, and say so."""
+    record = record or _recorded(path)
     actual = sha256_file(path)
-    return None if actual.startswith(expected) else f"sha256 mismatch for {name}: expected {expected}, got {actual}"
+    write_atomic(record, lambda f: f.write(f"{actual}\n".encode()), what="hash record")
+    warnings.warn(
+        f"no hash is published for {url}: the sha256 of this first copy, {actual}, is recorded in {record} "
+        "and later uses are checked against it. Compare it with a copy you trust.",
+        WeightsWarning,
+        stacklevel=3,
+    )
 
 
 def _hash_tag(filename: str) -> str | None:
@@ -269,6 +185,8 @@ def fetch(
     *,
     sha256: str | None = None,
     sha256_prefix: str | None = None,
+    digest: Digest | None = None,
+    trust_on_first_use: bool = False,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Path:
@@ -278,9 +196,12 @@ def fetch(
     name, streamed to ``<name>.part`` (resumed with a Range request when a ``.part`` exists, see
     :func:`densepred.download.download_to_part`), verified, and moved into place atomically. A
     cached file is verified again on every call; one that no longer matches is deleted, with a
-    :class:`WeightsWarning`, and downloaded again. The expected digest is ``sha256``, else a
-    ``#sha256=<hex>`` URL fragment, else (with a :class:`WeightsWarning`) ``sha256_prefix`` or
-    the hex tag of a torch.hub-style file name.
+    :class:`WeightsWarning`, and downloaded again. The expected digest is ``digest`` (any
+    :class:`~densepred.catalogue.Digest`), else ``sha256``, else a ``#sha256=<hex>`` URL
+    fragment, else (with a :class:`WeightsWarning`) ``sha256_prefix`` or the hex tag of a
+    torch.hub-style file name. With none of these, ``trust_on_first_use`` records the sha256 of
+    the first download beside the file (``<name>.sha256``), with a warning, and checks later
+    uses against that record; without it such a URL is refused.
 
     Raises:
         WeightsError: a missing file, a failed download, a URL with no known digest, or a
@@ -296,11 +217,13 @@ def fetch(
             raise WeightsError(f"{name} must be lowercase hex digits, got {value!r}")
     if sha256 is not None and len(sha256) != 64:
         raise WeightsError(f"sha256 must have 64 hex digits, got {len(sha256)}; pass a prefix as sha256_prefix=")
+    if digest is None and (sha256 or sha256_prefix):
+        digest = Digest("sha256", sha256 or sha256_prefix or "", "the caller")
     if not is_url:
         path = Path(text).expanduser()
         if not path.is_file():
             raise WeightsError(f"weight file {path} does not exist; check the path (or pass an http(s) URL)")
-        if (sha256 or sha256_prefix) and (problem := _mismatch(path, sha256, sha256_prefix, str(path))):
+        if digest is not None and (problem := _mismatch(path, digest, str(path))):
             raise WeightsError(f"{problem}. Check that this is the intended file.")
         return path
 
@@ -308,17 +231,22 @@ def fetch(
     name = urllib.parse.unquote(PurePosixPath(parts.path).name)
     if not name:
         raise WeightsError(f"cannot name a cache file after {url!r}: the URL path has no file name")
-    if sha256 is None:
-        sha256_prefix = sha256_prefix or _hash_tag(name)
-        if sha256_prefix is None:
-            raise WeightsError(
-                f"no sha256 known for {url}; pass sha256=<64 hex digits> or append #sha256=<digest> to the URL "
-                f"(compute it with `sha256sum {name}`)"
-            )
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     dest = cache / name
+    if digest is None and (tag := _hash_tag(name)):
+        digest = Digest("sha256", tag, f"the tag in the file name {name}")
+    if digest is None and trust_on_first_use and _recorded(dest).is_file():
+        digest = Digest("sha256", _recorded(dest).read_text().strip(), f"the record of the first download, {dest}")
+    elif digest is None and not trust_on_first_use:
+        raise WeightsError(
+            f"no sha256 known for {url}; pass sha256=<64 hex digits> or append #sha256=<digest> to the URL "
+            f"(compute it with `sha256sum {name}`)"
+        )
     if dest.exists():
-        problem = _mismatch(dest, sha256, sha256_prefix, str(dest))
+        if digest is None:  # put there by hand (an offline copy): its first use is now
+            _record_first_use(dest, url)
+            return dest
+        problem = _mismatch(dest, digest, str(dest))
         if problem is None:
             return dest
         # A cached file is ours to replace: it was downloaded (and verified) by an earlier call.
@@ -336,8 +264,9 @@ def fetch(
             f"download of {url} interrupted: {exc.reason}. {kept} bytes are kept in {part}: run again to resume, "
             "or download the file yourself and pass its path"
         ) from exc
-    problem = _mismatch(part, sha256, sha256_prefix, name)
-    if problem is not None:
+    if digest is None:
+        _record_first_use(part, url, record=_recorded(dest))
+    elif problem := _mismatch(part, digest, name):
         part.unlink()
         raise WeightsError(f"{problem}. The download was deleted; check the URL {url} and the expected hash.")
     os.replace(part, dest)  # atomic: a reader never sees a half-written file under its final name
@@ -358,11 +287,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """
     path = Path(path)
     suffix = path.suffix.lower()
-    if suffix not in (".pth", ".pt", ".safetensors", ".npz"):
+    if suffix not in (".pth", ".pt", ".safetensors", ".npz", ".caffemodel"):
         raise WeightsError(
             f"{path}: unknown weight file extension {path.suffix!r}; use .pth/.pt (PyTorch), "
-            f".safetensors or .npz (e.g. a Caffe blob dump)"
+            f".safetensors, .caffemodel or .npz (e.g. a Caffe blob dump)"
         )
+    if suffix == ".caffemodel":
+        try:
+            return read_caffemodel(path).state_dict()
+        except CaffeModelError as exc:  # names the file and the byte offset
+            raise WeightsError(str(exc)) from exc
     try:
         if suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -651,6 +585,59 @@ def _mobilenetv3_plan(root: nn.Module, backbone: nn.Module, file_keys: set[str])
     return plan, ignored
 
 
+def _caffe_layer_plan(
+    root: nn.Module,
+    state: Mapping[str, Tensor],
+    consumed: set[str],
+    caffe_layers: Mapping[str, str],
+    shared_copies: Sequence[str],
+    fixed_blobs: Mapping[str, float],
+    path: Path,
+) -> tuple[list[_Assign], set[str]]:
+    """The layers of a whole reference net beyond its trunk: FCN's ``score_fr``, ``upscore2``,
+    ``score_pool4`` ... (our modules have those names), DeepLab's ``fc8_voc12`` or
+    ``fc1_voc12_c0..c3`` (mapped by ``caffe_layers``). A layer named like another plus one of
+    ``shared_copies`` (DeepLab v2's ``..._res075``) repeats that layer's shared blobs: it must
+    equal it, and is then skipped. ``fixed_blobs`` are layers our model computes as a constant
+    (FCN-8s at-once's ``scale_pool4`` = 0.01): every value must be that constant. Blob 0 is the
+    weight, blob 1 the bias (Caffe's order)."""
+    blobs: dict[str, list[str]] = {}
+    for key in state:
+        layer, _, index = key.rpartition(".")
+        if index.isdigit() and key not in consumed:
+            blobs.setdefault(layer, []).append(key)
+    modules = dict(root.named_modules())
+    plan, skipped = [], set()
+    for layer, keys in blobs.items():
+        owner = next((layer.replace(part, "") for part in shared_copies if part in layer), None)
+        if owner is not None:
+            differ = [k for k in keys if not torch.equal(state[k], state.get(owner + k[len(layer) :], torch.empty(0)))]
+            if differ:
+                raise WeightsError(
+                    f"{path.name}: layer {layer} should repeat the shared blobs of {owner} (a multi-scale branch) "
+                    f"but {', '.join(differ)} differ or {owner} is missing; the file is not the released net"
+                )
+            skipped |= set(keys)
+            continue
+        if layer in fixed_blobs:
+            value = fixed_blobs[layer]
+            if not all(torch.allclose(state[k], torch.full_like(state[k], value), rtol=1e-6) for k in keys):
+                raise WeightsError(
+                    f"{path.name}: layer {layer} must hold the constant {value} that the model fixes it at, "
+                    f"but holds other values; the file is not the released net"
+                )
+            skipped |= set(keys)
+            continue
+        target = caffe_layers.get(layer, layer)
+        module = modules.get(target) if target else None
+        if not isinstance(getattr(module, "weight", None), Tensor):
+            continue  # left for _apply to report as unexpected
+        plan.append(_Assign(f"{target}.weight", (f"{layer}.0",)))
+        if getattr(module, "bias", None) is not None:
+            plan.append(_Assign(f"{target}.bias", (f"{layer}.1",), _as_vector))
+    return plan, skipped
+
+
 def _own_plan(root: nn.Module, file_keys: set[str]) -> list[_Assign]:
     return [
         _Assign(key, (key,)) for key in root.state_dict() if not key.endswith("num_batches_tracked") or key in file_keys
@@ -732,7 +719,7 @@ _LAYOUT_OF_ARCH = {
 }
 
 
-def imagenet_spec(model: nn.Module) -> WeightsSpec:
+def imagenet_spec(model: nn.Module) -> Weights:
     """The :data:`PRETRAINED` ImageNet weights for ``model``'s backbone.
 
     Raises:
@@ -767,6 +754,9 @@ def load_pretrained(
     sha256: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    caffe_layers: Mapping[str, str] | None = None,
+    shared_copies: Sequence[str] = (),
+    fixed_blobs: Mapping[str, float] | None = None,
 ) -> LoadReport:
     """Load weights into ``model`` in place, strictly; see the module docstring for the layouts.
 
@@ -776,6 +766,10 @@ def load_pretrained(
             :func:`imagenet_spec`), a path, or a URL (see :func:`fetch`).
         sha256: the expected digest of a path or URL source.
         cache_dir, progress: passed to :func:`fetch`.
+        caffe_layers: for a whole Caffe net, its layer names -> our module paths where they
+            differ (``{"fc8_voc12": "head.fc8"}``); FCN's layers have our names already.
+        shared_copies: name parts of Caffe layers that repeat shared blobs (``"_res075"``).
+        fixed_blobs: Caffe layers the model computes as constants (``{"scale_pool4": 0.01}``).
 
     Raises:
         WeightsError: the file cannot be fetched or read, has an unknown layout, does not fit
@@ -786,11 +780,9 @@ def load_pretrained(
     if os.fspath(source) == "imagenet":
         spec = imagenet_spec(model)
         # Refuse a model that cannot take these weights before downloading hundreds of MB.
-        expected_layout = f"{spec.layout}-{_LAYOUT_OF_ARCH[spec.arch]}"
+        expected_layout = f"{spec.layout}-{_LAYOUT_OF_ARCH[spec.model]}"
         _check_arch(root, _backbone(root), expected_layout, Path(urllib.parse.urlsplit(spec.url).path))
-        path = fetch(
-            spec.url, sha256=spec.sha256, sha256_prefix=spec.sha256_prefix, cache_dir=cache_dir, progress=progress
-        )
+        path = fetch(spec.url, digest=spec.digest, cache_dir=cache_dir, progress=progress)
     else:
         path = fetch(source, sha256=sha256, cache_dir=cache_dir, progress=progress)
     state = read_state_dict(path)
@@ -815,6 +807,14 @@ def load_pretrained(
         plan, ignored = _mobilenetv3_plan(root, backbone, keys)
     else:
         plan, ignored = _resnet_plan(root, backbone, caffe=layout.startswith("caffe"), file_keys=keys)
+    if layout.startswith("caffe"):
+        if caffe_layers:  # a mapped layer is loaded, even one the trunk's plan ignores (fc8)
+            ignored -= {k for k in ignored if k.rpartition(".")[0] in caffe_layers}
+        consumed = {k for a in plan for k in a.sources} | ignored
+        extra, skipped = _caffe_layer_plan(
+            root, state, consumed, caffe_layers or {}, shared_copies, fixed_blobs or {}, path
+        )
+        plan, ignored = plan + extra, ignored | skipped
     return _apply(root, plan, ignored, state, path, layout)
 
 
@@ -829,7 +829,7 @@ def load_vgg16_classifier(source: str | Path) -> nn.Sequential:
 
     if str(source) == "imagenet":
         spec = PRETRAINED["vgg16"]
-        path = fetch(spec.url, sha256=spec.sha256)
+        path = fetch(spec.url, digest=spec.digest)
     else:
         path = fetch(source)
     state = read_state_dict(path)
@@ -864,3 +864,83 @@ def vgg16_classifier_key(key: str) -> str:
         # Our Sequential puts Flatten at 1, so torchvision's classifier.K is our K + 2.
         return f"{int(index) + 2}.{param}" if index.isdigit() else key
     return key
+
+
+# ---------------------------------------------------------------------------------------------
+# Released weights by name (densepred.catalogue)
+
+
+def fetch_released(entry: Weights | str, *, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """The local, verified file of a catalogue entry: downloaded into the cache (or found there,
+    e.g. copied in by hand for an offline machine), checked by the entry's digest or, where none
+    is published, by the sha256 recorded at its first use; a zip's member is extracted beside it."""
+    entry = weights_entry(entry) if isinstance(entry, str) else entry
+    path = fetch(
+        entry.url, digest=entry.digest, trust_on_first_use=entry.digest is None, cache_dir=cache_dir, progress=progress
+    )
+    return _extract_member(path, entry.archive_member) if entry.archive_member else path
+
+
+def _extract_member(path: Path, name: str) -> Path:
+    """``name`` from the zip ``path``, extracted once into a folder beside it (``<zip stem>/``)."""
+    member = path.with_name(path.stem) / PurePosixPath(name).name
+    if not member.is_file():
+        try:
+            with zipfile.ZipFile(path) as archive, archive.open(name) as src:
+                write_atomic(member, lambda f: shutil.copyfileobj(src, f, 1 << 20), what="extracted weights")
+        except KeyError:
+            raise WeightsError(f"{path} has no member {name!r}; the archive is not the release") from None
+        except zipfile.BadZipFile as exc:
+            raise WeightsError(f"{path} is not a readable zip archive ({exc}); delete it and fetch again") from exc
+    return member
+
+
+def load_released(
+    name: str,
+    *,
+    file: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """The model of catalogue entry ``name`` (``"fcn8s.voc_caffe"``) with its released weights, in
+    eval mode: built with the entry's classes and options, the file fetched and verified
+    (:func:`fetch_released`) or taken from ``file`` (checked by the entry's digest when there is
+    one), and loaded strictly (:func:`load_pretrained`). Preprocess its inputs with the entry's
+    ``normalization``; :class:`densepred.prediction.Predictor` does (``Predictor.from_weights``).
+
+    Raises:
+        UnknownWeightsError: ``name`` is not in the catalogue (the message lists close names).
+        WeightsError: a trunk's entry (use ``pretrained="imagenet"``), or a file that cannot be
+            fetched, verified, read or fitted (missing and unexpected layers named).
+    """
+    from .registry import create_model
+
+    entry = weights_entry(name)
+    if entry.kind != "segmentation":
+        raise WeightsError(
+            f"{name} are ImageNet weights of a trunk, not a segmentation model; build a model on it with "
+            f"create_model(MODEL, pretrained='imagenet')"
+        )
+    if file is not None:
+        # The entry's digest is of the published file (for DeepLab v2, the zip), not of a member.
+        digest = entry.digest if entry.archive_member is None or zipfile.is_zipfile(file) else None
+        path = fetch(file, digest=digest)
+        if digest is None:
+            warnings.warn(
+                f"{path} is used unverified: no hash is published for {name}'s file ({entry.verification})",
+                WeightsWarning,
+                stacklevel=2,
+            )
+        if entry.archive_member is not None and zipfile.is_zipfile(path):
+            path = _extract_member(path, entry.archive_member)
+    else:
+        path = fetch_released(entry, cache_dir=cache_dir, progress=progress)
+    model = create_model(entry.model, num_classes=len(entry.classes), **entry.model_kwargs)
+    load_pretrained(
+        model,
+        path,
+        caffe_layers=entry.caffe_layers,
+        shared_copies=entry.shared_copies,
+        fixed_blobs=entry.fixed_blobs,
+    )
+    return model.eval()

@@ -13,11 +13,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import data, evaluate, export, predict, serve, train, visual
+from . import data, evaluate, export, predict, serve, train, visual, weights
 
 __all__ = ["main", "build_parser"]
 
-GROUPS = (train, evaluate, predict, export, serve, visual, data)
+GROUPS = (train, evaluate, predict, export, serve, visual, data, weights)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +50,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+    sub = getattr(args, "data_command", None) or getattr(args, "weights_command", None)
+    command = " ".join(filter(None, (args.command, sub)))
     try:
         return int(args.func(args) or 0)
     except _user_errors() as exc:

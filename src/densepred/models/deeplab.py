@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..catalogue import VOC_CATEGORIES, Weights, register_weights
+from ..data.normalization import Normalization
 from ..registry import register_model
 from ..weights import with_pretrained
 from .backbones.resnet import ResNet
@@ -328,3 +330,61 @@ def _aspp_rates(aspp: str) -> tuple[int, ...]:
             f"aspp must be one of {sorted(ASPP_RATES)} (ASPP-L: 6/12/18/24, ASPP-S: 2/4/8/12), got {aspp!r}"
         )
     return ASPP_RATES[aspp]
+
+
+# The authors' Caffe releases (DeepLab project page; the v1 LargeFOV net at CCVL, the v2 nets in
+# one zip). DeepLab subtracts its own BGR mean from 0-255 pixels (train.prototxt mean_value) and
+# tests on images padded to 513x513. No hash is published for any of them: each is checked by
+# the sha256 of its first download. DeepLab's ``train_`` nets are trained on train_aug, its
+# ``train2_`` nets fine-tuned further on trainval_aug (run_pascal.sh), so only ``train_`` files
+# may be scored on VOC12 val.
+DEEPLAB_BGR = Normalization(mean=(104.008, 116.669, 122.675), std=(1.0, 1.0, 1.0), bgr=True, scale_255=True)
+_DEEPLAB = dict(
+    digest=None,
+    layout="caffe",
+    classes=VOC_CATEGORIES,
+    normalization=DEEPLAB_BGR,
+    input_size="any; the authors test on images padded to 513x513 with the mean",
+    license="not stated by the release (its code is a fork of BVLC Caffe); ask the authors before redistributing",
+)
+_V2_ZIP = "http://liangchiehchen.com/projects/released/deeplab_aspp_resnet101/prototxt_and_model.zip"
+_V2_LAYERS = dict(
+    model_kwargs={"msc": True},
+    caffe_layers={f"fc1_voc12_c{i}": f"head.branches.{i}" for i in range(4)},  # ASPP-L, rates 6/12/18/24
+    shared_copies=("_res075", "_res05"),  # the 0.75x and 0.5x branches repeat the shared weights
+    source="http://liangchiehchen.com/projects/DeepLab_Models.html (DeepLab v2, ResNet-101, ASPP-L, MSC, COCO)",
+    num_params=43_943_188,
+)
+register_weights(
+    Weights(
+        model="deeplab_v1_largefov",
+        tag="voc12_caffe",
+        url="http://ccvl.stat.ucla.edu/ccvl/DeepLab-LargeFOV/train2_iter_8000.caffemodel",
+        metrics={"mean IoU (with CRF)": 70.3},
+        metrics_on="PASCAL VOC 2012 test (v1 paper; this net is the train2 one, fine-tuned on trainval_aug)",
+        source="http://ccvl.stat.ucla.edu/ccvl/DeepLab-LargeFOV/ (with train.prototxt and test.prototxt)",
+        caffe_layers={"fc8_voc12": "head.fc8"},
+        num_params=20_505_429,
+        **_DEEPLAB,
+    ),
+    Weights(
+        model="deeplab_v2_resnet101",
+        tag="voc12_caffe",
+        url=_V2_ZIP,
+        archive_member="train_iter_20000.caffemodel",
+        metrics={"mean IoU": 76.35, "mean IoU (with CRF)": 77.69},
+        metrics_on="PASCAL VOC 2012 val, trained on train_aug (v2 paper Table 4, MSC + COCO + Aug + ASPP-L)",
+        **_V2_LAYERS,
+        **_DEEPLAB,
+    ),
+    Weights(
+        model="deeplab_v2_resnet101",
+        tag="voc12_trainval_caffe",
+        url=_V2_ZIP,
+        archive_member="train2_iter_20000.caffemodel",
+        metrics={"mean IoU (with CRF)": 79.7},
+        metrics_on="PASCAL VOC 2012 test (DeepLab v2 README); fine-tuned on trainval_aug: do not score it on val",
+        **_V2_LAYERS,
+        **_DEEPLAB,
+    ),
+)

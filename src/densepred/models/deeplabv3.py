@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..catalogue import register_weights, torchvision_coco_voc
 from ..registry import register_model
 from ..weights import with_pretrained
 from .backbones.mobilenetv3 import FeatureTaps, MobileNetV3Large
@@ -235,3 +236,40 @@ def deeplabv3_mobilenet_v3_large(
         num_classes=num_classes,
     )
     return with_pretrained(model, pretrained)
+
+
+# torchvision's COCO_WITH_VOC_LABELS_V1 weights; the full sha256 as LibreYOLO records it (its
+# provenance notes); torchvision publishes the first 8 hex digits, in the file name.
+_BY = "LibreYOLO (weights/parity_deeplabv3.py, docs/provenance/fcn.md)"
+register_weights(
+    torchvision_coco_voc(
+        "deeplabv3_resnet50",
+        "deeplabv3_resnet50_coco-cd0a2569.pth",
+        sha256="cd0a25694c4a0f7106b38f4938bf90a874f2f241cc410b8f63c7024399538f06",
+        published_by=_BY,
+        miou=66.4,
+        pixel_acc=92.4,
+        num_params=42_004_074,
+        file_size=168_312_152,
+    ),
+    torchvision_coco_voc(
+        "deeplabv3_resnet101",
+        "deeplabv3_resnet101_coco-586e9e4e.pth",
+        sha256="586e9e4e203fcbf17e1ad45533d8d33ab133fc762bf03101c5dd743995c08c0d",
+        published_by=_BY,
+        miou=67.4,
+        pixel_acc=92.4,
+        num_params=60_996_202,
+        file_size=244_545_539,
+    ),
+    torchvision_coco_voc(
+        "deeplabv3_mobilenet_v3_large",
+        "deeplabv3_mobilenet_v3_large-fc3c493d.pth",
+        sha256="fc3c493d68e89cc31ef488c803d5d7dd2f3190fb570598faa49fef69be8e5e70",
+        published_by=_BY,
+        miou=60.3,
+        pixel_acc=91.2,
+        num_params=11_029_328,
+        file_size=44_356_159,
+    ),
+)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..catalogue import VOC_CATEGORIES, Digest, Weights, register_weights
+from ..data.normalization import CAFFE_BGR
 from ..registry import register_model
 from ..weights import with_pretrained
 from .backbones.vgg import VGG16
@@ -160,3 +162,42 @@ def fcn8s(*, num_classes: int = 21, in_channels: int = 3, pretrained: str | None
 def fcn8s_atonce(*, num_classes: int = 21, in_channels: int = 3, pretrained: str | None = None) -> FCN:
     """FCN-8s trained all at once, with fixed pool4/pool3 scaling (0.01, 0.0001)."""
     return with_pretrained(FCN(num_classes, in_channels, output_stride=8, at_once=True), pretrained)
+
+
+# The reference nets of fcn.berkeleyvision.org (Shelhamer, Long, Darrell): Caffe models trained
+# on SBD train (8,498 images) and scored on seg11valid (README; paper Sec. 4.3, Table 3). Their
+# layers carry our names (conv1_1 .. fc7, score_fr, upscore2, score_pool4, ...); at-once's fixed
+# Scale layers hold the constants FCN.forward multiplies by. OpenCV's test-model list publishes
+# SHA-1s for two of the four files; the others are checked by the sha256 of their first download.
+def _berkeley(model: str, file: str, miou: float, sha1: str | None, **extra) -> Weights:
+    return Weights(
+        model=model,
+        tag="voc_caffe",
+        url=f"http://dl.caffe.berkeleyvision.org/{file}",
+        digest=Digest("sha1", sha1, "OpenCV (opencv_extra testdata/dnn/download_models.py)") if sha1 else None,
+        layout="caffe",
+        classes=VOC_CATEGORIES,
+        normalization=CAFFE_BGR,
+        input_size="any: conv1_1's padding of 100 and the crops align the output with the input",
+        metrics={"mean IU": miou},
+        metrics_on="PASCAL VOC 2011 seg11valid (fcn.berkeleyvision.org README)",
+        license="BSD-2-Clause, as Caffe and its bundled models: unrestricted use (fcn.berkeleyvision.org README)",
+        source=f"https://github.com/shelhamer/fcn.berkeleyvision.org/tree/master/voc-{model.replace('_', '-')}",
+        num_params=_FCN_PARAMS[model],
+        **extra,
+    )
+
+
+_FCN_PARAMS = {"fcn32s": 136_152_917, "fcn16s": 134_815_994, "fcn8s": 134_489_759, "fcn8s_atonce": 134_489_759}
+register_weights(
+    _berkeley("fcn32s", "fcn32s-heavy-pascal.caffemodel", 63.6, "05eb922d7829c39448f57e5ab9d8cd75d6c0be6d"),
+    _berkeley("fcn16s", "fcn16s-heavy-pascal.caffemodel", 65.0, None),
+    _berkeley("fcn8s", "fcn8s-heavy-pascal.caffemodel", 65.5, "c449ea74dd7d83751d1357d6a8c323fcf4038962"),
+    _berkeley(
+        "fcn8s_atonce",
+        "fcn8s-atonce-pascal.caffemodel",
+        65.4,
+        None,
+        fixed_blobs={"scale_pool4": 0.01, "scale_pool3": 0.0001},
+    ),
+)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..catalogue import register_weights, torchvision_coco_voc
 from ..registry import register_model
 from ..weights import with_pretrained
 from .backbones.resnet import ResNet
@@ -147,3 +148,30 @@ def fcn_resnet101(
 ) -> FCNResNet:
     """FCN-ResNet101 as torchvision builds it (54,314,346 parameters with aux, 21 classes)."""
     return _fcn_resnet(101, num_classes, in_channels, aux, pretrained)
+
+
+# torchvision's COCO_WITH_VOC_LABELS_V1 weights; the full sha256 as LibreYOLO records it (its
+# provenance notes); torchvision publishes the first 8 hex digits, in the file name.
+_BY = "LibreYOLO (weights/parity_deeplabv3.py, docs/provenance/fcn.md)"
+register_weights(
+    torchvision_coco_voc(
+        "fcn_resnet50",
+        "fcn_resnet50_coco-1167a1af.pth",
+        sha256="1167a1affa42e1e62858f8d3fac12d109e0108327ffc91c5855a324b11683c36",
+        published_by=_BY,
+        miou=60.5,
+        pixel_acc=91.4,
+        num_params=35_322_218,
+        file_size=141_567_418,
+    ),
+    torchvision_coco_voc(
+        "fcn_resnet101",
+        "fcn_resnet101_coco-7ecb50ca.pth",
+        sha256="7ecb50ca17844860a70d5ed0c748d997cf8adb62932abaa0233430c68594d749",
+        published_by=_BY,
+        miou=63.7,
+        pixel_acc=91.9,
+        num_params=54_314_346,
+        file_size=217_800_805,
+    ),
+)

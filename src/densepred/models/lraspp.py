@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..catalogue import register_weights, torchvision_coco_voc
 from ..registry import register_model
 from ..weights import with_pretrained
 from .backbones.mobilenetv3 import FeatureTaps, MobileNetV3Large
@@ -117,3 +118,20 @@ def lraspp_mobilenet_v3_large(
     low, high = trunk.stage_indices[-4], trunk.stage_indices[-1]
     backbone = FeatureTaps(trunk, {"low": low, "high": high})
     return with_pretrained(LRASPP(backbone, num_classes, inter_channels=inter_channels), pretrained)
+
+
+# torchvision's COCO_WITH_VOC_LABELS_V1 weights; the full sha256 as other projects record it in
+# their download catalogues (torchvision publishes the first 8 hex digits, in the file name).
+_BY = "other projects' download catalogues (byte count and sha256 recorded)"
+register_weights(
+    torchvision_coco_voc(
+        "lraspp_mobilenet_v3_large",
+        "lraspp_mobilenet_v3_large-d234d4ea.pth",
+        sha256="d234d4eae9d55d5f76de18b77cf0dc62c66fe5c5482758209d00f950c92bb280",
+        published_by=_BY,
+        miou=57.9,
+        pixel_acc=91.2,
+        num_params=3_221_538,
+        file_size=13_097_061,
+    ),
+)

@@ -239,7 +239,7 @@ def segnet(*, num_classes: int = 11, in_channels: int = 3, pretrained: str | Non
         return model
     if os.fspath(pretrained) == "imagenet":  # torchvision's vgg16_bn, checked by its name's hash tag
         spec = PRETRAINED["vgg16_bn"]
-        path = fetch(spec.url, sha256=spec.sha256, sha256_prefix=spec.sha256_prefix)
+        path = fetch(spec.url, digest=spec.digest)
     else:
         path = fetch(pretrained)
     state = read_state_dict(path)

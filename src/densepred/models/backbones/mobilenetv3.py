@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...catalogue import imagenet_trunk, register_weights
 from ..layers import Backbone, FeatureSpec, check_input
 
 __all__ = ["MobileNetV3Large", "InvertedResidual", "SqueezeExcitation", "FeatureTaps", "Bneck", "BNECKS_LARGE"]
@@ -273,3 +274,16 @@ class FeatureTaps(Backbone):
             if index in self._names:
                 out[self._names[index]] = x
         return out
+
+
+# torchvision's ImageNet file (IMAGENET1K_V1); only the tag in its name is published.
+register_weights(
+    imagenet_trunk(
+        "mobilenet_v3_large",
+        "mobilenet_v3_large-8738ca79.pth",
+        sha256=None,
+        top1=74.042,
+        top5=91.340,
+        num_params=5_483_032,
+    )
+)

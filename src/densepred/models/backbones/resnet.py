@@ -22,6 +22,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from ...catalogue import imagenet_trunk, register_weights
 from ..layers import Backbone, FeatureSpec, FrozenBatchNorm2d, check_input
 
 __all__ = ["ResNet", "Bottleneck", "RESNET_DEPTHS"]
@@ -163,3 +164,28 @@ class ResNet(Backbone):
             x = getattr(self, name)(x)
             out[name] = x
         return out
+
+
+# torchvision's ImageNet files (IMAGENET1K_V1: the "v1.5" stride placement, caffe_style=False).
+_BY = "other projects that verify this download (e.g. LibreYOLO's provenance notes, zspacelabs/bunsen)"
+register_weights(
+    imagenet_trunk(
+        "resnet50",
+        "resnet50-0676ba61.pth",
+        sha256="0676ba61b6795bbe1773cffd859882e5e297624d384b6993f7c9e683e722fb8a",
+        published_by=_BY,
+        top1=76.130,
+        top5=92.862,
+        num_params=25_557_032,
+        file_size=102_530_333,
+    ),
+    imagenet_trunk(
+        "resnet101",
+        "resnet101-63fe2227.pth",
+        sha256="63fe2227b86e8f1f2063f43a75c84d195911b6a0eace650907dd3dc62dd49a0a",
+        published_by="zspacelabs/bunsen (its pretrained-checkpoint table)",
+        top1=77.374,
+        top5=93.546,
+        num_params=44_549_160,
+    ),
+)

@@ -15,6 +15,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
+from ...catalogue import imagenet_trunk, register_weights
 from ..layers import Backbone, FeatureSpec, check_input
 
 __all__ = ["VGG16", "VGG16_STAGES", "vgg16_classifier"]
@@ -117,3 +118,21 @@ def vgg16_classifier(num_classes: int = 1000, in_channels: int = 3, *, dropout: 
         nn.Dropout(dropout),
         nn.Linear(4096, num_classes),
     )
+
+
+# torchvision's ImageNet files. VGG16's full sha256 is recorded by projects that verify this
+# download; for VGG16-BN only the tag in the file name is checked (with a warning).
+register_weights(
+    imagenet_trunk(
+        "vgg16",
+        "vgg16-397923af.pth",
+        sha256="397923af8e79cdbb6a7127f12361acd7a2f83e06b05044ddf496e83de57a5bf0",
+        published_by="LibreYOLO (docs/provenance/vgg.md) and other projects that verify this download",
+        top1=71.592,
+        top5=90.382,
+        num_params=138_357_544,
+        file_size=553_433_881,
+    ),
+    # SegNet's encoder (Badrinarayanan et al. 2017, Sec. 3: VGG16 with batch norm).
+    imagenet_trunk("vgg16_bn", "vgg16_bn-6c64b313.pth", sha256=None, top1=73.360, top5=91.516, num_params=138_365_992),
+)
