@@ -51,12 +51,18 @@ class FCHead(nn.Sequential):
     """DeepLab's convolutionalized classifier: fc6 (dilated) -> fc7 (1x1) -> fc8 (scores).
 
     ReLU and dropout 0.5 follow fc6 and fc7 as in VGG16's classifier; fc8 is initialised from
-    a Gaussian with std 0.01 (the released prototxt).
+    a Gaussian with std 0.01 (the released prototxt). ``pool5a``: the released LargeFOV net
+    averages pool5 over 3x3 (stride 1, padding counted, as Caffe's AVE pooling) before fc6
+    (DeepLab-LargeFOV/train.prototxt; the paper does not mention it).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, *, kernel_size: int, dilation: int, width: int):
+    def __init__(
+        self, in_channels: int, num_classes: int, *, kernel_size: int, dilation: int, width: int, pool5a: bool = False
+    ):
         padding = dilation * (kernel_size - 1) // 2  # keeps the stride-8 map's size
         super().__init__()
+        if pool5a:
+            self.pool5a = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=True)
         self.fc6 = nn.Conv2d(in_channels, width, kernel_size, padding=padding, dilation=dilation)
         self.relu6 = nn.ReLU(inplace=True)
         self.drop6 = nn.Dropout(0.5)
@@ -266,11 +272,12 @@ _V1 = "Chen et al. 2015, DeepLab v1"
 _V2 = "Chen et al. 2017, DeepLab v2"
 
 
-@register_model("deeplab_v1_largefov", paper=_V1, output_stride=8, receptive_field=419, default_size=513)
+@register_model("deeplab_v1_largefov", paper=_V1, output_stride=8, receptive_field=435, default_size=513)
 def deeplab_v1_largefov(*, num_classes: int = 21, in_channels: int = 3, pretrained: str | None = None) -> DeepLab:
-    """DeepLab-LargeFOV: fc6 3x3, dilation 12, 1024 channels (v1 Table 2, 20.5M parameters)."""
+    """DeepLab-LargeFOV: fc6 3x3, dilation 12, 1024 channels (v1 Table 2, 20.5M parameters),
+    after the released net's 3x3 average pooling ``pool5a``."""
     backbone = _atrous_vgg16(in_channels)
-    head = FCHead(backbone.out_channels, num_classes, kernel_size=3, dilation=12, width=1024)
+    head = FCHead(backbone.out_channels, num_classes, kernel_size=3, dilation=12, width=1024, pool5a=True)
     return with_pretrained(DeepLab(backbone, head, feature="pool5", num_classes=num_classes), pretrained)
 
 
