@@ -410,3 +410,34 @@ def test_deeplab_v2_resnet101_msc_caffemodel_by_name(tmp_path):
     x = torch.randn(1, 3, 65, 65)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), source.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+def test_serve_with_released_weights_by_name(tmp_path, monkeypatch):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from densepred.serve import create_app
+
+    source, data = torchvision_lraspp_file(tmp_path, seed=12)
+    path = tmp_path / "lraspp.pth"
+    path.write_bytes(data)
+    entry = entry_for(
+        monkeypatch,
+        weights_entry("lraspp_mobilenet_v3_large.coco_voc"),
+        tag="served",
+        digest=Digest("sha256", hashlib.sha256(data).hexdigest(), "test"),
+    )
+    app = create_app(Predictor.from_weights(entry.name, file=path), memory_budget=2**30)
+    image = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, format="PNG")
+    with TestClient(app) as client:
+        info = client.get("/api/classes").json()
+        assert info["model"] == "lraspp_mobilenet_v3_large" and info["recipe"] == entry.name
+        assert [c["name"] for c in info["classes"]] == list(VOC_CATEGORIES)
+        r = client.post("/api/segment", files={"image": ("x.png", png.getvalue(), "image/png")})
+        assert r.status_code == 200
+    mask = np.asarray(Image.open(io.BytesIO(r.content)))
+    x = weights_entry(entry.name).normalization(image)[None]
+    with torch.inference_mode():
+        assert (mask == source(x).argmax(1)[0].numpy()).all()

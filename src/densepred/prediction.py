@@ -73,7 +73,7 @@ class Predictor:
         entry = weights_entry(name)
         model = load_released(name, file=file, cache_dir=cache_dir).to(device)
         experiment = Experiment(name=name)
-        experiment.model.name = entry.model
+        experiment.model.name, experiment.model.options = entry.model, dict(entry.model_kwargs)
         n = len(entry.classes)
         trained = Trained(
             model, experiment, n, list(entry.classes), bitwise_palette(n), 3, IGNORE_INDEX, entry.normalization, 0

@@ -27,7 +27,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     # The model is loaded once, before the server starts, and shared by every request; it runs
     # the recipe's own inference options unless the command line says otherwise.
-    predictor = Predictor.from_checkpoint(args.checkpoint, str(resolve_device(args.device)))
+    device = str(resolve_device(args.device))
+    if args.weights:  # released weights by name, with their own preprocessing
+        predictor = Predictor.from_weights(args.weights, device, file=args.weights_file)
+    else:
+        predictor = Predictor.from_checkpoint(args.checkpoint, device)
     options = inference_options(args, predictor.options)
     if options != predictor.options:
         predictor = dataclasses.replace(predictor, options=options)
@@ -42,7 +46,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         read_timeout_s=args.read_timeout,
     )
-    print(f"densepred serve: {args.checkpoint} on http://{args.host}:{args.port}/ (API docs at /docs)")
+    print(f"densepred serve: {args.weights or args.checkpoint} on http://{args.host}:{args.port}/ (API docs at /docs)")
     budget = app.state.budget.total / 2**20
     print(f"memory budget {budget:,.0f} MiB; larger images than their share run by {args.tile_size}-px tiles")
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=http_protocol(args.read_timeout))
@@ -51,7 +55,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="a web page and HTTP API that segment uploaded images (needs [serve])")
-    p.add_argument("--checkpoint", required=True)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="a training checkpoint (best.pt, last.pt)")
+    model.add_argument("--weights", metavar="NAME", help="released weights by name, e.g. fcn8s.voc_caffe")
+    p.add_argument("--weights-file", default=None, help="with --weights: a copy of the released file already on disk")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=in_range(int, 0, 65535), default=8000, help="TCP port (0: any free one)")
     p.add_argument("--device", default="auto")
