@@ -3,6 +3,7 @@
     python -m benchmarks accuracy --data-root ../shared/data   # long: trains 8 models, resumable
     python -m benchmarks speed                                  # every model, variants side by side
     python -m benchmarks system                                 # loader, trainer overhead, CRF, large image
+    python -m benchmarks roofline                               # fp32 peaks, FLOPs, % of peak per model
     python -m benchmarks report                                 # docs/benchmarks.md from the results
     python -m benchmarks all --data-root ../shared/data         # all of the above, in that order
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["accuracy", "speed", "system", "report", "all"])
+    parser.add_argument("what", choices=["accuracy", "speed", "system", "roofline", "report", "all"])
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--minutes", type=float, default=None, help="training budget per accuracy run")
@@ -39,6 +40,10 @@ def main() -> None:
         from .system import run_system
 
         run_system(args.out / "system.json", args.data_root, force=args.force)
+    if args.what == "roofline":
+        from .roofline import run_roofline, table
+
+        print(table(run_roofline(args.out / "roofline.json", only)))
     if args.what in ("report", "all"):
         from .report import write_report
 

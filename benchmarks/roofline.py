@@ -1,0 +1,152 @@
+"""The fp32 limit on record: the machine's measured peaks, each model's FLOPs, and how close
+every model's forward pass comes to the peak.
+
+    python -m benchmarks roofline [--only fcn8s,unet] [--out runs/bench/roofline.json]
+
+- Peaks, best of N: a 4096x4096 fp32 GEMM, and a 256-channel 3x3 convolution at 128x128
+  (the shape that dominates these nets), in GFLOP/s.
+- FLOPs of a model at a size: counted from its layers on the meta device (no compute), two per
+  multiply-add, for every convolution, transposed convolution and linear layer; pooling,
+  activations, crops and interpolation are left out, so "% of peak" is the share of the
+  machine's convolution speed the whole forward pass reaches.
+- Per model, batch 1, ``torch.inference_mode``: eager fp32 at 256 (U-Net valid: 268) and at the
+  paper's size, and channels-last at 256: seconds (median after a warm-up), GFLOP/s, % of peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from densepred.precision import machine_info
+from densepred.registry import list_models
+
+from .speed import _build, _channels, _input_size, _paper_size, timed
+
+_COUNTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
+def layer_flops(model: nn.Module, x_shape: tuple[int, ...]) -> int:
+    """FLOPs (2 per multiply-add) of ``model``'s convolutions and linear layers for one input of
+    ``x_shape``, from a forward pass on the meta device."""
+    meta = copy.deepcopy(model).to("meta")
+    total = 0
+
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):  # each output element: Cin/groups * kh * kw MACs
+            k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += 2 * output.numel() * k
+        elif isinstance(module, nn.ConvTranspose2d):  # each input element scatters Cout/groups * kh * kw
+            k = module.out_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += 2 * inputs[0].numel() * k
+        elif isinstance(module, nn.Linear):
+            total += 2 * output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in meta.modules() if isinstance(m, _COUNTED)]
+    try:
+        with torch.inference_mode():
+            meta.eval()(torch.empty(x_shape, device="meta"))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def _best(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_peaks(repeats: int = 10) -> dict[str, float]:
+    """GFLOP/s of a 4096^2 fp32 GEMM and of a 256-channel 3x3 convolution at 128x128, best of N."""
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    conv = nn.Conv2d(256, 256, 3, padding=1, bias=False).eval()
+    x = torch.randn(1, 256, 128, 128)
+    with torch.inference_mode():
+        gemm = 2 * 4096**3 / _best(lambda: torch.mm(a, b), repeats)
+        conv3 = 2 * 256 * 256 * 9 * 128 * 128 / _best(lambda: conv(x), repeats)
+    return {"gemm_gflops": gemm / 1e9, "conv3x3_gflops": conv3 / 1e9}
+
+
+def measure_model(name: str, peak: float) -> dict:
+    model = _build(name)
+    rows = {}
+    sizes = {"256": _input_size(name, 256), "paper": _input_size(name, _paper_size(name))}
+    for label, side in sizes.items():
+        x = torch.randn(1, _channels(name), side, side)
+        flops = layer_flops(model, tuple(x.shape))
+        variants = {"eager": (model, x)}
+        if label == "256":
+            cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+            variants["channels-last"] = (cl, x.to(memory_format=torch.channels_last))
+        for variant, (m, inp) in variants.items():
+            with torch.inference_mode():
+                seconds = timed(lambda m=m, inp=inp: m(inp), min_runs=3, max_seconds=20.0)
+            gflops = flops / seconds / 1e9
+            rows[f"{variant} {side}"] = {
+                "size": side,
+                "gflop": flops / 1e9,
+                "seconds": seconds,
+                "gflops": gflops,
+                "percent_of_peak": 100 * gflops / peak,
+            }
+    return rows
+
+
+def table(results: dict) -> str:
+    m, p = results["machine"], results["peaks"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['capability']}, native bf16 {m['native_bf16']}, {m['threads']} threads, "
+        f"torch {m['torch']}. Measured fp32 peaks: GEMM 4096^2 {p['gemm_gflops']:.0f} GFLOP/s, 3x3 conv "
+        f"256ch@128^2 {p['conv3x3_gflops']:.0f} GFLOP/s (the reference for % of peak). Batch 1.",
+        "",
+        "| model | path, size | GFLOPs | seconds | GFLOP/s | % of conv peak |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, rows in results["models"].items():
+        for path, r in rows.items():
+            lines.append(
+                f"| {name} | {path} | {r['gflop']:.1f} | {r['seconds']:.3f} | {r['gflops']:.0f} | "
+                f"{r['percent_of_peak']:.0f}% |"
+            )
+    return "\n".join(lines)
+
+
+def run_roofline(path: Path, only: list[str] | None = None) -> dict:
+    """Measure what is not in ``path`` yet (results of another machine are measured again)."""
+    info = machine_info().to_dict()
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if results.get("machine") != info:
+        results = {"machine": info, "peaks": measure_peaks(), "models": {}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    peak = results["peaks"]["conv3x3_gflops"]
+    for name in only or list_models():
+        if name not in results["models"]:
+            print(f"{name} ...", flush=True)
+            results["models"][name] = measure_model(name, peak)
+            path.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=None, help="comma-separated model names")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/roofline.json"))
+    args = parser.parse_args()
+    print(table(run_roofline(args.out, args.only.split(",") if args.only else None)))
+
+
+if __name__ == "__main__":
+    main()
