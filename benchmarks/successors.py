@@ -9,13 +9,16 @@ Per model, eager fp32, batch 1 unless said, ``torch.inference_mode``:
   the way these models are evaluated on road scenes;
 - a training step (forward, loss with the auxiliary heads' weights, backward, SGD) at the
   recipe's crop, batch 2.
-Each cell: seconds and the process's peak resident memory during it (VmHWM, reset before).
+Each cell: seconds and the peak resident memory during it (VmHWM, reset before) of a process
+that measures that model only.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -113,11 +116,14 @@ def main() -> None:
     if results.get("machine") != info:
         results = {"machine": info, "models": {}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if name not in results["models"]:
-            print(f"{name} ...", flush=True)
-            results["models"][name] = measure(name)
-            args.out.write_text(json.dumps(results, indent=2))
+    # One fresh process per model: its peak resident memory is its own, not what earlier ones left.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1) as pool:
+        for name in names:
+            if name not in results["models"]:
+                print(f"{name} ...", flush=True)
+                results["models"][name] = pool.submit(measure, name).result()
+                args.out.write_text(json.dumps(results, indent=2))
     print(table(results))
 
 
