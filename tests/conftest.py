@@ -1,10 +1,15 @@
 import gc
+import os
 
 import pytest
 import torch
 
 from densepred.admission import return_free_memory
 from http_server import LoopbackServer
+
+# The suite pins eager inference: choosing a backend by timing costs seconds per new model, and
+# tests/test_backends.py checks the choice itself (it sets the variable back per test).
+os.environ["DENSEPRED_BACKEND"] = "eager"
 
 
 @pytest.fixture(autouse=True)

@@ -192,7 +192,7 @@ def test_requests_beyond_the_queue_get_503(predictor):
     release = []
 
     class Slow:  # a predictor that holds its worker until told, to fill the pool deterministically
-        trained, device, options = predictor.trained, predictor.device, predictor.options
+        trained, device, options, backend = predictor.trained, predictor.device, predictor.options, predictor.backend
 
         def labels(self, image, options):
             deadline = time.monotonic() + 30  # never hang the suite if the test goes wrong

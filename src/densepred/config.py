@@ -214,6 +214,8 @@ class EvalConfig:
     batch_size: int = 1
     max_images: int | None = None  # evaluate on a prefix of the split (quick checks)
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # precision of the forward passes, as train.amp
+    # Where the forward passes run (densepred.backends): auto = the fastest that matches eager here.
+    backend: Literal["auto", "eager", "channels_last", "torchscript", "onnxruntime"] = "auto"
 
     def validate(self) -> None:
         _require(0 <= self.overlap < 1, f"eval.overlap must be in [0, 1), got {self.overlap}")

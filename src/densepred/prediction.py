@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .backends import accelerate, probe_input
 from .build import build_dataset, normalization_for
 from .catalogue import weights_entry
 from .checkpoint import Trained, load_trained
@@ -51,6 +52,10 @@ class Predictor:
     def __post_init__(self) -> None:
         o = self.options
         self.crf: CRFParams | None = crf_params(o.crf, o.crf_params) if o.crf else None
+        # The forward passes run on the fastest backend that computes what eager does (backends).
+        model = self.trained.model
+        example = probe_input(model, self.trained.in_channels, self.device)
+        self.model, self.backend = accelerate(model, o.backend, example, o.amp)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", options: EvalConfig | None = None) -> Predictor:
@@ -89,7 +94,7 @@ class Predictor:
             raise ValueError(f"the model takes {channels}-channel images, got shape {image.shape}")
         norm = normalization_for(self.trained.normalization, channels)
         x = norm(np.ascontiguousarray(image))[None].to(self.device)
-        return predict_logits(self.trained.model, x, options or self.options)
+        return predict_logits(self.model, x, options or self.options)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits = self.logits(image)

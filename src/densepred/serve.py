@@ -327,7 +327,12 @@ def create_app(
         num_classes=trained.num_classes,
         tile=tile,
     )
-    model_info = {"model": exp.model.name, "recipe": exp.name, "device": str(predictor.device)}
+    model_info = {
+        "model": exp.model.name,
+        "recipe": exp.name,
+        "device": str(predictor.device),
+        "backend": predictor.backend.backend,
+    }
     page = (files("densepred") / "serve.html").read_text(encoding="utf-8")
 
     @asynccontextmanager

@@ -29,7 +29,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"{args.checkpoint} predicts {trained.num_classes} classes but the dataset has {dataset.num_classes}"
         )
     cm = ConfusionMatrix(trained.num_classes, ignore_index=dataset.ignore_index, device=device)
-    metrics = evaluate(trained.model, dataset, exp.eval, device=device, confusion=cm)
+    from ..backends import accelerate
+    from ..prediction import _probe_input
+
+    model, backend = accelerate(
+        trained.model, exp.eval.backend, _probe_input(trained.model, trained.in_channels, device)
+    )
+    print(backend.describe())
+    metrics = evaluate(model, dataset, exp.eval, device=device, confusion=cm)
     out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / "eval")
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=2))

@@ -19,6 +19,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         predictor = Predictor.from_weights(args.weights, str(device), inference_options(args), file=args.weights_file)
     else:
         predictor = Predictor.from_checkpoint(args.checkpoint, str(device), inference_options(args))
+    print(predictor.backend.describe())
     written, failed = predict_files(
         predictor,
         args.inputs,

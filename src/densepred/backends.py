@@ -1,0 +1,267 @@
+"""Inference backends, chosen by what this machine runs fastest, and checked before use.
+
+The same network can run as eager PyTorch (NCHW), eager channels-last (oneDNN's preferred
+layout for convolutions), a frozen TorchScript graph (``torch.jit.freeze`` +
+``optimize_for_inference`` fold batch norm into the convolutions and pre-pack their weights), or
+ONNX Runtime (when installed). Which is fastest depends on the model and the CPU, so
+:func:`choose_backend` measures: each candidate is prepared, checked for parity with eager on
+two input sizes (argmax equal on at least 99.99 % of the pixels: a backend that computes
+something else is never used), timed (median after a warm-up), and the fastest wins. The
+choice is cached per model architecture, input size and machine (``backends.json`` in the
+weights cache folder), so later runs skip the timing and only repeat the parity check.
+
+``eval.backend`` (``--backend``) picks one explicitly; ``auto`` measures. The environment
+variable ``DENSEPRED_BACKEND`` replaces ``auto`` (the test suite pins ``eager`` with it).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .atomic import write_atomic
+from .models.base import SegmentationModel, input_rule_of
+from .precision import machine_info, resolve_amp
+
+__all__ = [
+    "BACKENDS",
+    "AGREEMENT",
+    "Accelerated",
+    "BackendChoice",
+    "prepare_backend",
+    "choose_backend",
+    "accelerate",
+    "probe_input",
+]
+
+BACKENDS = ("eager", "channels_last", "torchscript", "onnxruntime")
+AGREEMENT = 0.9999  # the share of pixels whose argmax must equal eager's
+
+
+class Accelerated(SegmentationModel):
+    """``model`` whose forward pass runs on another backend; its declarations (input rule,
+    classes, output stride) are the model's own, so every inference mode works unchanged."""
+
+    def __init__(self, model: nn.Module, run: Callable[[Tensor], Tensor], backend: str) -> None:
+        super().__init__()
+        self.model, self._run, self.backend = model, run, backend
+        self.num_classes = int(getattr(model, "num_classes", 0))
+        self.in_channels = int(getattr(model, "in_channels", 3))
+        self.output_stride = int(getattr(model, "output_stride", 1))
+
+    def input_rule(self):  # noqa: ANN201 - the model's InputRule
+        return input_rule_of(self.model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._run(x)
+
+
+def _eager_output(model: nn.Module, x: Tensor) -> Tensor:
+    out = model(x)
+    return out["fused"] if isinstance(out, dict) else out
+
+
+def prepare_backend(model: nn.Module, backend: str, example: Tensor) -> Callable[[Tensor], Tensor]:
+    """A function computing ``model``'s eval-mode logits on ``backend``, prepared with ``example``.
+
+    Raises:
+        ValueError: an unknown backend name.
+        ImportError / RuntimeError: the backend is not installed or cannot run this model.
+    """
+    model = model.eval()
+    if backend == "eager":
+        return lambda x: _eager_output(model, x)
+    if backend == "channels_last":
+        cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        return lambda x: _eager_output(cl, x.contiguous(memory_format=torch.channels_last))
+    if backend == "torchscript":
+        from .export import _tracing
+
+        with _tracing(model):
+            traced = torch.jit.trace(lambda_module(model), example, check_trace=False)
+            frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
+        return frozen
+    if backend == "onnxruntime":
+        from .export import INPUT_NAME, export_onnx, onnx_session
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            export_onnx(model, path, metadata={}, example_size=tuple(example.shape[-2:]))
+            session = onnx_session(path, threads=torch.get_num_threads())
+        return lambda x: torch.from_numpy(session.run(None, {INPUT_NAME: x.detach().cpu().numpy()})[0])
+    raise ValueError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+
+
+class _Logits(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _eager_output(self.model, x)
+
+
+def lambda_module(model: nn.Module) -> nn.Module:
+    """``model`` with a tensor output (the fused scores of a dict-returning model), for tracing."""
+    return _Logits(model)
+
+
+@dataclass
+class BackendChoice:
+    """The backend chosen for a model on this machine, and why."""
+
+    backend: str
+    seconds: dict[str, float] = field(default_factory=dict)  # per candidate, at the probe size
+    rejected: dict[str, str] = field(default_factory=dict)  # candidate -> why it was not used
+    cached: bool = False
+
+    def describe(self) -> str:
+        timing = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in self.seconds.items())
+        why = "; ".join(f"{k}: {v}" for k, v in self.rejected.items())
+        src = "cached choice" if self.cached else "measured"
+        return f"backend {self.backend} ({src}{': ' + timing if timing else ''}{'; not used: ' + why if why else ''})"
+
+
+def _agreement(a: Tensor, b: Tensor) -> float:
+    if a.shape != b.shape:
+        return 0.0
+    return (a.argmax(1) == b.argmax(1)).float().mean().item()
+
+
+def _cache_path() -> Path:
+    from .weights import default_cache_dir
+
+    return default_cache_dir() / "backends.json"
+
+
+def _cache_key(model: nn.Module, example: Tensor) -> str:
+    shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
+    arch = hashlib.sha256(f"{type(model).__name__}|{shapes}".encode()).hexdigest()[:16]
+    m = machine_info()
+    return f"{arch}|{tuple(example.shape)}|{m.cpu}|{m.capability}|{m.threads}|{m.torch}"
+
+
+def _read_cache() -> dict[str, str]:
+    try:
+        return json.loads(_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _check(model: nn.Module, run: Callable[[Tensor], Tensor], probes: list[Tensor]) -> str | None:
+    """None when ``run`` agrees with eager on every probe, else why not."""
+    with torch.inference_mode():
+        for x in probes:
+            share = _agreement(run(x).float(), _eager_output(model, x).float())
+            if share < AGREEMENT:
+                return f"argmax agrees with eager on {100 * share:.3f}% of pixels at {tuple(x.shape[-2:])}"
+    return None
+
+
+def _median_seconds(run: Callable[[Tensor], Tensor], x: Tensor, repeats: int = 3) -> float:
+    with torch.inference_mode():
+        run(x)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run(x)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _probes(model: nn.Module, example: Tensor) -> list[Tensor]:
+    """The example and a second size the model accepts: a backend must handle sizes it was not traced at."""
+    rule = input_rule_of(model)
+    h, w = example.shape[-2:]
+    other = (rule.nearest(h + 16), rule.nearest(w - 8 if w > 24 else w + 8))
+    g = torch.Generator().manual_seed(1)
+    second = torch.randn(example.shape[0], example.shape[1], *other, generator=g).to(example)
+    return [example, second]
+
+
+def choose_backend(
+    model: nn.Module, example: Tensor, candidates: tuple[str, ...] = BACKENDS, *, use_cache: bool = True
+) -> tuple[Callable[[Tensor], Tensor], BackendChoice]:
+    """The fastest candidate that computes what eager computes, prepared for ``model``."""
+    key = _cache_key(model, example)
+    probes = _probes(model, example)
+    cached = _read_cache().get(key) if use_cache else None
+    if cached in candidates:
+        try:
+            run = prepare_backend(model, cached, example)
+            if _check(model, run, probes) is None:
+                return run, BackendChoice(cached, cached=True)
+        except Exception:  # noqa: BLE001 - a cached choice that no longer works is measured again
+            pass
+    choice, best, best_run = BackendChoice("eager"), float("inf"), None
+    for name in candidates:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                run = prepare_backend(model, name, example)
+            problem = _check(model, run, probes)
+        except Exception as exc:  # noqa: BLE001 - not installed or cannot run this model: not a candidate
+            choice.rejected[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+            continue
+        if problem:
+            choice.rejected[name] = problem
+            continue
+        seconds = _median_seconds(run, example)
+        choice.seconds[name] = seconds
+        if seconds < best:
+            best, best_run, choice.backend = seconds, run, name
+    if best_run is None:  # eager always qualifies unless the model itself fails
+        best_run = prepare_backend(model, "eager", example)
+    if use_cache:
+        entries = {**_read_cache(), key: choice.backend}
+        try:
+            write_atomic(_cache_path(), lambda f: f.write(json.dumps(entries, indent=1).encode()), what="backend cache")
+        except OSError:
+            pass  # a read-only cache folder: measure again next time
+    return best_run, choice
+
+
+def probe_input(model: nn.Module, channels: int, device: torch.device | str = "cpu") -> Tensor:
+    """A 128-pixel noise batch (the nearest size the model takes) to choose its backend with."""
+    side = input_rule_of(model).nearest(128)
+    return torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def accelerate(model: nn.Module, backend: str, example: Tensor, amp: str = "none") -> tuple[nn.Module, BackendChoice]:
+    """``model`` on ``backend`` (``auto``: :func:`choose_backend`), as a module the inference
+    functions take like the model itself; ``eager`` returns the model unchanged.
+
+    Reduced precision (``amp`` resolving to bf16/fp16) is eager autocast's: ``auto`` then keeps
+    eager, and the float32-only runtimes (TorchScript frozen, ONNX Runtime) are refused.
+    """
+    if backend == "auto":
+        backend = os.environ.get("DENSEPRED_BACKEND", "auto")
+    precision = resolve_amp(amp, example.device)
+    if precision != "none":
+        if backend in ("torchscript", "onnxruntime"):
+            raise ValueError(f"--backend {backend} runs float32, but the precision is {precision}; add --amp none")
+        if backend == "auto":
+            return model, BackendChoice("eager", rejected={"others": f"{precision} autocast runs eager"})
+    if backend == "eager":
+        return model, BackendChoice("eager")
+    if backend == "auto":
+        run, choice = choose_backend(model, example)
+    else:
+        run = prepare_backend(model, backend, example)
+        problem = _check(model, run, _probes(model, example))
+        if problem:
+            raise ValueError(f"--backend {backend} does not compute what eager does here ({problem}); use another")
+        choice = BackendChoice(backend)
+    return (model if choice.backend == "eager" else Accelerated(model, run, choice.backend)), choice
