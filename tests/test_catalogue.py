@@ -441,3 +441,22 @@ def test_serve_with_released_weights_by_name(tmp_path, monkeypatch):
     x = weights_entry(entry.name).normalization(image)[None]
     with torch.inference_mode():
         assert (mask == source(x).argmax(1)[0].numpy()).all()
+
+
+def test_create_model_with_released_weights_by_tag(http_server, tmp_path, monkeypatch):
+    source, data = torchvision_lraspp_file(tmp_path, seed=13)
+    http_server.files["/lraspp-test.pth"] = data
+    entry_for(
+        monkeypatch,
+        weights_entry("lraspp_mobilenet_v3_large.coco_voc"),
+        tag="bytag",
+        url=http_server.url("lraspp-test.pth"),
+        digest=Digest("sha256", hashlib.sha256(data).hexdigest(), "test"),
+    )
+    monkeypatch.setenv("DENSEPRED_CACHE", str(tmp_path / "cache"))
+    model = densepred.create_model("lraspp_mobilenet_v3_large", weights="bytag")
+    assert_same(source, model, (50, 70))
+    with pytest.raises(ValueError, match="drop num_classes"):
+        densepred.create_model("lraspp_mobilenet_v3_large", weights="bytag", num_classes=3)
+    with pytest.raises(UnknownWeightsError, match="lraspp_mobilenet_v3_large.coco_voc"):
+        densepred.create_model("lraspp_mobilenet_v3_large", weights="coco")

@@ -10,6 +10,7 @@ The Python API in a few names::
 """
 
 from . import models  # noqa: F401  (imports every family, which registers its builders)
+from ._version import __version__
 from .checkpoint import Trained, load_trained
 from .config import EvalConfig, Experiment, load_experiment
 from .evaluation import evaluate
@@ -19,8 +20,8 @@ from .prediction import Predictor, predict
 from .registry import UnknownModelError, create_model, list_models, model_entry
 from .trainer import TrainResult, train
 
-__version__ = "0.1.0"
 __all__ = [
+    "__version__",
     "BilinearDeconv",
     "EvalConfig",
     "Experiment",

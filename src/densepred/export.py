@@ -95,7 +95,7 @@ def model_metadata(
     ``normalization`` is a recipe's ``data.normalization`` name (``imagenet``, ``caffe``,
     ``unit``); ``None`` records that the preprocessing is unknown.
     """
-    from . import __version__
+    from ._version import __version__
     from .registry import list_models, model_entry
 
     if not isinstance(model, SegmentationModel):

@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["UnknownModelError", "ModelEntry", "register_model", "create_model", "list_models", "model_entry"]
+__all__ = [
+    "UnknownModelError",
+    "ModelEntry",
+    "register_model",
+    "create_model",
+    "list_models",
+    "model_entry",
+    "set_released_loader",
+]
 
 
 class UnknownModelError(ValueError):
@@ -34,6 +42,14 @@ class ModelEntry:
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+# Set by densepred.weights (imports point down: the registry calls the loader it is given).
+_RELEASED_LOADER: Callable[[str], nn.Module] | None = None
+
+
+def set_released_loader(loader: Callable[[str], nn.Module]) -> None:
+    """How ``create_model(name, weights=TAG)`` loads the released weights ``name.TAG``."""
+    global _RELEASED_LOADER
+    _RELEASED_LOADER = loader
 
 
 def register_model(
@@ -59,13 +75,25 @@ def model_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
-def create_model(name: str, **kwargs) -> nn.Module:
+def create_model(name: str, *, weights: str | None = None, **kwargs) -> nn.Module:
     """Build the registered model ``name``, e.g. ``create_model("fcn8s", num_classes=21)``.
 
     Every builder takes ``pretrained``: ImageNet backbone weights (``"imagenet"``) or a local
-    weight file, loaded by :func:`densepred.weights.load_pretrained`.
+    weight file, loaded by :func:`densepred.weights.load_pretrained`. ``weights`` names released
+    weights of this model (``create_model("fcn8s", weights="voc_caffe")``, see
+    ``densepred weights list``): the model is built as they need (classes, options) and loaded.
     """
-    return model_entry(name).builder(**kwargs)
+    entry = model_entry(name)
+    if weights is not None:
+        if kwargs:
+            raise ValueError(
+                f"create_model({name!r}, weights={weights!r}) builds the model the weights were trained as; "
+                f"drop {', '.join(sorted(kwargs))}"
+            )
+        if _RELEASED_LOADER is None:  # only if densepred.weights was never imported
+            raise RuntimeError("released weights need densepred.weights; import densepred first")
+        return _RELEASED_LOADER(f"{name}.{weights}")
+    return entry.builder(**kwargs)
 
 
 def list_models(pattern: str = "*") -> list[str]:

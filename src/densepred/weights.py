@@ -86,6 +86,7 @@ from .models.backbones import VGG16, ResNet
 from .models.backbones.mobilenetv3 import BNECKS_LARGE, FeatureTaps, MobileNetV3Large
 from .models.backbones.vgg import VGG16_STAGES
 from .models.base import SegmentationModel
+from .registry import set_released_loader
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -944,3 +945,6 @@ def load_released(
         fixed_blobs=entry.fixed_blobs,
     )
     return model.eval()
+
+
+set_released_loader(load_released)
