@@ -460,3 +460,28 @@ def test_create_model_with_released_weights_by_tag(http_server, tmp_path, monkey
         densepred.create_model("lraspp_mobilenet_v3_large", weights="bytag", num_classes=3)
     with pytest.raises(UnknownWeightsError, match="lraspp_mobilenet_v3_large.coco_voc"):
         densepred.create_model("lraspp_mobilenet_v3_large", weights="coco")
+
+
+def test_convert_a_caffemodel_to_safetensors_with_its_metadata(tmp_path, capsys):
+    from safetensors import safe_open
+
+    source = randomised(densepred.create_model("deeplab_v1_largefov"), seed=14)
+    caffe = tmp_path / "train2_iter_8000.caffemodel"
+    caffe.write_bytes(largefov_caffemodel(source))
+    out = tmp_path / "largefov.safetensors"
+    with pytest.warns(WeightsWarning, match="used unverified"):
+        assert (
+            cli(["weights", "convert", str(caffe), "--weights", "deeplab_v1_largefov.voc12_caffe", "--out", str(out)])
+            == 0
+        )
+    assert "wrote" in capsys.readouterr().out
+    with safe_open(out, "pt") as f:
+        meta = f.metadata()
+    assert (
+        meta["model"] == "deeplab_v1_largefov"
+        and meta["converted_from_sha256"] == hashlib.sha256(caffe.read_bytes()).hexdigest()
+    )
+    assert '"bgr": true' in meta["normalization"] and "aeroplane" in meta["classes"]
+    target = densepred.create_model("deeplab_v1_largefov")
+    load_pretrained(target, out)  # our own layout now: no Caffe names, no mapping
+    assert_same(source, target.eval(), (41, 41))

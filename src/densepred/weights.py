@@ -108,6 +108,7 @@ __all__ = [
     "load_pretrained",
     "fetch_released",
     "load_released",
+    "convert_released",
 ]
 
 
@@ -948,3 +949,29 @@ def load_released(
 
 
 set_released_loader(load_released)
+
+
+def convert_released(source: str | os.PathLike, name: str, out: str | os.PathLike) -> Path:
+    """Write the weights of ``source`` (a ``.caffemodel`` or any file :func:`load_pretrained`
+    reads) as the catalogue entry ``name``'s model into a ``.safetensors`` file, with the entry's
+    facts as metadata (model, classes, preprocessing, source file and its sha256): the file then
+    loads with ``load_released(name, file=out)`` or ``load_pretrained`` without Caffe."""
+    import json
+
+    from safetensors.torch import save
+
+    entry = weights_entry(name)
+    model = load_released(name, file=source)
+    n = entry.normalization
+    meta = {
+        "densepred_weights": entry.name,
+        "model": entry.model,
+        "model_options": json.dumps(dict(entry.model_kwargs)),
+        "classes": json.dumps(list(entry.classes)),
+        "normalization": json.dumps({"mean": n.mean, "std": n.std, "bgr": n.bgr, "scale_255": n.scale_255}),
+        "converted_from": Path(source).name,
+        "converted_from_sha256": sha256_file(source),
+        "url": entry.url,
+    }
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return write_atomic(out, lambda f: f.write(save(tensors, metadata=meta)), what="safetensors file")

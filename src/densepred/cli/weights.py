@@ -41,6 +41,14 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from ..weights import convert_released
+
+    out = convert_released(args.file, args.weights, args.out)
+    print(f"wrote {out} ({args.weights}: loads with --weights {args.weights} --weights-file {out})")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("weights", help="released weights by name: list, show, fetch")
     group = p.add_subparsers(dest="weights_command", required=True)
@@ -55,3 +63,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--cache-dir", default=None, help="default $DENSEPRED_CACHE or ~/.cache/densepred/weights")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_cmd_fetch)
+    q = group.add_parser("convert", help="a released file (e.g. a .caffemodel) -> .safetensors with its metadata")
+    q.add_argument("file", help="the file as released (.caffemodel, .pth, ...)")
+    q.add_argument("--weights", required=True, metavar="NAME", help="its catalogue entry, e.g. fcn8s.voc_caffe")
+    q.add_argument("--out", required=True, help="the .safetensors file to write")
+    q.set_defaults(func=_cmd_convert)
