@@ -485,3 +485,56 @@ def test_convert_a_caffemodel_to_safetensors_with_its_metadata(tmp_path, capsys)
     target = densepred.create_model("deeplab_v1_largefov")
     load_pretrained(target, out)  # our own layout now: no Caffe names, no mapping
     assert_same(source, target.eval(), (41, 41))
+
+
+def fcn_reference(net: dict[str, list[torch.Tensor]], x: torch.Tensor, stride: int) -> torch.Tensor:
+    """voc-fcn{32,16,8}s/net.py as functional ops over the file's blobs, written from the
+    prototxt: conv1_1 pad 100, 2x2 ceil-mode pools, fc6 7x7 pad 0, deconvolutions without bias,
+    Crop layers at offsets 19 (32s), 5 / 27 (16s), 5 / 9 / 31 (8s)."""
+
+    def conv(name, h, pad=0):
+        w, b = net[name]
+        return torch.nn.functional.conv2d(h, w, b, padding=pad)
+
+    def up(name, h, k):
+        return torch.nn.functional.conv_transpose2d(h, net[name][0], stride=k // 2)
+
+    def crop(h, like, offset):
+        return h[:, :, offset : offset + like.shape[2], offset : offset + like.shape[3]]
+
+    h, pools = x, {}
+    for i, name in enumerate(VGG16_CONVS):
+        h = torch.relu(conv(name, h, pad=100 if i == 0 else 1))
+        if name in ("conv1_2", "conv2_2", "conv3_3", "conv4_3", "conv5_3"):
+            h = torch.nn.functional.max_pool2d(h, 2, 2, ceil_mode=True)
+            pools[name[:5]] = h
+    score = conv("score_fr", torch.relu(conv("fc7", torch.relu(conv("fc6", h)))))
+    if stride == 32:
+        return crop(up("upscore", score, 64), x, 19)
+    score = up("upscore2", score, 4)
+    score = score + crop(conv("score_pool4", pools["conv4"]), score, 5)
+    if stride == 16:
+        return crop(up("upscore16", score, 32), x, 27)
+    score = up("upscore_pool4", score, 4)
+    score = score + crop(conv("score_pool3", pools["conv3"]), score, 9)
+    return crop(up("upscore8", score, 16), x, 31)
+
+
+@pytest.mark.parametrize("name, stride", [("fcn32s", 32), ("fcn16s", 16), ("fcn8s", 8)])
+def test_a_loaded_fcn_computes_the_reference_nets_forward_over_the_same_blobs(name, stride, tmp_path):
+    from densepred.caffemodel import read_caffemodel
+
+    path = tmp_path / f"{name}.caffemodel"
+    path.write_bytes(fcn_caffemodel(slim_fcn(name, seed=20), FCN_HEADS[name]))
+    model = slim_fcn(name, seed=21)
+    load_pretrained(model, path)
+    blobs = {
+        layer.name: [torch.from_numpy(b.data.copy()) for b in layer.blobs]
+        for layer in read_caffemodel(path).layers
+        if layer.blobs
+    }
+    x = torch.randn(1, 3, 75, 61)
+    with torch.inference_mode():
+        ours, ref = model.eval()(x), fcn_reference(blobs, x, stride)
+    assert ours.shape == ref.shape == (1, 21, 75, 61)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
