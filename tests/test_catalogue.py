@@ -538,3 +538,27 @@ def test_a_loaded_fcn_computes_the_reference_nets_forward_over_the_same_blobs(na
         ours, ref = model.eval()(x), fcn_reference(blobs, x, stride)
     assert ours.shape == ref.shape == (1, 21, 75, 61)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_eval_with_released_weights_on_a_dataset(tmp_path, monkeypatch, capsys):
+    import json
+
+    classes = ("background", "disk", "square", "triangle", "ring", "dot")  # the synthetic set's
+    model = randomised(densepred.create_model("lraspp_mobilenet_v3_large", num_classes=len(classes)), seed=15)
+    path = tmp_path / "lraspp6.pth"
+    torch.save(model.state_dict(), path)
+    entry = entry_for(
+        monkeypatch,
+        weights_entry("lraspp_mobilenet_v3_large.coco_voc"),
+        tag="six",
+        classes=classes,
+        digest=Digest("sha256", hashlib.sha256(path.read_bytes()).hexdigest(), "test"),
+    )
+    out = tmp_path / "eval"
+    args = ["eval", "--weights", entry.name, "--weights-file", str(path), "--data", "synthetic", "--out", str(out)]
+    assert cli([*args, "data.options.num_images=3", "data.options.size=64"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["weights"] == entry.name and 0 <= metrics["miou"] <= 1
+    assert (out / "confusion.png").is_file() and "backend eager" in capsys.readouterr().out
+    assert cli(["eval", "--weights", entry.name]) == 2
+    assert "needs --data DATASET" in capsys.readouterr().err

@@ -12,6 +12,7 @@ from torch import nn
 from .config import Experiment
 from .data import (
     CAFFE_BGR,
+    CAFFE_DEEPLAB,
     IMAGENET,
     UNIT,
     Normalization,
@@ -27,7 +28,7 @@ from .registry import create_model
 
 __all__ = ["NORMALIZATIONS", "normalization_for", "build_dataset", "build_model", "freeze_batch_norm"]
 
-NORMALIZATIONS = {"imagenet": IMAGENET, "caffe": CAFFE_BGR, "unit": UNIT}
+NORMALIZATIONS = {"imagenet": IMAGENET, "caffe": CAFFE_BGR, "caffe_deeplab": CAFFE_DEEPLAB, "unit": UNIT}
 
 
 def normalization_for(name: str | Normalization, channels: int) -> Normalization:
@@ -38,7 +39,7 @@ def normalization_for(name: str | Normalization, channels: int) -> Normalization
     """
     if isinstance(name, Normalization):
         return name
-    if name == "caffe" and channels != 3:
+    if name in ("caffe", "caffe_deeplab") and channels != 3:
         raise ValueError(f"data.normalization=caffe needs RGB images; these have {channels} channel(s)")
     return UNIT if name == "imagenet" and channels != 3 else NORMALIZATIONS[name]
 

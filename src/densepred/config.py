@@ -91,7 +91,7 @@ class DataConfig:
     crop: int | None = None  # square training crop; None trains on whole images
     scale: tuple[float, float] = (0.5, 2.0)
     flip: bool = True
-    normalization: Literal["imagenet", "caffe", "unit"] = "imagenet"
+    normalization: Literal["imagenet", "caffe", "caffe_deeplab", "unit"] = "imagenet"
     batch_size: int = 8
     workers: int = 2
 

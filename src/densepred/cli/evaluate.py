@@ -19,33 +19,63 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..plots import plot_confusion_matrix, plot_per_class_iou
 
     device = resolve_device(args.device)
-    trained = load_trained(args.checkpoint, device)
+    if args.weights:  # released weights by name: the entry's model, classes and preprocessing
+        trained = _released(args, device)
+    else:
+        trained = load_trained(args.checkpoint, device)
     exp = experiment_from_dict(apply_overrides(trained.experiment.to_dict(), args.overrides))
     if args.root:
         exp.data.root = args.root
     dataset = build_dataset(exp, args.split or exp.data.val_split, train=False)
+    source = args.weights or args.checkpoint
     if dataset.num_classes != trained.num_classes:
-        raise ValueError(
-            f"{args.checkpoint} predicts {trained.num_classes} classes but the dataset has {dataset.num_classes}"
-        )
+        raise ValueError(f"{source} predicts {trained.num_classes} classes but the dataset has {dataset.num_classes}")
     cm = ConfusionMatrix(trained.num_classes, ignore_index=dataset.ignore_index, device=device)
-    from ..backends import accelerate
-    from ..prediction import _probe_input
+    from ..backends import accelerate, probe_input
 
-    model, backend = accelerate(
-        trained.model, exp.eval.backend, _probe_input(trained.model, trained.in_channels, device)
-    )
+    example = probe_input(trained.model, trained.in_channels, device)
+    model, backend = accelerate(trained.model, exp.eval.backend, example, exp.eval.amp)
     print(backend.describe())
     metrics = evaluate(model, dataset, exp.eval, device=device, confusion=cm)
-    out = Path(args.out or Path(args.checkpoint).resolve().parent.parent / "eval")
+    default_out = (
+        Path("runs/eval") / args.weights if args.weights else Path(args.checkpoint).resolve().parent.parent / "eval"
+    )
+    out = Path(args.out or default_out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({"checkpoint": str(args.checkpoint), **metrics}, indent=2))
+    (out / "metrics.json").write_text(
+        json.dumps({"checkpoint" if args.checkpoint else "weights": source, **metrics}, indent=2)
+    )
     names = trained.class_names
     plot_confusion_matrix(cm.matrix.cpu().numpy(), names, out / "confusion.png")
     plot_per_class_iou(metrics["iou"], names, trained.palette, out / "per_class_iou.png")
     print(_metrics_table(metrics, names))
     print(f"\nwrote {out / 'metrics.json'}, confusion.png, per_class_iou.png")
     return 0
+
+
+def _released(args: argparse.Namespace, device):
+    """A Trained for released weights, evaluated on ``--data`` (the weights carry no recipe)."""
+    from ..build import NORMALIZATIONS
+    from ..catalogue import weights_entry
+    from ..checkpoint import Trained
+    from ..config import Experiment
+    from ..data.labels import IGNORE_INDEX, bitwise_palette
+    from ..weights import load_released
+
+    if not args.data:
+        raise ValueError(
+            f"--weights {args.weights} needs --data DATASET (e.g. voc) and --root: weights carry no recipe"
+        )
+    entry = weights_entry(args.weights)
+    named = [k for k, v in NORMALIZATIONS.items() if v == entry.normalization]
+    if not named:
+        raise ValueError(f"{args.weights}: its preprocessing has no data.normalization name; use the Python API")
+    exp = Experiment(name=entry.name)
+    exp.model.name, exp.model.options = entry.model, dict(entry.model_kwargs)
+    exp.data.dataset, exp.data.normalization = args.data, named[0]
+    model = load_released(args.weights, file=args.weights_file).to(device)
+    n = len(entry.classes)
+    return Trained(model, exp, n, list(entry.classes), bitwise_palette(n), 3, IGNORE_INDEX, named[0], 0)
 
 
 def _metrics_table(metrics: dict, names: list[str]) -> str:
@@ -66,7 +96,11 @@ def _metrics_table(metrics: dict, names: list[str]) -> str:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: metrics JSON, per-class table, plots")
-    p.add_argument("--checkpoint", required=True)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", help="a training checkpoint (best.pt, last.pt)")
+    model.add_argument("--weights", metavar="NAME", help="released weights by name, e.g. fcn8s.voc_caffe (with --data)")
+    p.add_argument("--weights-file", default=None, help="with --weights: a copy of the released file already on disk")
+    p.add_argument("--data", help="with --weights: the dataset (voc, cityscapes, camvid, ...)")
     p.add_argument("--split", help="dataset split (default: the recipe's validation split)")
     p.add_argument("--root", help="dataset folder, if it moved since training")
     p.add_argument("--out", help="output folder (default: <run folder>/eval)")

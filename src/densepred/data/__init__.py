@@ -14,7 +14,7 @@ from .errors import DataError, DownloadError, ManualDownloadRequired, UnknownDat
 from .factory import DATASETS, create_dataset, dataset_entry, detect_dataset, list_datasets
 from .labels import IGNORE_INDEX, LabelMap, bitwise_palette, colorize, downsample_labels
 from .loader import make_loader, worker_init
-from .normalization import CAFFE_BGR, IMAGENET, UNIT, Normalization
+from .normalization import CAFFE_BGR, CAFFE_DEEPLAB, IMAGENET, UNIT, Normalization
 from .sources import SOURCES, Archive, DatasetSource
 from .stats import DatasetStats, compute_stats, format_stats, median_frequency_weights, save_bar_chart
 from .transforms import JointTransform, build_transforms, deeplab_train, eval_transform, unet_train
@@ -32,6 +32,7 @@ __all__ = [
     "Normalization",
     "IMAGENET",
     "CAFFE_BGR",
+    "CAFFE_DEEPLAB",
     "UNIT",
     "JointTransform",
     "build_transforms",

@@ -9,7 +9,7 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["Normalization", "IMAGENET", "CAFFE_BGR", "UNIT"]
+__all__ = ["Normalization", "IMAGENET", "CAFFE_BGR", "CAFFE_DEEPLAB", "UNIT"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,9 @@ IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 CAFFE_BGR = Normalization(mean=(104.00699, 116.66877, 122.67892), std=(1.0, 1.0, 1.0), bgr=True, scale_255=True)
 """Caffe-converted VGG weights (FCN, DeepLab v1/v2): BGR, 0..255, mean subtraction only."""
+
+CAFFE_DEEPLAB = Normalization(mean=(104.008, 116.669, 122.675), std=(1.0, 1.0, 1.0), bgr=True, scale_255=True)
+"""DeepLab's released Caffe nets: BGR, 0..255, less their own mean (train.prototxt mean_value)."""
 
 UNIT = Normalization(mean=(0.0,), std=(1.0,))
 """Just scale to [0, 1], any number of channels (e.g. U-Net on grayscale EM)."""

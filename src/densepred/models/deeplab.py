@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..catalogue import VOC_CATEGORIES, Weights, register_weights
-from ..data.normalization import Normalization
+from ..data.normalization import CAFFE_DEEPLAB
 from ..registry import register_model
 from ..weights import with_pretrained
 from .backbones.resnet import ResNet
@@ -345,12 +345,11 @@ def _aspp_rates(aspp: str) -> tuple[int, ...]:
 # the sha256 of its first download. DeepLab's ``train_`` nets are trained on train_aug, its
 # ``train2_`` nets fine-tuned further on trainval_aug (run_pascal.sh), so only ``train_`` files
 # may be scored on VOC12 val.
-DEEPLAB_BGR = Normalization(mean=(104.008, 116.669, 122.675), std=(1.0, 1.0, 1.0), bgr=True, scale_255=True)
 _DEEPLAB = dict(
     digest=None,
     layout="caffe",
     classes=VOC_CATEGORIES,
-    normalization=DEEPLAB_BGR,
+    normalization=CAFFE_DEEPLAB,
     input_size="any; the authors test on images padded to 513x513 with the mean",
     license="not stated by the release (its code is a fork of BVLC Caffe); ask the authors before redistributing",
 )
