@@ -96,6 +96,12 @@ def assert_same(a: torch.nn.Module, b: torch.nn.Module, size: tuple[int, int]) -
         assert torch.equal(a(x), b(x))
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    """Nothing here reads or writes the user's weight cache (nor reaches the network)."""
+    monkeypatch.setenv("DENSEPRED_CACHE", str(tmp_path / "user-cache"))
+
+
 # ---------------------------------------------------------------------------------------------
 # The catalogue as data
 
@@ -343,7 +349,7 @@ def test_predict_with_released_weights_by_name(http_server, tmp_path, monkeypatc
     mask = np.asarray(Image.open(tmp_path / "out" / "photo.png"))
     # The entry's preprocessing (ImageNet RGB mean/std) and the model's own argmax.
     predictor = Predictor.from_weights(entry.name)
-    x = predictor.trained.normalization(image)[None]
+    x = weights_entry(entry.name).normalization(image)[None]
     with torch.inference_mode():
         expected = source(x).argmax(1)[0].numpy()
     assert mask.shape == (70, 90) and (mask == expected).mean() == 1.0
@@ -562,3 +568,23 @@ def test_eval_with_released_weights_on_a_dataset(tmp_path, monkeypatch, capsys):
     assert (out / "confusion.png").is_file() and "backend eager" in capsys.readouterr().out
     assert cli(["eval", "--weights", entry.name]) == 2
     assert "needs --data DATASET" in capsys.readouterr().err
+
+
+def test_export_and_features_take_released_weights_by_name(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    source = randomised(densepred.create_model("deeplab_v1_largefov"), seed=16)
+    caffe = tmp_path / "train2_iter_8000.caffemodel"
+    caffe.write_bytes(largefov_caffemodel(source))
+    name, out = "deeplab_v1_largefov.voc12_caffe", tmp_path / "largefov.safetensors"
+    with pytest.warns(WeightsWarning):
+        assert cli(["export", "--weights", name, "--weights-file", str(caffe), "--out", str(out)]) == 0
+    state = load_file(out)
+    assert all(torch.equal(state[k], v) for k, v in source.state_dict().items())
+    image = np.random.default_rng(2).integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    grid = tmp_path / "features.png"
+    args = ["features", str(tmp_path / "photo.png"), "--weights", name, "--weights-file", str(caffe)]
+    with pytest.warns(WeightsWarning):
+        assert cli([*args, "--out", str(grid), "--layers", "conv1_2", "fc7"]) == 0
+    assert grid.is_file() and Image.open(grid).size[0] > 100

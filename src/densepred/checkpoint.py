@@ -362,6 +362,28 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+def load_released_trained(name: str, device: torch.device | str = "cpu", *, file: str | Path | None = None) -> Trained:
+    """Released weights by name (``fcn8s.voc_caffe``, see ``densepred weights list``) as a
+    :class:`Trained`: the entry's model, classes (VOC's palette) and its own preprocessing, for
+    every command that takes a checkpoint."""
+    from .build import NORMALIZATIONS
+    from .catalogue import weights_entry
+    from .data.labels import IGNORE_INDEX, bitwise_palette
+    from .weights import load_released
+
+    entry = weights_entry(name)
+    model = load_released(name, file=file).to(device)
+    experiment = Experiment(name=name)
+    experiment.model.name, experiment.model.options = entry.model, dict(entry.model_kwargs)
+    # A named normalisation where there is one (recipes and exports speak in names), else its own.
+    named = next((k for k, v in NORMALIZATIONS.items() if v == entry.normalization), None)
+    if named:
+        experiment.data.normalization = named
+    n = len(entry.classes)
+    palette = bitwise_palette(n)
+    return Trained(model, experiment, n, list(entry.classes), palette, 3, IGNORE_INDEX, named or entry.normalization, 0)
+
+
 def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Trained:
     """Rebuild the model a checkpoint was trained as and load its weights (no code executed)."""
     state = load_training_checkpoint(path)

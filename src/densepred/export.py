@@ -308,6 +308,33 @@ def export_checkpoint(
     return export_safetensors(checkpoint, out)
 
 
+def export_released(
+    name: str, fmt: str | None = None, out: str | Path | None = None, *, opset: int = DEFAULT_OPSET, file=None
+) -> Path:
+    """Export released weights by name (``densepred weights list``) as ``fmt``, with their classes
+    and preprocessing in the file; ``out`` defaults to ``NAME.onnx`` / ``.torchscript.pt`` /
+    ``.safetensors`` here."""
+    from .checkpoint import load_released_trained
+
+    named = format_of(out) if out is not None else None
+    if fmt is not None and named is not None and fmt != named:
+        raise ValueError(f"--format {fmt} but --out {out} names a {named} file; make them agree")
+    fmt = fmt or named or "safetensors"
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    out = Path(out) if out is not None else Path(name + EXPORT_FORMATS[fmt])
+    trained = load_released_trained(name, "cpu", file=file)
+    if fmt == "onnx":
+        return export_onnx(trained, out, opset=opset)
+    if fmt == "torchscript":
+        return export_torchscript(trained, out)
+    from safetensors.torch import save
+
+    meta = {"densepred": json.dumps(_trained_metadata(trained))}
+    tensors = {k: v.detach().contiguous() for k, v in trained.model.state_dict().items()}
+    return write_atomic(out, lambda f: f.write(save(tensors, metadata=meta)), what="safetensors file")
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The JSON description of an exported ``.onnx`` or TorchScript file (no model code is run)."""
     path = Path(path)

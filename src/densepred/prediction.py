@@ -15,15 +15,13 @@ from tqdm.auto import tqdm
 
 from .backends import accelerate, probe_input
 from .build import build_dataset, normalization_for
-from .catalogue import weights_entry
-from .checkpoint import Trained, load_trained
-from .config import EvalConfig, Experiment
+from .checkpoint import Trained, load_released_trained, load_trained
+from .config import EvalConfig
 from .crf import CRFParams, crf_params, dense_crf_any_channels
 from .data.files import IMAGE_SUFFIXES
 from .data.io import read_image
-from .data.labels import IGNORE_INDEX, bitwise_palette, colorize
+from .data.labels import colorize
 from .inference import predict_logits
-from .weights import load_released
 
 __all__ = [
     "Predictor",
@@ -70,20 +68,12 @@ class Predictor:
         options: EvalConfig | None = None,
         *,
         file: str | Path | None = None,
-        cache_dir: str | Path | None = None,
     ) -> Predictor:
         """A predictor for the released weights ``name`` (``"fcn8s.voc_caffe"``, see
         ``densepred weights list``): the entry's classes, palette and preprocessing, whole-image
         inference unless ``options`` say otherwise."""
-        entry = weights_entry(name)
-        model = load_released(name, file=file, cache_dir=cache_dir).to(device)
-        experiment = Experiment(name=name)
-        experiment.model.name, experiment.model.options = entry.model, dict(entry.model_kwargs)
-        n = len(entry.classes)
-        trained = Trained(
-            model, experiment, n, list(entry.classes), bitwise_palette(n), 3, IGNORE_INDEX, entry.normalization, 0
-        )
-        return cls(trained, torch.device(device), options or experiment.eval)
+        trained = load_released_trained(name, device, file=file)
+        return cls(trained, torch.device(device), options or trained.experiment.eval)
 
     def logits(self, image: np.ndarray, options: EvalConfig | None = None) -> torch.Tensor:
         """Float logits ``(1, classes, H, W)`` of a uint8 image, with ``options`` or the predictor's."""

@@ -6,12 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from .options import add_model_source, load_source
+
 __all__ = ["add_commands"]
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ..build import build_dataset
-    from ..checkpoint import load_trained
     from ..config import apply_overrides, experiment_from_dict
     from ..distributed import resolve_device
     from ..evaluation import evaluate
@@ -19,10 +20,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..plots import plot_confusion_matrix, plot_per_class_iou
 
     device = resolve_device(args.device)
-    if args.weights:  # released weights by name: the entry's model, classes and preprocessing
-        trained = _released(args, device)
-    else:
-        trained = load_trained(args.checkpoint, device)
+    if args.weights and not args.data:  # before any download: the weights carry no recipe
+        raise ValueError(f"--weights {args.weights} needs --data DATASET (e.g. voc) and --root")
+    trained = load_source(args, device)
+    if args.weights:  # the data is named on the command line
+        if not isinstance(trained.normalization, str):
+            raise ValueError(f"{args.weights}: its preprocessing has no data.normalization name; use the Python API")
+        trained.experiment.data.dataset = args.data
     exp = experiment_from_dict(apply_overrides(trained.experiment.to_dict(), args.overrides))
     if args.root:
         exp.data.root = args.root
@@ -53,31 +57,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _released(args: argparse.Namespace, device):
-    """A Trained for released weights, evaluated on ``--data`` (the weights carry no recipe)."""
-    from ..build import NORMALIZATIONS
-    from ..catalogue import weights_entry
-    from ..checkpoint import Trained
-    from ..config import Experiment
-    from ..data.labels import IGNORE_INDEX, bitwise_palette
-    from ..weights import load_released
-
-    if not args.data:
-        raise ValueError(
-            f"--weights {args.weights} needs --data DATASET (e.g. voc) and --root: weights carry no recipe"
-        )
-    entry = weights_entry(args.weights)
-    named = [k for k, v in NORMALIZATIONS.items() if v == entry.normalization]
-    if not named:
-        raise ValueError(f"{args.weights}: its preprocessing has no data.normalization name; use the Python API")
-    exp = Experiment(name=entry.name)
-    exp.model.name, exp.model.options = entry.model, dict(entry.model_kwargs)
-    exp.data.dataset, exp.data.normalization = args.data, named[0]
-    model = load_released(args.weights, file=args.weights_file).to(device)
-    n = len(entry.classes)
-    return Trained(model, exp, n, list(entry.classes), bitwise_palette(n), 3, IGNORE_INDEX, named[0], 0)
-
-
 def _metrics_table(metrics: dict, names: list[str]) -> str:
     lines = [f"{'class':20s} {'IoU':>7s} {'Dice':>7s} {'acc':>7s}"]
     for i, name in enumerate(names):
@@ -96,10 +75,7 @@ def _metrics_table(metrics: dict, names: list[str]) -> str:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: metrics JSON, per-class table, plots")
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="a training checkpoint (best.pt, last.pt)")
-    model.add_argument("--weights", metavar="NAME", help="released weights by name, e.g. fcn8s.voc_caffe (with --data)")
-    p.add_argument("--weights-file", default=None, help="with --weights: a copy of the released file already on disk")
+    add_model_source(p)
     p.add_argument("--data", help="with --weights: the dataset (voc, cityscapes, camvid, ...)")
     p.add_argument("--split", help="dataset split (default: the recipe's validation split)")
     p.add_argument("--root", help="dataset folder, if it moved since training")

@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .options import add_model_source
+
 __all__ = ["add_commands"]
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ..export import DEFAULT_OPSET, export_checkpoint, format_of
+    from ..export import DEFAULT_OPSET, export_checkpoint, export_released, format_of
 
     if args.opset is not None and (args.format or format_of(args.out or "")) != "onnx":
         raise ValueError("--opset applies to --format onnx only")
     try:
-        out = export_checkpoint(args.checkpoint, args.format, args.out, opset=args.opset or DEFAULT_OPSET)
+        opset = args.opset or DEFAULT_OPSET
+        if args.weights:
+            out = export_released(args.weights, args.format, args.out, opset=opset, file=args.weights_file)
+        else:
+            out = export_checkpoint(args.checkpoint, args.format, args.out, opset=opset)
     except ImportError as exc:
         print(
             f"densepred export: {exc.name} is missing; install the export extra: pip install 'densepred[export]'",
@@ -30,7 +36,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "export",
         help="export a checkpoint: ONNX or TorchScript (any input size, preprocessing in the file) or weights",
     )
-    p.add_argument("--checkpoint", required=True, help="a training checkpoint (run/checkpoints/*.pt)")
+    add_model_source(p)
     p.add_argument(
         "--format",
         choices=["onnx", "torchscript", "safetensors"],

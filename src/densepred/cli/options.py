@@ -7,11 +7,21 @@ import argparse
 import dataclasses
 import typing
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..config import ConfigError, EvalConfig, coerce
 
-__all__ = ["add_inference_options", "inference_options", "INFERENCE_HELP", "in_range"]
+if TYPE_CHECKING:
+    from ..checkpoint import Trained
+
+__all__ = [
+    "add_inference_options",
+    "inference_options",
+    "INFERENCE_HELP",
+    "in_range",
+    "add_model_source",
+    "load_source",
+]
 
 # One line of help per EvalConfig field offered on the command line.
 INFERENCE_HELP: dict[str, str] = {
@@ -108,3 +118,20 @@ def in_range(kind: type, low: float, high: float | None = None) -> Callable[[str
         return value
 
     return parse
+
+
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """``--checkpoint CKPT`` or ``--weights NAME`` (released weights, ``densepred weights list``)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a training checkpoint (run/checkpoints/best.pt)")
+    source.add_argument("--weights", metavar="NAME", help="released weights by name, e.g. fcn8s.voc_caffe")
+    parser.add_argument("--weights-file", default=None, help="with --weights: a copy of the released file on disk")
+
+
+def load_source(args: argparse.Namespace, device) -> Trained:  # noqa: ANN001 - a torch device or its name
+    """The model the command runs: a checkpoint's, or released weights by name."""
+    from ..checkpoint import load_released_trained, load_trained
+
+    if args.weights:
+        return load_released_trained(args.weights, device, file=args.weights_file)
+    return load_trained(args.checkpoint, device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import add_inference_options, inference_options
+from .options import add_inference_options, add_model_source, inference_options, load_source
 
 __all__ = ["add_commands"]
 
@@ -15,10 +15,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from ..prediction import Predictor, predict_files
 
     device = resolve_device(args.device)
-    if args.weights:  # released weights by name: their own preprocessing and whole-image defaults
-        predictor = Predictor.from_weights(args.weights, str(device), inference_options(args), file=args.weights_file)
-    else:
-        predictor = Predictor.from_checkpoint(args.checkpoint, str(device), inference_options(args))
+    trained = load_source(args, device)
+    predictor = Predictor(trained, device, inference_options(args, None if args.weights else trained.experiment.eval))
     print(predictor.backend.describe())
     written, failed = predict_files(
         predictor,
@@ -40,12 +38,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="segment image files, folders or globs: masks, overlays, probabilities")
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="a training checkpoint (best.pt, last.pt)")
-    model.add_argument(
-        "--weights", metavar="NAME", help="released weights by name, e.g. fcn8s.voc_caffe (`densepred weights list`)"
-    )
-    p.add_argument("--weights-file", default=None, help="with --weights: a copy of the released file already on disk")
+    add_model_source(p)
     p.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns ('photos/*.jpg')")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--probs", action="store_true", help="also write one probability map per class")

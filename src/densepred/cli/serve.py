@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import sys
 
-from .options import add_inference_options, in_range, inference_options
+from .options import add_inference_options, add_model_source, in_range, inference_options
 
 __all__ = ["add_commands"]
 
@@ -27,11 +27,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     # The model is loaded once, before the server starts, and shared by every request; it runs
     # the recipe's own inference options unless the command line says otherwise.
-    device = str(resolve_device(args.device))
+    device = resolve_device(args.device)
     if args.weights:  # released weights by name, with their own preprocessing
-        predictor = Predictor.from_weights(args.weights, device, file=args.weights_file)
+        predictor = Predictor.from_weights(args.weights, str(device), file=args.weights_file)
     else:
-        predictor = Predictor.from_checkpoint(args.checkpoint, device)
+        predictor = Predictor.from_checkpoint(args.checkpoint, str(device))
     options = inference_options(args, predictor.options)
     if options != predictor.options:
         predictor = dataclasses.replace(predictor, options=options)
@@ -55,10 +55,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="a web page and HTTP API that segment uploaded images (needs [serve])")
-    model = p.add_mutually_exclusive_group(required=True)
-    model.add_argument("--checkpoint", help="a training checkpoint (best.pt, last.pt)")
-    model.add_argument("--weights", metavar="NAME", help="released weights by name, e.g. fcn8s.voc_caffe")
-    p.add_argument("--weights-file", default=None, help="with --weights: a copy of the released file already on disk")
+    add_model_source(p)
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=in_range(int, 0, 65535), default=8000, help="TCP port (0: any free one)")
     p.add_argument("--device", default="auto")

@@ -20,6 +20,7 @@ from ..visualize import (
     plot_heatmaps,
 )
 from ..weights import load_vgg16_classifier
+from .options import add_model_source, load_source
 
 __all__ = ["add_commands"]
 
@@ -108,11 +109,10 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
 
 
 def _cmd_features(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_trained
     from ..distributed import resolve_device
 
     device = resolve_device(args.device)
-    trained = load_trained(args.checkpoint, device)
+    trained = load_source(args, device)
     model = trained.model
     layers = args.layers or default_layers(model)
     image = _read_resized(args.image, trained.in_channels, args.size)
@@ -160,7 +160,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "and colours at full resolution, deep layers parts at a coarse stride.",
     )
     _common_arguments(p, "<image>_features.png", "unchanged")
-    p.add_argument("--checkpoint", required=True, help="a densepred training checkpoint")
+    add_model_source(p)
     p.add_argument(
         "--layers",
         nargs="+",
