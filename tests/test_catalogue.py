@@ -588,3 +588,18 @@ def test_export_and_features_take_released_weights_by_name(tmp_path, capsys):
     with pytest.warns(WeightsWarning):
         assert cli([*args, "--out", str(grid), "--layers", "conv1_2", "fc7"]) == 0
     assert grid.is_file() and Image.open(grid).size[0] > 100
+
+
+def test_heatmap_takes_released_weights_by_name(tmp_path, capsys):
+    source = randomised(densepred.create_model("deeplab_v1_largefov"), seed=17)
+    caffe = tmp_path / "train2_iter_8000.caffemodel"
+    caffe.write_bytes(largefov_caffemodel(source))
+    image = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "photo.png")
+    out = tmp_path / "heat.png"
+    args = ["heatmap", str(tmp_path / "photo.png"), "--class", "cat", "--out", str(out)]
+    with pytest.warns(WeightsWarning):  # a hand-made file, not the release: used unverified
+        assert cli([*args, "--weights", "deeplab_v1_largefov.voc12_caffe", "--weights-file", str(caffe)]) == 0
+    assert out.is_file() and "class 'cat' (id 8)" not in capsys.readouterr().err
+    assert cli(args) == 2  # neither a checkpoint, released weights nor a classifier
+    assert "give --checkpoint CKPT, --weights NAME" in capsys.readouterr().err

@@ -75,13 +75,18 @@ def _mirror_to_valid(image: np.ndarray, rule: InputRule) -> np.ndarray:
 
 
 def _cmd_heatmap(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_trained
+    from ..checkpoint import load_released_trained, load_trained
     from ..distributed import resolve_device
 
     device = resolve_device(args.device)
     stem = Path(args.image).stem
-    if args.checkpoint:
-        trained = load_trained(args.checkpoint, device)
+    released = args.weights if not args.classifier else None  # --weights NAME: released weights
+    if args.checkpoint or released:
+        trained = (
+            load_trained(args.checkpoint, device)
+            if args.checkpoint
+            else load_released_trained(released, device, file=args.weights_file)
+        )
         index = _resolve_class(args.class_, trained.class_names)
         name = trained.class_names[index]
         image = _read_resized(args.image, trained.in_channels, args.size)
@@ -100,10 +105,10 @@ def _cmd_heatmap(args: argparse.Namespace) -> int:
         maps = classifier_heatmap(classifier, _normalise(image, "imagenet").to(device), index)
         model_name = "VGG16 classifier, convolutionalized"
     out = Path(args.out or f"{stem}_heatmap_{name.replace(' ', '_')}.png")
-    shown = f"class '{name}' (id {index})" if args.checkpoint else f"ImageNet class {index}"
+    shown = f"class '{name}' (id {index})" if args.checkpoint or released else f"ImageNet class {index}"
     title = f"{shown}, {model_name}: coarse scores vs dense prediction"
     # A 1000-way softmax is spread thin: the classifier's map gets a scale up to its peak.
-    plot_heatmaps(image, maps, out, title=title, class_name=name, vmax=1.0 if args.checkpoint else None)
+    plot_heatmaps(image, maps, out, title=title, class_name=name, vmax=1.0 if args.checkpoint or released else None)
     print(f"wrote {out}")
     return 0
 
@@ -144,12 +149,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "segmentation model over the image, beside the dense map made from it.",
     )
     _common_arguments(p, "<image>_heatmap_<class>.png", "unchanged; 500 with --classifier")
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="a densepred training checkpoint (FCN, DeepLab, U-Net)")
     source.add_argument(
         "--classifier", choices=["vgg16"], help="an ImageNet classifier made fully convolutional (needs --weights)"
     )
-    p.add_argument("--weights", help="with --classifier: torchvision VGG16 weights (path, URL, or 'imagenet')")
+    p.add_argument(
+        "--weights",
+        help="released weights by name (fcn8s.voc_caffe); with --classifier: torchvision VGG16 weights "
+        "(path, URL, or 'imagenet')",
+    )
+    p.add_argument("--weights-file", default=None, help="with --weights NAME: a copy of the released file on disk")
     p.add_argument("--class", dest="class_", required=True, help="class name (from the checkpoint) or id")
     p.set_defaults(func=_checked_heatmap)
 
@@ -174,5 +184,7 @@ def _checked_heatmap(args: argparse.Namespace) -> int:
     if args.classifier and not args.weights:
         raise ValueError("--classifier vgg16 needs --weights PATH (torchvision's vgg16-397923af.pth, or 'imagenet')")
     if args.checkpoint and args.weights:
-        raise ValueError("--weights goes with --classifier; a checkpoint holds its own weights")
+        raise ValueError("--weights NAME replaces --checkpoint (released weights); give one of them")
+    if not (args.checkpoint or args.classifier or args.weights):
+        raise ValueError("give --checkpoint CKPT, --weights NAME (released weights) or --classifier vgg16")
     return _cmd_heatmap(args)
