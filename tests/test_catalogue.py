@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import warnings
 import zipfile
 
 import numpy as np
@@ -603,3 +604,52 @@ def test_heatmap_takes_released_weights_by_name(tmp_path, capsys):
     assert out.is_file() and "class 'cat' (id 8)" not in capsys.readouterr().err
     assert cli(args) == 2  # neither a checkpoint, released weights nor a classifier
     assert "give --checkpoint CKPT, --weights NAME" in capsys.readouterr().err
+
+
+def _release_bytes(entry: Weights, model: torch.nn.Module) -> bytes:
+    """A file in the entry's own layout holding ``model``'s weights, as its source publishes it."""
+    if entry.layout == "torchvision":  # torchvision's keys are our module names
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        return buf.getvalue()
+    if entry.model in FCN_HEADS or entry.model == "fcn8s_atonce":
+        heads = FCN_HEADS.get(entry.model, FCN_HEADS["fcn8s"])
+        extra = b"".join(
+            layer(n, "Scale", [tensor_blob(torch.full((c,), v))])
+            for (n, v), c in zip(entry.fixed_blobs.items(), (512, 256), strict=False)
+        )
+        return fcn_caffemodel(model, heads, extra=extra)
+    if entry.model == "deeplab_v1_largefov":
+        return largefov_caffemodel(model)
+    raise AssertionError(f"no writer for {entry.name}")
+
+
+@pytest.mark.slow
+def test_every_segmentation_entry_downloads_verifies_and_loads(http_server, tmp_path, monkeypatch):
+    """Each catalogue entry, full size, from a loopback server under its own file name, checked
+    by a digest of its own kind (sha256, sha1, or first use), loaded into the model it names."""
+    for base in catalogue.list_weights(kind="segmentation"):
+        if base.model == "deeplab_v2_resnet101":
+            continue  # its zip and MSC layer list: test_deeplab_v2_resnet101_msc_caffemodel_by_name
+        with torch.device("cpu"):
+            source = densepred.create_model(base.model, num_classes=len(base.classes), **base.model_kwargs).eval()
+        data = _release_bytes(base, source)
+        file = base.url.rsplit("/", 1)[1]
+        http_server.files[f"/{file}"] = data
+        digest = None
+        if base.digest is not None:
+            digest = Digest(base.digest.algorithm, hashlib.new(base.digest.algorithm, data).hexdigest(), "test")
+        entry = entry_for(monkeypatch, base, tag="loopback", url=http_server.url(file), digest=digest)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", WeightsWarning)  # sha1 / first-use notices
+            model = load_released(entry.name, cache_dir=tmp_path / base.model, progress=False)
+        target, loaded = source.state_dict(), model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in target.items()), entry.name
+        http_server.files.pop(f"/{file}")
+        del source, model, data, target, loaded
+    # A wrong hash is refused, and nothing stays in the cache.
+    wrong = entry_for(monkeypatch, weights_entry("fcn8s.voc_caffe"), tag="wrong", url=http_server.url("x.caffemodel"))
+    http_server.files["/x.caffemodel"] = b"not the release"
+    with pytest.warns(WeightsWarning), pytest.raises(WeightsError, match="sha1 mismatch"):
+        load_released(wrong.name, cache_dir=tmp_path / "wrong")
+    assert not any((tmp_path / "wrong").iterdir())
