@@ -57,9 +57,8 @@ class Accelerated(SegmentationModel):
     def __init__(self, model: nn.Module, run: Callable[[Tensor], Tensor], backend: str) -> None:
         super().__init__()
         self.model, self._run, self.backend = model, run, backend
-        self.num_classes = int(getattr(model, "num_classes", 0))
-        self.in_channels = int(getattr(model, "in_channels", 3))
-        self.output_stride = int(getattr(model, "output_stride", 1))
+        self.num_classes, self.in_channels = model.num_classes, model.in_channels
+        self.output_stride = model.output_stride
 
     def input_rule(self):  # noqa: ANN201 - the model's InputRule
         return input_rule_of(self.model)
