@@ -13,11 +13,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import data, evaluate, export, predict, serve, train, visual, weights
+from . import data, evaluate, export, predict, serve, train, tutorial, visual, weights
 
 __all__ = ["main", "build_parser"]
 
-GROUPS = (train, evaluate, predict, export, serve, visual, data, weights)
+GROUPS = (train, evaluate, predict, export, serve, visual, data, weights, tutorial)
 
 
 def build_parser() -> argparse.ArgumentParser:
