@@ -293,6 +293,24 @@ def _accuracy_section(out_dir: Path, figures: Path) -> list[str]:
     return out
 
 
+SUCCESSOR_HEADING = "### The successor families: 512x512, a 1024x2048 frame by sliding windows, a training step"
+
+
+def _successor_section(results: dict | None) -> list[str]:
+    from .successors import table
+
+    if not results:
+        return [SUCCESSOR_HEADING, "", "No results yet: `python -m benchmarks.successors`.", ""]
+    return [
+        SUCCESSOR_HEADING,
+        "",
+        "`python -m benchmarks.successors`, each model in a fresh process.",
+        "",
+        table(results),
+        "",
+    ]
+
+
 def write_report(out_dir: Path, doc: Path) -> Path:
     figures = doc.parent / "benchmarks"
     figures.mkdir(parents=True, exist_ok=True)
@@ -309,6 +327,7 @@ def write_report(out_dir: Path, doc: Path) -> Path:
         "## Speed and memory",
         "",
         *_speed_section(speed),
+        *_successor_section(_load(out_dir / "successors.json")),
         "## System",
         "",
         *_system_section(system, speed),
