@@ -278,6 +278,17 @@ def format_of(path: str | Path) -> str | None:
     return None
 
 
+def _export_format(fmt: str | None, out: str | Path | None) -> str:
+    """``fmt``, else what ``out``'s suffix says, else safetensors; a disagreement is an error."""
+    named = format_of(out) if out is not None else None
+    if fmt is not None and named is not None and fmt != named:
+        raise ValueError(f"--format {fmt} but --out {out} names a {named} file; make them agree")
+    fmt = fmt or named or "safetensors"
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    return fmt
+
+
 def export_checkpoint(
     checkpoint: str | Path, fmt: str | None = None, out: str | Path | None = None, *, opset: int = DEFAULT_OPSET
 ) -> Path:
@@ -291,12 +302,7 @@ def export_checkpoint(
 
     if out is not None and Path(out).resolve() == Path(checkpoint).resolve():
         raise ValueError(f"the output {out} would overwrite the checkpoint; choose another file name")
-    named = format_of(out) if out is not None else None
-    if fmt is not None and named is not None and fmt != named:
-        raise ValueError(f"--format {fmt} but --out {out} names a {named} file; make them agree")
-    fmt = fmt or named or "safetensors"
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    fmt = _export_format(fmt, out)
     out = Path(out) if out is not None else default_export_path(checkpoint, fmt)
     if out.resolve() == Path(checkpoint).resolve():
         raise ValueError(f"the output {out} would overwrite the checkpoint; choose another file name")
@@ -316,12 +322,7 @@ def export_released(
     ``.safetensors`` here."""
     from .checkpoint import load_released_trained
 
-    named = format_of(out) if out is not None else None
-    if fmt is not None and named is not None and fmt != named:
-        raise ValueError(f"--format {fmt} but --out {out} names a {named} file; make them agree")
-    fmt = fmt or named or "safetensors"
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    fmt = _export_format(fmt, out)
     out = Path(out) if out is not None else Path(name + EXPORT_FORMATS[fmt])
     trained = load_released_trained(name, "cpu", file=file)
     if fmt == "onnx":
