@@ -434,7 +434,7 @@ def test_serve_with_released_weights_by_name(tmp_path, monkeypatch):
         tag="served",
         digest=Digest("sha256", hashlib.sha256(data).hexdigest(), "test"),
     )
-    app = create_app(Predictor.from_weights(entry.name, file=path), memory_budget=2**30)
+    app = create_app(Predictor.from_weights(entry.name, file=path), memory_budget=2**30, warmup=False)
     image = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     png = io.BytesIO()
     Image.fromarray(image).save(png, format="PNG")
