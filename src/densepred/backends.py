@@ -89,7 +89,7 @@ def prepare_backend(model: nn.Module, backend: str, example: Tensor) -> Callable
         from .export import _tracing
 
         with _tracing(model):
-            traced = torch.jit.trace(lambda_module(model), example, check_trace=False)
+            traced = torch.jit.trace(_Logits(model), example, check_trace=False)
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         return frozen
     if backend == "onnxruntime":
@@ -104,17 +104,14 @@ def prepare_backend(model: nn.Module, backend: str, example: Tensor) -> Callable
 
 
 class _Logits(nn.Module):
+    """``model`` with a tensor output (the fused scores of a dict-returning model), for tracing."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, x: Tensor) -> Tensor:
         return _eager_output(self.model, x)
-
-
-def lambda_module(model: nn.Module) -> nn.Module:
-    """``model`` with a tensor output (the fused scores of a dict-returning model), for tracing."""
-    return _Logits(model)
 
 
 @dataclass
