@@ -200,3 +200,12 @@ def test_isbi_pipeline_from_class_maps():
     pred_seg = segments_from_membrane_mask(pred_mask)
     assert adapted_rand_error(pred_seg, gt_seg) == pytest.approx(1 / 3)  # as the merge above, scaled
     assert pixel_error(torch.from_numpy(pred_mask), torch.from_numpy(gt_mask)) == pytest.approx(0.2)
+
+
+def test_class_map_is_argmax_with_the_first_maximum_on_ties():
+    from densepred.metrics import class_map
+
+    scores = torch.randn(2, 7, 9, 11)
+    scores[:, 3] = scores[:, 5] = scores.amax(1) + 1  # a tie for the maximum at every pixel
+    assert torch.equal(class_map(scores), scores.argmax(1))
+    assert (class_map(scores) == 3).all()

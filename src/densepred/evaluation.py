@@ -13,7 +13,7 @@ from .config import EvalConfig
 from .crf import crf_params, dense_crf_any_channels
 from .distributed import DistInfo
 from .inference import predict_logits
-from .metrics import ConfusionMatrix
+from .metrics import ConfusionMatrix, class_map
 
 __all__ = ["evaluate"]
 
@@ -51,7 +51,7 @@ def evaluate(
         if crf is not None:  # DeepLab's CRF post-processing on the raw RGB pixels
             probs = dense_crf_any_channels(dataset.load(i).image, torch.softmax(logits, 1)[0].cpu().numpy(), crf)
             logits = torch.from_numpy(probs)[None].to(device)
-        cm.update(logits.argmax(1), target)
+        cm.update(class_map(logits), target)
     if info.enabled and dist.is_initialized():
         cm.all_reduce()
     model.train(was_training)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -22,6 +23,7 @@ from .data.files import IMAGE_SUFFIXES
 from .data.io import read_image
 from .data.labels import colorize
 from .inference import predict_logits
+from .metrics import class_map
 
 __all__ = [
     "Predictor",
@@ -31,6 +33,7 @@ __all__ = [
     "PredictedFiles",
     "save_index_png",
     "overlay",
+    "save_overlay_png",
     "predict_dataset_figures",
 ]
 
@@ -92,13 +95,13 @@ class Predictor:
         if self.crf is not None:
             probs = dense_crf_any_channels(image, probs, self.crf)
             return probs.argmax(0).astype(np.uint8), probs
-        return logits.argmax(1)[0].to(torch.uint8).cpu().numpy(), probs  # as labels(): ties never differ
+        return class_map(logits)[0].to(torch.uint8).cpu().numpy(), probs  # as labels(): ties never differ
 
     def labels(self, image: np.ndarray, options: EvalConfig | None = None) -> np.ndarray:
         """Class ids only: the logits' argmax, without keeping probabilities (unless the CRF needs them)."""
         if self.crf is not None:
             return self(image)[0]
-        return self.logits(image, options).argmax(1)[0].to(torch.uint8).cpu().numpy()
+        return class_map(self.logits(image, options))[0].to(torch.uint8).cpu().numpy()
 
 
 def predict(
@@ -131,7 +134,15 @@ def overlay(image: np.ndarray, labels: np.ndarray, palette, alpha: float = 0.5) 
     """Colour labels blended over the image (gray images are shown in gray)."""
     rgb = np.repeat(image, 3, axis=-1) if image.ndim == 3 and image.shape[-1] == 1 else image
     rgb = np.stack([rgb] * 3, -1) if rgb.ndim == 2 else rgb
-    return (rgb * (1 - alpha) + colorize(labels, palette) * alpha).astype(np.uint8)
+    # uint8 arithmetic in one pass (OpenCV), not a float64 copy of the frame per term.
+    return cv2.addWeighted(np.ascontiguousarray(rgb, dtype=np.uint8), 1 - alpha, colorize(labels, palette), alpha, 0.0)
+
+
+def save_overlay_png(image: np.ndarray, labels: np.ndarray, palette, path: str | Path) -> Path:
+    """:func:`overlay` as an RGB PNG. zlib level 1: a quarter of the default level's time, for
+    files about a fifth larger (the overlay is for eyes; the index PNG holds the labels)."""
+    Image.fromarray(overlay(image, labels, palette)).save(path, compress_level=1)
+    return Path(path)
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -182,15 +193,16 @@ def predict_files(
     for path in tqdm(collect_inputs(inputs), desc="predict", unit="img", disable=not progress):
         try:
             image = read_image(path, channels=trained.in_channels)
-            labels, probs = predictor(image)
+            # Probabilities (a softmax over the whole map) only where they are written or the CRF needs them.
+            labels, probs = predictor(image) if probabilities else (predictor.labels(image), None)
         except ValueError as exc:  # DataError included: the file's own fault, named in the message
             if fail_fast:
                 raise
             failed.append((path, str(exc)))
             continue
         written.append(save_index_png(labels, trained.palette, out / f"{path.stem}.png"))
-        Image.fromarray(overlay(image, labels, trained.palette)).save(out / f"{path.stem}_overlay.png")
-        if probabilities:
+        save_overlay_png(image, labels, trained.palette, out / f"{path.stem}_overlay.png")
+        if probs is not None:
             folder = out / f"{path.stem}_probs"
             folder.mkdir(exist_ok=True)
             for c, name in enumerate(trained.class_names):
@@ -216,7 +228,7 @@ def predict_dataset_figures(run_dir: str | Path, count: int = 4) -> Path:
         image, gt, name = dataset.load(i)
         labels, _ = predictor(image)
         save_index_png(labels, trained.palette, out / f"{name}.png")
-        Image.fromarray(overlay(image, labels, trained.palette)).save(out / f"{name}_overlay.png")
+        save_overlay_png(image, labels, trained.palette, out / f"{name}_overlay.png")
         if gt.shape != labels.shape:  # valid U-Net: compare on the centre it predicts
             top, left = (gt.shape[0] - labels.shape[0]) // 2, (gt.shape[1] - labels.shape[1]) // 2
             gt = gt[top : top + labels.shape[0], left : left + labels.shape[1]]
