@@ -1,19 +1,29 @@
-"""Where an image's time goes from file to mask: per-stage seconds of ``densepred predict``'s
-path, for each inference mode.
+"""Where an image's time goes from file to mask, and what ``densepred predict`` costs beyond
+the network.
 
-    python -m benchmarks.pipeline [--model deeplab_v1_largefov] [--side 500] [--repeats 3]
+    python -m benchmarks.pipeline [--model lraspp_mobilenet_v3_large,deeplab_v1_largefov]
+                                  [--checkpoint CKPT] [--data-root ../shared/data] [--repeats 5]
 
-Stages, as :func:`densepred.prediction.predict_files` runs them for one image: decode the file
-(``read_image``), normalise to a tensor, the network (``predict_logits`` with the mode's
-options: whole, sliding window, multi-scale + flip), softmax, the CRF (where the mode has it),
-argmax, and writing the index PNG and the overlay. A model with random weights of the given
-family does the same work as a trained one. Each stage: the median of ``--repeats`` runs after
-a warm-up; the last column is the network's share of the total.
+The frame is CamVid's first val image (360x480) when ``--data-root`` holds CamVid, else a
+photo-like synthetic 360x480 PNG. A model with random weights does the same work as a trained
+one (``--checkpoint`` uses a trained one). Every model runs through :class:`Predictor`, so on
+the inference backend ``predict`` would choose.
+
+1. Per stage, for each inference mode: decode (``read_image``), normalise, the network
+   (``predict_logits`` with the mode's options), softmax (only where the CRF needs it), the
+   CRF, argmax, and writing the index PNG and the overlay. Each the median of ``--repeats``
+   after a warm-up.
+2. ``predict`` end to end (``predict_files`` on the frame: read, network, argmax, both PNGs),
+   against the forward pass alone on the same normalised tensor: the ratio is what the
+   pipeline adds to the network (target <= 1.15).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import math
 import statistics
 import tempfile
 import time
@@ -24,14 +34,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from densepred.config import EvalConfig
+from densepred.build import normalization_for
+from densepred.checkpoint import Trained, load_trained
+from densepred.config import EvalConfig, Experiment
 from densepred.crf import crf_params, dense_crf_any_channels
 from densepred.data.io import read_image
-from densepred.data.labels import bitwise_palette
-from densepred.data.normalization import IMAGENET
-from densepred.inference import predict_logits
+from densepred.data.labels import IGNORE_INDEX, bitwise_palette
+from densepred.inference import predict_logits, tile_starts
+from densepred.metrics import class_map
 from densepred.precision import machine_info
-from densepred.prediction import overlay, save_index_png
+from densepred.prediction import Predictor, predict_files, save_index_png, save_overlay_png
 from densepred.registry import create_model
 
 MODES: dict[str, EvalConfig] = {
@@ -52,55 +64,137 @@ def _median(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
-def profile(model: torch.nn.Module, file: Path, options: EvalConfig, out: Path, repeats: int) -> dict[str, float]:
-    palette = bitwise_palette(model.num_classes)
-    stages: dict[str, float] = {}
-    stages["decode"], image = _median(lambda: read_image(file, channels=3), repeats)
-    stages["normalise"], x = _median(lambda: IMAGENET(image)[None], repeats)
+def random_trained(name: str, classes: int = 11) -> Trained:
+    """A randomly initialised ``name`` as a :class:`Trained`, with ImageNet normalisation."""
+    experiment = Experiment(name=name)
+    experiment.model.name = name
+    model = create_model(name, num_classes=classes, in_channels=3).eval()
+    names = [f"class{c}" for c in range(classes)]
+    return Trained(model, experiment, classes, names, bitwise_palette(classes), 3, IGNORE_INDEX, "imagenet", 0)
+
+
+def stages(predictor: Predictor, file: Path, options: EvalConfig, out: Path, repeats: int) -> dict[str, float]:
+    """Seconds per stage of one image through ``predictor`` with inference ``options``."""
+    trained = predictor.trained
+    norm = normalization_for(trained.normalization, trained.in_channels)
+    row: dict[str, float] = {}
+    row["decode"], image = _median(lambda: read_image(file, channels=3), repeats)
+    row["normalise"], x = _median(lambda: norm(image)[None], repeats)
     with torch.inference_mode():
-        stages["network"], logits = _median(lambda: predict_logits(model, x, options), repeats)
-        stages["softmax"], probs = _median(lambda: torch.softmax(logits, 1)[0].numpy(), repeats)
-    if options.crf:
-        params = crf_params(options.crf, options.crf_params)
-        stages["CRF"], probs = _median(lambda: dense_crf_any_channels(image, probs, params), repeats)
-    stages["argmax"], labels = _median(lambda: probs.argmax(0).astype(np.uint8), repeats)
-    stages["write PNGs"], _ = _median(
+        row["network"], logits = _median(lambda: predict_logits(predictor.model, x, options), repeats)
+        if options.crf:
+            params = crf_params(options.crf, options.crf_params)
+            row["softmax"], probs = _median(lambda: torch.softmax(logits, 1)[0].numpy(), repeats)
+            row["CRF"], refined = _median(lambda: dense_crf_any_channels(image, probs, params), repeats)
+            row["argmax"], labels = _median(lambda: refined.argmax(0).astype(np.uint8), repeats)
+        else:
+            row["argmax"], labels = _median(lambda: class_map(logits)[0].numpy(), repeats)
+    row["write PNGs"], _ = _median(
         lambda: (
-            save_index_png(labels, palette, out / "mask.png"),
-            Image.fromarray(overlay(image, labels, palette)).save(out / "overlay.png"),
+            save_index_png(labels, trained.palette, out / "mask.png"),
+            save_overlay_png(image, labels, trained.palette, out / "overlay.png"),
         ),
         repeats,
     )
-    return stages
+    return row
+
+
+def end_to_end(predictor: Predictor, file: Path, out: Path, repeats: int) -> dict[str, float]:
+    """``predict_files`` on ``file`` against the forward pass alone (medians, seconds)."""
+    trained = predictor.trained
+    norm = normalization_for(trained.normalization, trained.in_channels)
+    x = norm(read_image(file, channels=trained.in_channels))[None]
+    with torch.inference_mode():
+        forward, _ = _median(lambda: predictor.model(x), repeats)
+    total, _ = _median(lambda: predict_files(predictor, [str(file)], out, progress=False), repeats)
+    return {"forward": forward, "predict": total, "ratio": total / forward}
+
+
+def slide_cost(predictor: Predictor, file: Path, tile: int, repeats: int) -> dict[str, float]:
+    """Sliding-window inference against its covered area: seconds of the whole slide over the
+    tiles' count times one tile's forward pass (1.0: the windows cost exactly their area)."""
+    trained = predictor.trained
+    norm = normalization_for(trained.normalization, trained.in_channels)
+    x = norm(read_image(file, channels=trained.in_channels))[None]
+    h, w = x.shape[-2:]
+    th, tw = min(tile, h), min(tile, w)
+    options = EvalConfig(mode="slide", tile=tile)
+    count = len(tile_starts(h, th, math.ceil(th * (1 - options.overlap)))) * len(
+        tile_starts(w, tw, math.ceil(tw * (1 - options.overlap)))
+    )
+    with torch.inference_mode():
+        one, _ = _median(lambda: predictor.model(x[:, :, :th, :tw]), repeats)
+        slide, _ = _median(lambda: predict_logits(predictor.model, x, options), repeats)
+    return {"tiles": count, "tile_forward": one, "slide": slide, "ratio": slide / (count * one)}
+
+
+def camvid_frame(data_root: Path | None, folder: Path) -> tuple[Path, str]:
+    """CamVid's first val frame, or a photo-like synthetic 360x480 PNG written to ``folder``."""
+    if data_root is not None:
+        frames = sorted((data_root / "camvid" / "val").glob("*.png"))
+        if frames:
+            return frames[0], f"CamVid val {frames[0].name}"
+    rng = np.random.default_rng(0)
+    # Smooth colour regions with noise: decodes and compresses like a photo, not like white noise.
+    coarse = rng.integers(0, 256, (19, 25, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(coarse).resize((480, 360), Image.BILINEAR), dtype=np.int16)
+    photo = np.clip(base + rng.integers(-12, 13, base.shape), 0, 255).astype(np.uint8)
+    file = folder / "frame.png"
+    Image.fromarray(photo).save(file)
+    return file, "synthetic 360x480 PNG (no CamVid under --data-root)"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="deeplab_v1_largefov")
-    parser.add_argument("--side", type=int, default=500, help="the test image's side (a JPEG photo-like image)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default="lraspp_mobilenet_v3_large,deeplab_v1_largefov,unet_padded")
+    parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint instead of random weights")
+    parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--backend", default="auto", help="eval.backend: auto (what predict uses) or one backend")
+    parser.add_argument("--amp", default="auto", help="eval.amp: auto (what predict uses), none, bf16")
+    parser.add_argument("--modes", action="store_true", help="also the per-stage table of every inference mode")
+    parser.add_argument("--json", type=Path, default=Path("runs/bench/pipeline.json"))
     args = parser.parse_args()
-    model = create_model(args.model, num_classes=21).eval()
     m = machine_info()
-    print(f"Machine: {m.cpu}, {m.capability}, {m.threads} threads, torch {m.torch}. {args.model}, eager fp32.")
-    print(f"One {args.side}x{args.side} JPEG, seconds per stage (median of {args.repeats}).\n")
-    rng = np.random.default_rng(0)
-    # Smooth colour regions with noise: decodes and compresses like a photo, not like white noise.
-    coarse = rng.integers(0, 256, (args.side // 20 + 1, args.side // 20 + 1, 3), dtype=np.uint8)
-    base = np.asarray(Image.fromarray(coarse).resize((args.side, args.side), Image.BILINEAR), dtype=np.int16)
-    photo = np.clip(base + rng.integers(-12, 13, base.shape), 0, 255).astype(np.uint8)
+    print(f"Machine: {m.line()}.")
+    results: dict[str, dict] = {"machine": dataclasses.asdict(m), "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        file = out / "photo.jpg"
-        Image.fromarray(photo).save(file, quality=90)
-        rows = {name: profile(model, file, options, out, args.repeats) for name, options in MODES.items()}
-    names = list(dict.fromkeys(k for r in rows.values() for k in r))
-    print("| mode | " + " | ".join(names) + " | total | network share |")
-    print("|---|" + "---|" * (len(names) + 2))
-    for mode, r in rows.items():
-        total = sum(r.values())
-        cells = [f"{r[k]:.3f}" if k in r else "-" for k in names]
-        print(f"| {mode} | " + " | ".join(cells) + f" | {total:.3f} | {100 * r['network'] / total:.0f}% |")
+        frame, what = camvid_frame(args.data_root if args.data_root.is_dir() else None, out)
+        print(f"Frame: {what}. Seconds, median of {args.repeats} after a warm-up.\n")
+        sources = [args.checkpoint] if args.checkpoint else args.model.split(",")
+        print("| model | backend | forward alone | predict (file to both PNGs) | ratio |")
+        print("|---|---|---|---|---|")
+        for source in sources:
+            trained = load_trained(source) if isinstance(source, Path) else random_trained(source)
+            predictor = Predictor(trained, options=EvalConfig(backend=args.backend, amp=args.amp))
+            e2e = end_to_end(predictor, frame, out, args.repeats)
+            row = {"backend": predictor.backend.backend, **e2e, "slide": slide_cost(predictor, frame, 321, args.repeats)}
+            if args.modes:
+                row["modes"] = {name: stages(predictor, frame, o, out, args.repeats) for name, o in MODES.items()}
+            name = trained.experiment.model.name
+            results["models"][name] = row
+            print(
+                f"| {name} | {row['backend']} | {e2e['forward']:.3f} | {e2e['predict']:.3f} | {e2e['ratio']:.3f}x |",
+                flush=True,
+            )
+        print("\nSliding windows of 321 against their area (tiles x one tile's forward):\n")
+        print("| model | tiles | one tile | slide | ratio |\n|---|---|---|---|---|")
+        for name, row in results["models"].items():
+            c = row["slide"]
+            print(f"| {name} | {c['tiles']} | {c['tile_forward']:.3f} | {c['slide']:.3f} | {c['ratio']:.2f} |")
+        for name, row in results["models"].items():
+            if "modes" not in row:
+                continue
+            cols = list(dict.fromkeys(k for r in row["modes"].values() for k in r))
+            print(f"\n{name}, per stage:\n\n| mode | " + " | ".join(cols) + " | total | network share |")
+            print("|---|" + "---|" * (len(cols) + 2))
+            for mode, r in row["modes"].items():
+                total = sum(r.values())
+                cells = [f"{r[k]:.3f}" if k in r else "-" for k in cols]
+                print(f"| {mode} | " + " | ".join(cells) + f" | {total:.3f} | {100 * r['network'] / total:.0f}% |")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

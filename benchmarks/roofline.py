@@ -9,8 +9,14 @@ every model's forward pass comes to the peak.
   multiply-add, for every convolution, transposed convolution and linear layer; pooling,
   activations, crops and interpolation are left out, so "% of peak" is the share of the
   machine's convolution speed the whole forward pass reaches.
-- Per model, batch 1, ``torch.inference_mode``: eager fp32 at 256 (U-Net valid: 268) and at the
-  paper's size, and channels-last at 256: seconds (median after a warm-up), GFLOP/s, % of peak.
+- Per model, batch 1, ``torch.inference_mode``, at 256 (U-Net valid: 268) and at the paper's
+  size: eager fp32; the default path, which is what ``predict`` / ``eval`` / ``serve`` run
+  (``backends.accelerate`` with ``backend=auto, amp=auto``: the probe's choice, named in the
+  table); and channels-last at 256. Seconds (median after a warm-up), GFLOP/s, % of peak.
+- The training step at 256, batch 1 (forward, cross-entropy, backward, the trainer's own SGD
+  with momentum), eager and channels-last: FLOPs counted as 3x the forward's (the backward
+  computes a gradient for each layer's input and one for its weights, each as costly as the
+  forward), the usual convention.
 """
 
 from __future__ import annotations
@@ -22,10 +28,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from densepred.backends import accelerate, probe_input
+from densepred.config import OptimConfig
 from densepred.precision import machine_info
 from densepred.registry import list_models
+from densepred.trainer import build_optimizer
 
 from .speed import _build, _channels, _input_size, _paper_size, timed
 
@@ -80,28 +90,52 @@ def measure_peaks(repeats: int = 10) -> dict[str, float]:
     return {"gemm_gflops": gemm / 1e9, "conv3x3_gflops": conv3 / 1e9}
 
 
+def _row(side: int, flops: int, seconds: float, peak: float, **extra: str) -> dict:
+    gflops = flops / seconds / 1e9
+    return {"size": side, "gflop": flops / 1e9, "seconds": seconds, "gflops": gflops, "percent_of_peak": 100 * gflops / peak, **extra}
+
+
+def _train_step_seconds(model: nn.Module, x: torch.Tensor) -> float:
+    """Median seconds of one training step as the trainer takes it (its optimiser, fused)."""
+    model.train()
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-9))
+
+    def step() -> None:
+        out = model(x)
+        out = out["fused"] if isinstance(out, dict) else out  # auxiliary heads: the main output
+        loss = F.cross_entropy(out, torch.zeros(out.shape[0], *out.shape[2:], dtype=torch.long))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    try:
+        return timed(step, min_runs=3, max_seconds=30.0)
+    finally:
+        model.eval()
+
+
 def measure_model(name: str, peak: float) -> dict:
     model = _build(name)
+    channels = _channels(name)
+    # What predict / eval / serve run: the backend probe's choice at its own probe size, kept for every size.
+    default, choice = accelerate(model, "auto", probe_input(model, channels), amp="auto")
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     rows = {}
     sizes = {"256": _input_size(name, 256), "paper": _input_size(name, _paper_size(name))}
     for label, side in sizes.items():
-        x = torch.randn(1, _channels(name), side, side)
+        x = torch.randn(1, channels, side, side)
         flops = layer_flops(model, tuple(x.shape))
-        variants = {"eager": (model, x)}
+        variants = {"eager": (model, x), f"default ({choice.backend})": (default, x)}
         if label == "256":
-            cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
             variants["channels-last"] = (cl, x.to(memory_format=torch.channels_last))
         for variant, (m, inp) in variants.items():
             with torch.inference_mode():
                 seconds = timed(lambda m=m, inp=inp: m(inp), min_runs=3, max_seconds=20.0)
-            gflops = flops / seconds / 1e9
-            rows[f"{variant} {side}"] = {
-                "size": side,
-                "gflop": flops / 1e9,
-                "seconds": seconds,
-                "gflops": gflops,
-                "percent_of_peak": 100 * gflops / peak,
-            }
+            rows[f"{variant} {side}"] = _row(side, flops, seconds, peak)
+        if label == "256":
+            rows[f"train step eager {side}"] = _row(side, 3 * flops, _train_step_seconds(model, x), peak)
+            x_cl = x.contiguous(memory_format=torch.channels_last)
+            rows[f"train step channels-last {side}"] = _row(side, 3 * flops, _train_step_seconds(cl, x_cl), peak)
     return rows
 
 
@@ -121,6 +155,15 @@ def table(results: dict) -> str:
                 f"| {name} | {path} | {r['gflop']:.1f} | {r['seconds']:.3f} | {r['gflops']:.0f} | "
                 f"{r['percent_of_peak']:.0f}% |"
             )
+    defaults = [
+        (r["percent_of_peak"], name, path)
+        for name, rows in results["models"].items()
+        for path, r in rows.items()
+        if path.startswith("default")
+    ]
+    if defaults:
+        low = min(defaults)
+        lines += ["", f"Default path: lowest {low[0]:.0f}% of the conv peak ({low[1]}, {low[2]}); target 85%."]
     return "\n".join(lines)
 
 
