@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import densepred
+from slim import slim
 from densepred.models.deeplab import ASPP_RATES, MultiScaleInputs, caffe_resize
 
 
@@ -77,7 +78,7 @@ def test_resnet_deeplab_defaults_to_the_released_models_choices():
 
 
 def test_multi_scale_inputs_in_training_and_eval():
-    base = densepred.create_model("deeplab_v1_largefov", num_classes=3)
+    base = slim(densepred.create_model("deeplab_v1_largefov", num_classes=3))  # the geometry, 1/16 the widths
     msc = MultiScaleInputs(base)
     x = torch.randn(2, 3, 321, 321)
     msc.train()

@@ -95,9 +95,13 @@ _RF_PROBES = {
 }
 # The field does not depend on width: probe narrow U-Nets and slim VGG16 nets of the registered geometry.
 _NARROW = {"unet": dict(base_channels=8), "unet_padded": dict(base_channels=8)}
+# ResNet-101's batch-normed bottlenecks cannot be slimmed: its full-width probe runs in the slow tier.
+_RF_SLOW = {"deeplab_v2_resnet101"}
 
 
-@pytest.mark.parametrize("name", sorted(_RF_PROBES))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[pytest.mark.slow] if n in _RF_SLOW else []) for n in sorted(_RF_PROBES)]
+)
 def test_declared_receptive_field_is_measured(name):
     probe, in_ch, height, phases = _RF_PROBES[name]
     model = densepred.create_model(name, num_classes=2, in_channels=in_ch, **_NARROW.get(name, {}))

@@ -203,12 +203,17 @@ def _smoke_overrides(name: str) -> list[str]:
 
 
 def _recipes() -> list:
-    """Every shipped recipe; those of the 134M-parameter nets in the slow tier."""
-    from slim import HEAVY
+    """Every shipped recipe; those of nets over 40M parameters (the VGG16 FCNs, the ResNet-101
+    DeepLabs and PSPNet) in the slow tier: seconds per step each, on a CPU."""
+    from densepred.footprint import meta_model
 
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    heavy = {n for n in names if load_experiment(resolve_config(n)).model.name in HEAVY}
-    heavy.add("pspnet_resnet101_cityscapes")  # the VOC recipe's model and loop, another dataset's crop
+
+    def params(name: str) -> int:
+        exp = load_experiment(resolve_config(name))
+        return sum(p.numel() for p in meta_model(exp, 21, 3).parameters())
+
+    heavy = {n for n in names if params(n) > 40_000_000}
     return [pytest.param(n, marks=[pytest.mark.slow] if n in heavy else []) for n in names]
 
 
