@@ -3,15 +3,25 @@ a backend that disagrees with eager is never used."""
 
 from __future__ import annotations
 
+import functools
+import json
+import sys
+import typing
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
 
 import densepred
 from densepred import backends
-from densepred.backends import Accelerated, accelerate, choose_backend, prepare_backend
+from densepred.backends import BACKENDS, Accelerated, MissingRuntimeError, accelerate, choose_backend, prepare_backend
 from densepred.config import EvalConfig
 from densepred.inference import predict_logits
+from slim import HEAVY, slim
+from tiny import tiny_checkpoint
+
+OTHERS = tuple(b for b in BACKENDS if b != "eager")  # each checked against eager
 
 
 def small(name: str) -> torch.nn.Module:
@@ -26,17 +36,22 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.argmax(1) == b.argmax(1)).float().mean().item()
 
 
+def needs(backend: str) -> None:
+    """Skip unless ``backend``'s runtime is installed (the dev extra installs every one)."""
+    for package in backends.RUNTIMES.get(backend, ((), ""))[0]:
+        pytest.importorskip(package)
+
+
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DENSEPRED_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("DENSEPRED_BACKEND", "auto")
 
 
-@pytest.mark.parametrize("backend", ["channels_last", "torchscript", "onnxruntime"])
+@pytest.mark.parametrize("backend", OTHERS)
 @pytest.mark.parametrize("name", ["deeplab_v1_largefov", "unet_padded"])
 def test_each_backend_computes_eagers_logits_at_a_size_it_was_not_prepared_at(name, backend):
-    if backend == "onnxruntime":
-        pytest.importorskip("onnxruntime")
+    needs(backend)
     model = small(name)
     run = prepare_backend(model, backend, torch.randn(1, 3, 64, 64))
     x = torch.randn(1, 3, 80, 96)
@@ -45,6 +60,119 @@ def test_each_backend_computes_eagers_logits_at_a_size_it_was_not_prepared_at(na
     # Same math, other kernels (folded batch norm, other summation orders): float32 rounding only.
     torch.testing.assert_close(ours, eager, rtol=1e-3, atol=1e-3 * eager.abs().max().item())
     assert agreement(ours, eager) >= backends.AGREEMENT
+
+
+# Every registered model on every backend, at small sizes: the 134M-parameter VGG16 nets as their
+# slim copies (the same graph), the U-Nets narrow, the rest at full width (their cost is the
+# conversion, not the width). The default tier runs graphs the test above does not (FCN's crops
+# of padded scores, MobileNetV3's hard-swish and squeeze-excite, the valid U-Net's crop-and-copy);
+# the slow tier all of them.
+DEFAULT_TIER = ("fcn8s", "lraspp_mobilenet_v3_large", "unet")
+NARROW = {"unet": {"base_channels": 8}, "unet_padded": {"base_channels": 8}}
+REGISTRY = [
+    name if name in DEFAULT_TIER else pytest.param(name, marks=pytest.mark.slow) for name in densepred.list_models()
+]
+
+
+@functools.lru_cache(maxsize=1)  # the cases run model by model: one build per model
+def registered(name: str) -> torch.nn.Module:
+    model = densepred.create_model(name, num_classes=3, **NARROW.get(name, {}))
+    return (slim(model) if name in HEAVY else model).eval()
+
+
+@pytest.mark.parametrize("backend", OTHERS)
+@pytest.mark.parametrize("name", REGISTRY)  # closest: the backends vary fastest, one model at a time
+def test_every_backend_labels_every_registered_model_as_eager_does(name, backend):
+    needs(backend)
+    model = registered(name)
+    side = model.input_rule().nearest(64)
+    example = torch.randn(1, model.in_channels, side, side, generator=torch.Generator().manual_seed(0))
+    # The backends' own check: argmax equal to eager's on >= 99.99 % of the pixels at the
+    # prepared size and another, else accelerate raises.
+    fast, choice = accelerate(model, backend, example, amp="none")
+    assert isinstance(fast, Accelerated) and choice.backend == backend
+
+
+def test_openvino_computes_float32_on_torchs_threads_for_several_threads_at_once(tmp_path):
+    """Float32 is not the plugin's default: on a CPU with native bfloat16 it picks bf16, whose
+    labels differ from eager's on 0.3-1.2 % of the pixels (DeepLab-LargeFOV, 256 px, AVX512-BF16 EPYC)."""
+    needs("openvino")
+    import openvino as ov
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    from densepred.export import export_onnx
+
+    model = small("unet_padded")
+    compiled = backends._openvino_compiled(export_onnx(model, tmp_path / "m.onnx", metadata={}))
+    assert compiled.get_property(hints.inference_precision) == ov.Type.f32
+    assert compiled.get_property(props.inference_num_threads) == torch.get_num_threads()
+    run = backends._openvino(compiled)
+    inputs = [torch.randn(1, 3, 48 + 16 * (i % 2), 64) for i in range(6)]
+    with ThreadPoolExecutor(2) as pool:  # as the web app's inference pool calls it
+        outputs = list(pool.map(run, inputs))
+    with torch.inference_mode():
+        for x, ours in zip(inputs, outputs, strict=True):
+            assert agreement(ours, model(x)) >= backends.AGREEMENT
+
+
+@pytest.mark.parametrize(
+    ("backend", "package", "extra"),
+    [
+        ("onnxruntime", "onnxruntime", "export"),
+        ("onnxruntime", "onnx", "export"),
+        ("openvino", "openvino", "openvino"),
+        ("openvino", "onnx", "openvino"),  # OpenVINO reads the ONNX export
+    ],
+)
+def test_a_forced_backend_without_its_package_is_an_error_naming_it(monkeypatch, backend, package, extra):
+    monkeypatch.setitem(sys.modules, package, None)  # `import package` fails as if not installed
+    message = f"--backend {backend} needs the {package} package: pip install 'densepred[{extra}]'"
+    with pytest.raises(MissingRuntimeError) as error:
+        accelerate(small("unet_padded"), backend, torch.randn(1, 3, 64, 64))
+    assert str(error.value) == message and error.value.name == package
+
+
+@pytest.mark.parametrize("backend", backends.CPU_ONLY)
+def test_the_cpu_runtimes_refuse_a_model_on_another_device(backend):
+    needs(backend)
+    with pytest.raises(ValueError, match=f"--backend {backend} runs on the CPU here, but the model is on meta"):
+        prepare_backend(few_ops(), backend, torch.empty(1, 3, 64, 64, device="meta"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("run"))
+
+
+@pytest.mark.parametrize("command", ["predict", "eval"])
+def test_the_command_line_names_the_missing_package_and_exits_2(command, checkpoint, monkeypatch, tmp_path, capsys):
+    from PIL import Image
+
+    from densepred.cli import main
+
+    image = tmp_path / "in.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    source = ["--checkpoint", str(checkpoint), "--out", str(tmp_path)]
+    argv = {
+        "predict": ["predict", *source, str(image), "--backend", "openvino"],
+        "eval": ["eval", *source, "eval.backend=openvino"],
+    }[command]
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    capsys.readouterr()
+    assert main(argv) == 2
+    fix = "--backend openvino needs the openvino package: pip install 'densepred[openvino]'"
+    assert capsys.readouterr().err == f"densepred {command}: error: {fix}\n"
+
+
+def test_the_backend_option_offers_every_backend():
+    from densepred.cli import build_parser
+    from densepred.cli.options import inference_options
+
+    # The config is a lower layer than the backends: it spells the names, this keeps them equal.
+    assert typing.get_args(typing.get_type_hints(EvalConfig)["backend"]) == ("auto", *BACKENDS)
+    argv = ["predict", "--checkpoint", "c.pt", "in.png", "--out", "o", "--backend", "openvino"]
+    assert inference_options(build_parser().parse_args(argv)).backend == "openvino"
 
 
 def test_the_valid_unet_keeps_its_input_rule_and_overlap_tile_on_another_backend():
@@ -59,45 +187,94 @@ def test_the_valid_unet_keeps_its_input_rule_and_overlap_tile_on_another_backend
     assert ours.shape == eager.shape == (1, 3, 150, 130) and agreement(ours, eager) >= backends.AGREEMENT
 
 
-def test_auto_measures_the_candidates_caches_the_choice_and_reuses_it(tmp_path):
+def test_auto_measures_the_candidates_and_picks_the_fastest(tmp_path):
     model = small("unet_padded")
-    example = torch.randn(1, 3, 64, 64)
-    run, choice = choose_backend(model, example, ("eager", "channels_last", "torchscript"))
+    run, choice = choose_backend(model, torch.randn(1, 3, 64, 64), ("eager", "channels_last", "torchscript"))
     assert set(choice.seconds) == {"eager", "channels_last", "torchscript"} and not choice.cached
     assert choice.backend == min(choice.seconds, key=choice.seconds.get)
-    assert (tmp_path / "cache" / "backends.json").is_file()
-    _, again = choose_backend(model, example, ("eager", "channels_last", "torchscript"))
-    assert again.cached and again.backend == choice.backend and not again.seconds
     assert f"backend {choice.backend} (measured" in choice.describe()
+    assert (tmp_path / "cache" / "backends.json").is_file()  # $DENSEPRED_CACHE, as the weights
 
 
-def test_a_backend_that_computes_something_else_is_rejected(monkeypatch):
-    model = small("unet_padded")
-    real = backends.prepare_backend
-
-    def broken(model, backend, example):
-        run = real(model, "eager", example)
-        return (lambda x: -run(x)) if backend == "torchscript" else real(model, backend, example)
-
-    monkeypatch.setattr(backends, "prepare_backend", broken)
-    _, choice = choose_backend(model, torch.randn(1, 3, 64, 64), ("eager", "torchscript"), use_cache=False)
-    assert choice.backend == "eager" and "argmax agrees with eager on" in choice.rejected["torchscript"]
-    with pytest.raises(ValueError, match="--backend torchscript does not compute what eager does"):
-        accelerate(model, "torchscript", torch.randn(1, 3, 64, 64))
+PROBED = ("eager", "channels_last", "torchscript")
 
 
-def test_a_backend_that_cannot_run_is_skipped_with_its_reason(monkeypatch):
-    model = small("unet_padded")
-    real = backends.prepare_backend
+def few_ops() -> torch.nn.Module:
+    """A two-level 4-channel U-Net without batch norm: the probe's logic, not its kernels, is tested."""
+    options = {"base_channels": 4, "depth": 2, "batch_norm": False}
+    return densepred.create_model("unet_padded", num_classes=3, in_channels=3, **options).eval()
 
-    def missing(model, backend, example):
-        if backend == "onnxruntime":
-            raise ImportError("No module named 'onnxruntime'")
-        return real(model, backend, example)
 
-    monkeypatch.setattr(backends, "prepare_backend", missing)
-    _, choice = choose_backend(model, torch.randn(1, 3, 64, 64), ("eager", "onnxruntime"), use_cache=False)
-    assert choice.backend == "eager" and "ImportError" in choice.rejected["onnxruntime"]
+class Probe:
+    """The probe with the test's backends and timings: every candidate runs eager (the real ones
+    are checked above), measures ``seconds[backend]``; those in ``wrong`` compute other labels
+    (negated logits), those in ``broken`` cannot be prepared."""
+
+    def __init__(self, monkeypatch, seconds: dict[str, float]) -> None:
+        self.seconds, self.wrong, self.broken, self.timed = seconds, set(), set(), []
+        names = {}
+
+        def prepare(model, backend, example):
+            if backend in self.broken:
+                raise RuntimeError(f"{backend} cannot run this model")
+            eager = real(model, "eager", example)
+            run = (lambda x: -eager(x)) if backend in self.wrong else eager
+            names[id(run)] = backend
+            return run
+
+        def median_seconds(run, x, repeats=3):
+            self.timed.append(names[id(run)])
+            return self.seconds[names[id(run)]]
+
+        real = backends.prepare_backend
+        monkeypatch.setattr(backends, "prepare_backend", prepare)
+        monkeypatch.setattr(backends, "_median_seconds", median_seconds)
+
+
+def test_auto_picks_the_fastest_candidate_that_agrees_with_eager(monkeypatch):
+    model, example = few_ops(), torch.randn(1, 3, 64, 64)
+    probe = Probe(monkeypatch, {"eager": 3.0, "channels_last": 1.0, "torchscript": 2.0})
+    _, choice = choose_backend(model, example, PROBED, use_cache=False)
+    assert choice.backend == "channels_last" and choice.seconds == probe.seconds and not choice.rejected
+    # The fastest computes something else: never timed, never used; the next fastest wins.
+    probe.wrong, probe.timed = {"channels_last"}, []
+    _, choice = choose_backend(model, example, PROBED, use_cache=False)
+    assert choice.backend == "torchscript" and probe.timed == ["eager", "torchscript"]
+    assert "argmax agrees with eager on" in choice.rejected["channels_last"]
+    with pytest.raises(ValueError, match="--backend channels_last does not compute what eager does"):
+        accelerate(model, "channels_last", example)
+
+
+def test_auto_skips_a_runtime_that_is_not_installed(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    _, choice = choose_backend(few_ops(), torch.randn(1, 3, 64, 64), ("eager", "openvino"), use_cache=False)
+    assert choice.backend == "eager" and "needs the openvino package" in choice.rejected["openvino"]
+
+
+def test_auto_caches_its_choice_and_reuses_it_without_timing(monkeypatch, tmp_path):
+    model, example = few_ops(), torch.randn(1, 3, 64, 64)
+    probe = Probe(monkeypatch, {"eager": 3.0, "channels_last": 1.0, "torchscript": 2.0})
+    choose_backend(model, example, PROBED)
+    assert list(json.loads((tmp_path / "cache" / "backends.json").read_text()).values()) == ["channels_last"]
+    probe.timed = []
+    _, again = choose_backend(model, example, PROBED)
+    assert again.cached and again.backend == "channels_last" and probe.timed == []
+    assert again.describe() == "backend channels_last (cached choice)"
+    # Another runtime installed (or upgraded) is another machine: measured again.
+    monkeypatch.setattr(backends, "_runtime_versions", lambda: "openvino=9999.0")
+    _, fresh = choose_backend(model, example, PROBED)
+    assert not fresh.cached and probe.timed == list(PROBED)
+
+
+@pytest.mark.parametrize("failure", ["broken", "wrong"])
+def test_a_cached_choice_that_stops_working_is_measured_again(failure, monkeypatch, tmp_path):
+    model, example = few_ops(), torch.randn(1, 3, 64, 64)
+    probe = Probe(monkeypatch, {"eager": 3.0, "channels_last": 1.0, "torchscript": 2.0})
+    choose_backend(model, example, PROBED)
+    getattr(probe, failure).add("channels_last")  # uninstalled or upgraded since, say
+    _, choice = choose_backend(model, example, PROBED)
+    assert not choice.cached and choice.backend == "torchscript" and "channels_last" in choice.rejected
+    assert list(json.loads((tmp_path / "cache" / "backends.json").read_text()).values()) == ["torchscript"]
 
 
 def test_the_environment_pins_auto_and_eager_is_the_model_itself(monkeypatch):

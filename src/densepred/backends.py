@@ -2,26 +2,32 @@
 
 The same network can run as eager PyTorch (NCHW), eager channels-last (oneDNN's preferred
 layout for convolutions), a frozen TorchScript graph (``torch.jit.freeze`` +
-``optimize_for_inference`` fold batch norm into the convolutions and pre-pack their weights), or
-ONNX Runtime (when installed). Which is fastest depends on the model and the CPU, so
+``optimize_for_inference`` fold batch norm into the convolutions and pre-pack their weights),
+or the ONNX export run by ONNX Runtime (the ``export`` extra) or by OpenVINO (the ``openvino``
+extra; compiled in float32, since on a CPU with native bfloat16 it would otherwise run bf16 and
+change labels). Which is fastest depends on the model and the CPU, so
 :func:`choose_backend` measures: each candidate is prepared, checked for parity with eager on
 two input sizes (argmax equal on at least 99.99 % of the pixels: a backend that computes
 something else is never used), timed (median after a warm-up), and the fastest wins. The
-choice is cached per model architecture, input size and machine (``backends.json`` in the
-weights cache folder), so later runs skip the timing and only repeat the parity check.
+choice is cached per model architecture, input size, machine and installed runtime versions
+(``backends.json`` in the weights cache folder), so later runs skip the timing and only repeat
+the parity check.
 
-``eval.backend`` (``--backend``) picks one explicitly; ``auto`` measures. The environment
-variable ``DENSEPRED_BACKEND`` replaces ``auto`` (the test suite pins ``eager`` with it).
+``eval.backend`` (``--backend``) picks one explicitly, and one whose package is missing is an
+error naming the package; ``auto`` measures what is installed and skips the rest. The
+environment variable ``DENSEPRED_BACKEND`` replaces ``auto`` (the test suite pins ``eager`` with it).
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -40,14 +46,24 @@ __all__ = [
     "AGREEMENT",
     "Accelerated",
     "BackendChoice",
+    "MissingRuntimeError",
     "prepare_backend",
     "choose_backend",
     "accelerate",
     "probe_input",
 ]
 
-BACKENDS = ("eager", "channels_last", "torchscript", "onnxruntime")
+BACKENDS = ("eager", "channels_last", "torchscript", "onnxruntime", "openvino")
 AGREEMENT = 0.9999  # the share of pixels whose argmax must equal eager's
+# The packages a runtime imports, and the extra of ours that installs them.
+RUNTIMES = {"onnxruntime": (("onnx", "onnxruntime"), "export"), "openvino": (("onnx", "openvino"), "openvino")}
+FLOAT32_ONLY = ("torchscript", "onnxruntime", "openvino")  # reduced precision is eager autocast's
+CPU_ONLY = ("onnxruntime", "openvino")  # as prepared here: their CPU devices
+
+
+class MissingRuntimeError(ImportError, ValueError):
+    """A backend whose package is not installed. A ValueError too: the command line reports it
+    as a user error (exit 2), with the command that installs it."""
 
 
 class Accelerated(SegmentationModel):
@@ -76,10 +92,14 @@ def prepare_backend(model: nn.Module, backend: str, example: Tensor) -> Callable
     """A function computing ``model``'s eval-mode logits on ``backend``, prepared with ``example``.
 
     Raises:
-        ValueError: an unknown backend name.
-        ImportError / RuntimeError: the backend is not installed or cannot run this model.
+        MissingRuntimeError: the backend's package is not installed (the message names it).
+        ValueError: an unknown backend name, or a CPU runtime for a model on another device.
+        RuntimeError (and the runtimes' own errors): the backend cannot run this model.
     """
     model = model.eval()
+    _require_runtime(backend)
+    if backend in CPU_ONLY and example.device.type != "cpu":
+        raise ValueError(f"--backend {backend} runs on the CPU here, but the model is on {example.device}; use another")
     if backend == "eager":
         return lambda x: _eager_output(model, x)
     if backend == "channels_last":
@@ -92,15 +112,56 @@ def prepare_backend(model: nn.Module, backend: str, example: Tensor) -> Callable
             traced = torch.jit.trace(_Logits(model), example, check_trace=False)
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         return frozen
-    if backend == "onnxruntime":
+    if backend in CPU_ONLY:  # both read the ONNX export (dynamic batch and sides), loaded whole
         from .export import INPUT_NAME, export_onnx, onnx_session
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.onnx"
-            export_onnx(model, path, metadata={}, example_size=tuple(example.shape[-2:]))
+            path = export_onnx(model, Path(tmp) / "model.onnx", metadata={}, example_size=tuple(example.shape[-2:]))
+            if backend == "openvino":
+                return _openvino(_openvino_compiled(path))
             session = onnx_session(path, threads=torch.get_num_threads())
         return lambda x: torch.from_numpy(session.run(None, {INPUT_NAME: x.detach().cpu().numpy()})[0])
     raise ValueError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+
+
+def _require_runtime(backend: str) -> None:
+    packages, extra = RUNTIMES.get(backend, ((), ""))
+    for package in packages:
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            message = f"--backend {backend} needs the {package} package: pip install 'densepred[{extra}]'"
+            raise MissingRuntimeError(message, name=package) from None
+
+
+def _openvino_compiled(onnx: Path):  # noqa: ANN202 - an openvino.CompiledModel
+    """The ONNX file compiled by OpenVINO's CPU plugin for latency, on torch's threads, in float32."""
+    import openvino as ov
+    import openvino.properties as props
+    import openvino.properties.hint as hints
+
+    config = {
+        props.inference_num_threads: torch.get_num_threads(),
+        hints.performance_mode: hints.PerformanceMode.LATENCY,
+        # Explicit: on a CPU with native bfloat16 the plugin's default is bf16, whose labels
+        # differ from eager's on 0.3-1.2 % of the pixels (DeepLab-LargeFOV at 256 px, 3 / 21
+        # classes, measured on an AVX512-BF16 EPYC): it would never pass the parity check.
+        hints.inference_precision: ov.Type.f32,
+    }
+    core = ov.Core()
+    return core.compile_model(core.read_model(onnx), "CPU", config)
+
+
+def _openvino(compiled) -> Callable[[Tensor], Tensor]:  # noqa: ANN001 - an openvino.CompiledModel
+    local = threading.local()  # one infer request per thread: the web app runs a thread pool
+
+    def run(x: Tensor) -> Tensor:
+        request = getattr(local, "request", None)
+        if request is None:
+            request = local.request = compiled.create_infer_request()
+        return torch.from_numpy(request.infer([x.detach().contiguous().numpy()])[0])
+
+    return run
 
 
 class _Logits(nn.Module):
@@ -126,7 +187,7 @@ class BackendChoice:
     def describe(self) -> str:
         timing = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in self.seconds.items())
         why = "; ".join(f"{k}: {v}" for k, v in self.rejected.items())
-        src = "cached choice" if self.cached else "measured"
+        src = "cached choice" if self.cached else "measured" if self.seconds else "not measured"
         return f"backend {self.backend} ({src}{': ' + timing if timing else ''}{'; not used: ' + why if why else ''})"
 
 
@@ -146,7 +207,21 @@ def _cache_key(model: nn.Module, example: Tensor) -> str:
     shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
     arch = hashlib.sha256(f"{type(model).__name__}|{shapes}".encode()).hexdigest()[:16]
     m = machine_info()
-    return f"{arch}|{tuple(example.shape)}|{m.cpu}|{m.capability}|{m.threads}|{m.torch}"
+    return f"{arch}|{tuple(example.shape)}|{m.cpu}|{m.capability}|{m.threads}|{m.torch}|{_runtime_versions()}"
+
+
+def _runtime_versions() -> str:
+    """The installed runtimes: installing or upgrading one measures again."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "-"
+
+    packages = sorted({p for needed, _ in RUNTIMES.values() for p in needed})
+    return ",".join(f"{p}={installed(p)}" for p in packages)
 
 
 def _read_cache() -> dict[str, str]:
@@ -240,13 +315,18 @@ def accelerate(model: nn.Module, backend: str, example: Tensor, amp: str = "none
     functions take like the model itself; ``eager`` returns the model unchanged.
 
     Reduced precision (``amp`` resolving to bf16/fp16) is eager autocast's: ``auto`` then keeps
-    eager, and the float32-only runtimes (TorchScript frozen, ONNX Runtime) are refused.
+    eager, and the float32-only runtimes (TorchScript frozen, ONNX Runtime, OpenVINO) are refused.
+
+    Raises:
+        MissingRuntimeError: ``backend`` needs a package that is not installed (the message says
+            which, and the ``pip install`` that adds it).
+        ValueError: ``backend`` is unknown, cannot run at ``amp``, or computes other labels than eager.
     """
     if backend == "auto":
         backend = os.environ.get("DENSEPRED_BACKEND", "auto")
     precision = resolve_amp(amp, example.device)
     if precision != "none":
-        if backend in ("torchscript", "onnxruntime"):
+        if backend in FLOAT32_ONLY:
             raise ValueError(f"--backend {backend} runs float32, but the precision is {precision}; add --amp none")
         if backend == "auto":
             return model, BackendChoice("eager", rejected={"others": f"{precision} autocast runs eager"})

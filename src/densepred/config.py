@@ -215,7 +215,7 @@ class EvalConfig:
     max_images: int | None = None  # evaluate on a prefix of the split (quick checks)
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # precision of the forward passes, as train.amp
     # Where the forward passes run (densepred.backends): auto = the fastest that matches eager here.
-    backend: Literal["auto", "eager", "channels_last", "torchscript", "onnxruntime"] = "auto"
+    backend: Literal["auto", "eager", "channels_last", "torchscript", "onnxruntime", "openvino"] = "auto"
 
     def validate(self) -> None:
         _require(0 <= self.overlap < 1, f"eval.overlap must be in [0, 1), got {self.overlap}")
