@@ -42,7 +42,7 @@ from densepred.data.io import read_image
 from densepred.data.labels import IGNORE_INDEX, bitwise_palette
 from densepred.inference import predict_logits, tile_starts
 from densepred.metrics import class_map
-from densepred.precision import machine_info
+from densepred.precision import MachineInfo, machine_info
 from densepred.prediction import Predictor, predict_files, save_index_png, save_overlay_png
 from densepred.registry import create_model
 
@@ -144,6 +144,36 @@ def camvid_frame(data_root: Path | None, folder: Path) -> tuple[Path, str]:
     return file, "synthetic 360x480 PNG (no CamVid under --data-root)"
 
 
+def table(results: dict) -> str:
+    """The benchmark's tables in Markdown, from its results."""
+    lines = [
+        f"Machine: {MachineInfo(**results['machine']).line()}. Frame: {results['frame']}. Seconds, median of "
+        f"{results['repeats']} after a warm-up; the backend is the one `predict` chose.",
+        "",
+        "| model | backend | forward alone | predict (file to both PNGs) | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    models = results["models"]
+    for name, r in models.items():
+        lines.append(f"| {name} | {r['backend']} | {r['forward']:.3f} | {r['predict']:.3f} | {r['ratio']:.3f}x |")
+    lines += ["", "Sliding windows of 321 against their area (the slide over tiles x one tile's forward):", ""]
+    lines += ["| model | tiles | one tile | slide | ratio |", "|---|---|---|---|---|"]
+    for name, r in models.items():
+        c = r["slide"]
+        lines.append(f"| {name} | {c['tiles']} | {c['tile_forward']:.3f} | {c['slide']:.3f} | {c['ratio']:.2f} |")
+    for name, r in models.items():
+        if "modes" not in r:
+            continue
+        cols = list(dict.fromkeys(k for stage in r["modes"].values() for k in stage))
+        lines += ["", f"{name}, per stage:", "", "| mode | " + " | ".join(cols) + " | total | network share |"]
+        lines.append("|---|" + "---|" * (len(cols) + 2))
+        for mode, stage in r["modes"].items():
+            total = sum(stage.values())
+            cells = [f"{stage[k]:.3f}" if k in stage else "-" for k in cols]
+            lines.append(f"| {mode} | " + " | ".join(cells) + f" | {total:.3f} | {100 * stage['network'] / total:.0f}% |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="lraspp_mobilenet_v3_large,deeplab_v1_largefov,unet_padded")
@@ -155,44 +185,22 @@ def main() -> None:
     parser.add_argument("--modes", action="store_true", help="also the per-stage table of every inference mode")
     parser.add_argument("--json", type=Path, default=Path("runs/bench/pipeline.json"))
     args = parser.parse_args()
-    m = machine_info()
-    print(f"Machine: {m.line()}.")
-    results: dict[str, dict] = {"machine": dataclasses.asdict(m), "models": {}}
+    results: dict = {"machine": dataclasses.asdict(machine_info()), "repeats": args.repeats, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         frame, what = camvid_frame(args.data_root if args.data_root.is_dir() else None, out)
-        print(f"Frame: {what}. Seconds, median of {args.repeats} after a warm-up.\n")
         sources = [args.checkpoint] if args.checkpoint else args.model.split(",")
-        print("| model | backend | forward alone | predict (file to both PNGs) | ratio |")
-        print("|---|---|---|---|---|")
+        results["frame"] = what
         for source in sources:
             trained = load_trained(source) if isinstance(source, Path) else random_trained(source)
             predictor = Predictor(trained, options=EvalConfig(backend=args.backend, amp=args.amp))
-            e2e = end_to_end(predictor, frame, out, args.repeats)
-            row = {"backend": predictor.backend.backend, **e2e, "slide": slide_cost(predictor, frame, 321, args.repeats)}
+            row = {"backend": predictor.backend.backend, **end_to_end(predictor, frame, out, args.repeats)}
+            row["slide"] = slide_cost(predictor, frame, 321, args.repeats)
             if args.modes:
                 row["modes"] = {name: stages(predictor, frame, o, out, args.repeats) for name, o in MODES.items()}
-            name = trained.experiment.model.name
-            results["models"][name] = row
-            print(
-                f"| {name} | {row['backend']} | {e2e['forward']:.3f} | {e2e['predict']:.3f} | {e2e['ratio']:.3f}x |",
-                flush=True,
-            )
-        print("\nSliding windows of 321 against their area (tiles x one tile's forward):\n")
-        print("| model | tiles | one tile | slide | ratio |\n|---|---|---|---|---|")
-        for name, row in results["models"].items():
-            c = row["slide"]
-            print(f"| {name} | {c['tiles']} | {c['tile_forward']:.3f} | {c['slide']:.3f} | {c['ratio']:.2f} |")
-        for name, row in results["models"].items():
-            if "modes" not in row:
-                continue
-            cols = list(dict.fromkeys(k for r in row["modes"].values() for k in r))
-            print(f"\n{name}, per stage:\n\n| mode | " + " | ".join(cols) + " | total | network share |")
-            print("|---|" + "---|" * (len(cols) + 2))
-            for mode, r in row["modes"].items():
-                total = sum(r.values())
-                cells = [f"{r[k]:.3f}" if k in r else "-" for k in cols]
-                print(f"| {mode} | " + " | ".join(cells) + f" | {total:.3f} | {100 * r['network'] / total:.0f}% |")
+            results["models"][trained.experiment.model.name] = row
+            print(f"{trained.experiment.model.name}: predict / forward {row['ratio']:.3f}", flush=True)
+    print(table(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))
 

@@ -7,6 +7,7 @@ import functools
 import json
 import sys
 import typing
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -302,3 +303,39 @@ def test_predictor_labels_are_eagers_whichever_backend_runs(tmp_path):
     assert Predictor(trained, options=EvalConfig(backend="auto", amp="bf16")).backend.backend == "eager"
     with pytest.raises(ValueError, match="runs float32"):
         Predictor(trained, options=EvalConfig(backend="torchscript", amp="bf16"))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_auto_offers_bf16_to_the_probe_only_where_it_is_native(monkeypatch, native):
+    """Inference stays float32 by default: bf16 is one more candidate, held to the parity rule."""
+    from densepred import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda: native)
+    offered = []
+
+    def choose(model, example, candidates):
+        offered.extend(candidates)
+        return None, backends.BackendChoice("eager")
+
+    monkeypatch.setattr(backends, "choose_backend", choose)
+    accelerate(few_ops(), "auto", torch.randn(1, 3, 64, 64), amp="auto")
+    assert set(offered) == set(BACKENDS) | ({backends.BF16} if native else set())
+    # An explicit bf16 is eager autocast, as asked; no probe.
+    offered.clear()
+    model = few_ops()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without native bf16 an explicit bf16 warns: tested in test_precision
+        same, choice = accelerate(model, "auto", torch.randn(1, 3, 64, 64), amp="bf16")
+    assert same is model and choice.backend == "eager" and offered == []
+
+
+def test_the_bf16_candidate_is_used_only_where_its_labels_agree(monkeypatch):
+    model, example = few_ops(), torch.randn(1, 3, 64, 64)
+    run = prepare_backend(model, backends.BF16, example)
+    with torch.inference_mode():
+        out = run(example)
+    assert out.dtype == torch.float32 and out.shape == (1, 3, 64, 64)
+    probe = Probe(monkeypatch, {"eager": 3.0, backends.BF16: 1.0})
+    probe.wrong = {backends.BF16}  # say bf16 rounding moved labels: the faster candidate is refused
+    _, choice = choose_backend(model, example, ("eager", backends.BF16), use_cache=False)
+    assert choice.backend == "eager" and "argmax agrees with eager on" in choice.rejected[backends.BF16]

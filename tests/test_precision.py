@@ -8,7 +8,7 @@ import torch
 import yaml
 
 from densepred import precision
-from densepred.precision import machine_info, native_bf16, resolve_amp
+from densepred.precision import machine_info, native_bf16, resolve_amp, resolve_inference_amp
 from densepred.trainer import train
 from tiny import tiny_experiment
 
@@ -70,6 +70,16 @@ def test_auto_picks_bf16_only_where_it_is_native(monkeypatch, native):
 
 def test_auto_is_fp16_on_cuda():
     assert resolve_amp("auto", "cuda") == "fp16"  # a device object, no GPU needed to decide
+    assert resolve_inference_amp("auto", "cuda") == "fp16"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_inference_auto_is_float32_on_a_cpu_and_explicit_choices_are_kept(monkeypatch, native):
+    monkeypatch.setattr(precision, "native_bf16", lambda: native)
+    assert resolve_inference_amp("auto", "cpu") == "none"
+    assert resolve_inference_amp("none", "cpu") == "none"
+    if native:
+        assert resolve_inference_amp("bf16", "cpu") == "bf16"
 
 
 def test_explicit_bf16_without_native_support_warns_once_with_the_measured_slowdown(monkeypatch, fresh_lookup):
@@ -107,7 +117,8 @@ def test_a_run_records_the_precision_it_chose_and_the_cpu(tmp_path, monkeypatch,
     train(tiny_experiment("train.amp=auto", "eval.amp=auto", "train.iterations=2"), tmp_path, progress=False)
     expected = "bf16" if native else "none"
     resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())["resolved"]
-    assert resolved["amp"] == expected and resolved["eval_amp"] == expected
+    # Inference stays float32 on a CPU: bf16 is only a candidate of the backend probe there.
+    assert resolved["amp"] == expected and resolved["eval_amp"] == "none"
     assert resolved["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()
     start = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start"

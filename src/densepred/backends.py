@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .atomic import write_atomic
 from .models.base import SegmentationModel, input_rule_of
-from .precision import machine_info, resolve_amp
+from .precision import autocast, machine_info, resolve_amp, resolve_inference_amp
 
 __all__ = [
     "BACKENDS",
@@ -58,6 +58,9 @@ AGREEMENT = 0.9999  # the share of pixels whose argmax must equal eager's
 # The packages a runtime imports, and the extra of ours that installs them.
 RUNTIMES = {"onnxruntime": (("onnx", "onnxruntime"), "export"), "openvino": (("onnx", "openvino"), "openvino")}
 FLOAT32_ONLY = ("torchscript", "onnxruntime", "openvino")  # reduced precision is eager autocast's
+# Eager under bf16 autocast: a candidate of ``auto`` only where the CPU computes bf16 natively
+# (``--amp bf16`` forces it); like every candidate, used only if its labels agree with float32's.
+BF16 = "bf16"
 CPU_ONLY = ("onnxruntime", "openvino")  # as prepared here: their CPU devices
 
 
@@ -102,6 +105,13 @@ def prepare_backend(model: nn.Module, backend: str, example: Tensor) -> Callable
         raise ValueError(f"--backend {backend} runs on the CPU here, but the model is on {example.device}; use another")
     if backend == "eager":
         return lambda x: _eager_output(model, x)
+    if backend == BF16:
+
+        def bf16(x: Tensor) -> Tensor:
+            with autocast("bf16", x.device):
+                return _eager_output(model, x).float()
+
+        return bf16
     if backend == "channels_last":
         cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
         return lambda x: _eager_output(cl, x.contiguous(memory_format=torch.channels_last))
@@ -314,7 +324,9 @@ def accelerate(model: nn.Module, backend: str, example: Tensor, amp: str = "none
     """``model`` on ``backend`` (``auto``: :func:`choose_backend`), as a module the inference
     functions take like the model itself; ``eager`` returns the model unchanged.
 
-    Reduced precision (``amp`` resolving to bf16/fp16) is eager autocast's: ``auto`` then keeps
+    ``amp="auto"`` on a CPU runs float32, and where the CPU computes bf16 natively ``auto`` also
+    tries eager bf16 autocast as a candidate, held to the same parity rule. An explicit reduced
+    precision (``bf16``/``fp16``, or ``auto`` on CUDA) is eager autocast's: ``auto`` then keeps
     eager, and the float32-only runtimes (TorchScript frozen, ONNX Runtime, OpenVINO) are refused.
 
     Raises:
@@ -324,7 +336,7 @@ def accelerate(model: nn.Module, backend: str, example: Tensor, amp: str = "none
     """
     if backend == "auto":
         backend = os.environ.get("DENSEPRED_BACKEND", "auto")
-    precision = resolve_amp(amp, example.device)
+    precision = resolve_inference_amp(amp, example.device)  # auto on a CPU: float32, bf16 a candidate
     if precision != "none":
         if backend in FLOAT32_ONLY:
             raise ValueError(f"--backend {backend} runs float32, but the precision is {precision}; add --amp none")
@@ -333,7 +345,8 @@ def accelerate(model: nn.Module, backend: str, example: Tensor, amp: str = "none
     if backend == "eager":
         return model, BackendChoice("eager")
     if backend == "auto":
-        run, choice = choose_backend(model, example)
+        native_bf16 = amp == "auto" and resolve_amp("auto", example.device) == "bf16"
+        run, choice = choose_backend(model, example, BACKENDS + ((BF16,) if native_bf16 else ()))
     else:
         run = prepare_backend(model, backend, example)
         problem = _check(model, run, _probes(model, example))

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .config import EvalConfig
 from .models.base import input_rule_of
-from .precision import autocast, resolve_amp
+from .precision import autocast, resolve_inference_amp
 
 __all__ = [
     "predict_logits",
@@ -223,15 +223,15 @@ def predict_logits(model: nn.Module, image: Tensor, options: EvalConfig | None =
     For a valid-convolution U-Net, ``"whole"`` means overlap-tile: its whole-image output *is*
     the stitched tiles (U-Net Fig. 2), so the logits always cover the whole image. ``scales``
     other than ``(1.0,)`` or ``flip=True`` add multi-scale / mirrored test-time augmentation.
-    ``amp`` runs the forward passes in reduced precision (``auto``: where the device is fast at
-    it, see :mod:`densepred.precision`); the logits are float32 either way.
+    ``amp`` runs the forward passes in reduced precision (``auto``: fp16 on CUDA, float32 on a
+    CPU, see :func:`~densepred.precision.resolve_inference_amp`); the logits are float32 either way.
     """
     o = options or EvalConfig()
 
     def single(x: Tensor) -> Tensor:
         return _single_scale(model, x, o)
 
-    with autocast(resolve_amp(o.amp, image.device), image.device):
+    with autocast(resolve_inference_amp(o.amp, image.device), image.device):
         if tuple(o.scales) == (1.0,) and not o.flip:
             return single(image).float()
         return multi_scale_flip(single, image, o.scales, flip=o.flip, fusion=o.fusion).float()

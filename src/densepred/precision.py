@@ -132,6 +132,17 @@ def resolve_amp(requested: str, device: torch.device | str = "cpu") -> Literal["
     return requested  # type: ignore[return-value]
 
 
+def resolve_inference_amp(requested: str, device: torch.device | str = "cpu") -> Literal["none", "bf16", "fp16"]:
+    """The precision inference runs outside the backend probe: as :func:`resolve_amp`, except
+    that ``auto`` on a CPU is float32. There bf16 is one more candidate of the probe
+    (:func:`densepred.backends.accelerate`), held to its rule: used only where it is faster
+    *and* its labels agree with float32's on >= 99.99 % of pixels. Inference stays exact by
+    default; training (``train.amp``) takes bf16 wherever it is native."""
+    if requested == "auto" and torch.device(device).type == "cpu":
+        return "none"
+    return resolve_amp(requested, device)
+
+
 @contextlib.contextmanager
 def autocast(amp: str, device: torch.device | str) -> Iterator[None]:
     """Autocast for a *resolved* precision (``none`` runs plain fp32)."""

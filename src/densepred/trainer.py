@@ -41,7 +41,7 @@ from .evaluation import evaluate
 from .footprint import ModelTooLarge, check_model_size, physical_memory, training_bytes
 from .losses import RecipeLoss, WithWeightMaps
 from .models.base import SegmentationModel, input_rule_of, loss_weights_of
-from .precision import autocast, machine_info, resolve_amp
+from .precision import autocast, machine_info, resolve_amp, resolve_inference_amp
 from .sampling import ResumableBatchSampler, SeededSamples
 from .schedule import fit_iterations, fitted_schedule, lr_factor
 
@@ -331,7 +331,7 @@ class _Run:
         self.info, self.device = info, device = setup_distributed(t.device)
         seed_everything(t.seed, t.deterministic)
         self.amp = resolve_amp(t.amp, device)
-        exp.resolved.update(amp=self.amp, eval_amp=resolve_amp(exp.eval.amp, device), machine=machine_info().to_dict())
+        exp.resolved.update(amp=self.amp, eval_amp=resolve_inference_amp(exp.eval.amp, device), machine=machine_info().to_dict())
 
         self.train_set = build_dataset(exp, exp.data.train_split, train=True, seed=t.seed)
         self.val_set = build_dataset(exp, exp.data.val_split, train=False)
