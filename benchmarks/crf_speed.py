@@ -1,22 +1,37 @@
-"""Fully-connected CRF speed and agreement: densepred.crf vs pydensecrf, one thread, one run.
+"""Fully-connected CRF speed and agreement: densepred.crf vs pydensecrf, one thread.
 
-    python benchmarks/crf_speed.py [--image PHOTO] [--bilateral-kernel {auto,lattice}]
+    python benchmarks/crf_speed.py [--image PHOTO] [--bilateral-kernel {auto,lattice}] [--rounds N]
 
 500x375 RGB image, 21 noisy classes, DeepLab v2 preset (10 iterations). The image is synthetic
 (discs of noisy colour) unless ``--image`` names a photo, which is resized to 500x375; its
 "classes" are then its 21 quantised colours, with the same noisy unaries.
 pydensecrf (``pip install pydensecrf2``) is a benchmark-only dependency; without it ours runs alone.
+
+A figure is a fact about one machine, so the first line names it: CPU model, the kernels
+PyTorch dispatches to (``torch.backends.cpu.get_cpu_capability()``) and the threads. On an
+AVX-512 CPU, ``ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2``
+approximates an AVX2 one (the first alone leaves FBGEMM's embedding_bag, most of the CRF's time,
+on AVX-512). The two implementations run in alternation, ``--rounds`` times each after a
+warm-up, so that load from other processes on a shared machine slows both alike; the figures
+are each one's best round, wall time and, in brackets, this process's CPU time.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import time
 
 import numpy as np
 import torch
 
 from densepred.crf import PRESETS, dense_crf
+
+# Environment variables that cap the instruction set of PyTorch's own kernels, of FBGEMM (its
+# embedding_bag, which the CRF's filters run on) and of oneDNN: all three make an AVX-512 CPU
+# approximate an AVX2 one.
+ISA_OVERRIDES = ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
 
 
 def make_input(
@@ -46,13 +61,43 @@ def input_from_photo(path: str, c: int = 21, seed: int = 0) -> tuple[np.ndarray,
 
 def best_of(run, repeats: int = 3):
     """Result and best wall time of ``repeats`` timed runs after one untimed warm-up run."""
-    result = run()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - start)
-    return result, best
+    result, [best], _ = best_of_alternating([run], repeats)
+    return result[0], best
+
+
+def best_of_alternating(runs: list, rounds: int) -> tuple[list, list[float], list[float]]:
+    """Each callable's result, best wall time and best CPU time (this process's, which excludes
+    time spent waiting for a core) over ``rounds`` rounds that call them in turn, after one
+    untimed warm-up call each."""
+    results = [run() for run in runs]
+    wall, cpu = [float("inf")] * len(runs), [float("inf")] * len(runs)
+    for _ in range(rounds):
+        for k, run in enumerate(runs):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            results[k] = run()
+            cpu[k] = min(cpu[k], time.process_time() - start_cpu)
+            wall[k] = min(wall[k], time.perf_counter() - start)
+    return results, wall, cpu
+
+
+def machine() -> str:
+    """CPU model and whether it has AVX-512, the CPU kernels PyTorch dispatches to, any
+    environment override of the kernels' instruction sets, and the threads, as one line."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            # The first processor's block, up to its blank line: "key<tabs>: value" lines.
+            pairs = (line.split(":", 1) for line in iter(cpuinfo.readline, "\n") if ":" in line)
+            fields = {key.strip(): value.strip() for key, value in pairs}
+        model, flags = fields.get("model name", model), fields.get("flags", "").split()
+    except OSError:
+        pass
+    avx512 = "AVX-512" if "avx512f" in flags else "no AVX-512" if flags else "AVX-512 unknown"
+    overrides = " ".join(f"{k}={os.environ[k]}" for k in ISA_OVERRIDES if k in os.environ) or "no ISA overrides"
+    return (
+        f"{model} ({avx512}), torch {torch.__version__} kernels {torch.backends.cpu.get_cpu_capability()}, "
+        f"{overrides}, {torch.get_num_threads()} thread(s)"
+    )
 
 
 def pydensecrf_reference(image: np.ndarray, probs: np.ndarray, params):
@@ -83,19 +128,26 @@ def main() -> None:
         default="auto",
         help="dense_crf's appearance kernel: auto (exact where features are sparse, else lattice) or lattice",
     )
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation (default 5)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    print(machine())
     params = PRESETS["deeplab_v2"]
     image, probs = make_input() if args.image is None else input_from_photo(args.image)
-    ours, ours_s = best_of(lambda: dense_crf(image, probs, params, bilateral_kernel=args.bilateral_kernel))
-    print(f"densepred.crf: {ours_s:.3f} s (best of 3, after a warm-up run)")
+    print(f"input: {args.image or 'synthetic discs'}, {image.shape[1]}x{image.shape[0]}, {probs.shape[0]} classes")
+    runs = [lambda: dense_crf(image, probs, params, bilateral_kernel=args.bilateral_kernel)]
     reference = pydensecrf_reference(image, probs, params)
+    if reference is not None:
+        runs.append(reference)
+    results, wall, cpu = best_of_alternating(runs, args.rounds)
+    note = f"best of {args.rounds} after a warm-up run; CPU time in brackets"
+    print(f"densepred.crf: {wall[0]:.3f} s [{cpu[0]:.3f} s] ({note})")
     if reference is None:
         print("pydensecrf not installed (pip install pydensecrf2); ours only")
         return
-    ref, ref_s = best_of(reference)
-    print(f"pydensecrf:    {ref_s:.3f} s (best of 3, after a warm-up run)")
-    print(f"label agreement: {(ours.argmax(0) == ref.argmax(0)).mean():.4%}")
+    print(f"pydensecrf:    {wall[1]:.3f} s [{cpu[1]:.3f} s] (in alternation with ours)")
+    print(f"speed-up:      {wall[1] / wall[0]:.2f}x [{cpu[1] / cpu[0]:.2f}x] (pydensecrf time / ours)")
+    print(f"label agreement: {(results[0].argmax(0) == results[1].argmax(0)).mean():.4%}")
 
 
 if __name__ == "__main__":

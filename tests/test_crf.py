@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from densepred import crf
 from densepred.crf import (
     EXACT_MAX_PIXELS,
     PRESETS,
@@ -157,6 +158,51 @@ def test_grid_gaussian_is_the_exact_smoothness_kernel():
     message = grid.normalised(2.0)(values).numpy().reshape(n, h * w, 3)
     expected = 2.0 * (kernel / np.sqrt(d[:, None] * d[None])) @ values.numpy().reshape(n, h * w, 3)[0]
     np.testing.assert_allclose(message[0], expected, atol=1e-4)
+
+
+def test_smoothness_kernel_alone_is_the_exact_crf():
+    """With the appearance kernel off, dense_crf's separable grid filter is the dense reference's
+    Gaussian up to its truncation at 4 widths (weights below e^-8)."""
+    image, probs = _structured(20, 24, 4, 7)
+    for theta in (1.0, 3.0):
+        params = replace(PRESETS["deeplab_v2"], w1=0.0, w2=3.0, theta_gamma=theta)
+        np.testing.assert_allclose(dense_crf(image, probs, params), dense_crf_exact(image, probs, params), atol=2e-4)
+
+
+def test_padded_rows_give_the_same_probabilities(monkeypatch):
+    """On AVX2 CPUs the filters' rows are padded to a multiple of 8 columns (``_row_width``);
+    the padding's q is 0, so the result is the unpadded one, on either bilateral kernel."""
+    image, probs = _structured(18, 22, 5, 1)
+    for kernel in ("auto", "lattice"):
+        plain = dense_crf(image, probs, SMALL, bilateral_kernel=kernel)
+        monkeypatch.setattr(crf, "_row_width", lambda classes, device: classes + 3)
+        padded = dense_crf(image, probs, SMALL, bilateral_kernel=kernel)
+        monkeypatch.undo()
+        np.testing.assert_allclose(padded, plain, atol=1e-6)
+
+
+def test_lattice_numbering_does_not_change_the_filter():
+    """The lattice numbers its vertices by the pixels' order; permuting the pixels permutes the
+    filtered values and nothing else (two images, so that groups stay apart)."""
+    image, _ = _structured(16, 20, 4, 3)
+    features, _ = crf.crf_features(torch.from_numpy(image).permute(2, 0, 1)[None].repeat(2, 1, 1, 1), SMALL)
+    groups = torch.arange(2).repeat_interleave(16 * 20)
+    values = torch.rand(features.shape[0], 3)
+    perm = torch.randperm(features.shape[0], generator=torch.Generator().manual_seed(0))
+    out = crf._Lattice(features, groups).filter(values)
+    permuted = crf._Lattice(features[perm], groups[perm]).filter(values[perm])
+    np.testing.assert_allclose(permuted.numpy(), out[perm].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_matches_finds_every_common_key():
+    rng = np.random.default_rng(0)
+    for size_a, size_b in ((0, 5), (7, 0), (50, 80), (1000, 300)):
+        a = np.unique(rng.integers(0, 400, size_a))
+        b = np.unique(rng.integers(0, 400, size_b))
+        i, j = crf._matches(torch.from_numpy(a), torch.from_numpy(b))
+        common, expected_i, expected_j = np.intersect1d(a, b, assume_unique=True, return_indices=True)
+        np.testing.assert_array_equal(i.numpy(), expected_i)
+        np.testing.assert_array_equal(j.numpy(), expected_j)
 
 
 @pytest.mark.parametrize("logits", [False, True])
