@@ -33,6 +33,7 @@ from .atomic import write_atomic
 from .models.base import SegmentationModel, input_rule_of
 
 if TYPE_CHECKING:
+    import onnx
     import onnxruntime
 
     from .checkpoint import Trained
@@ -43,6 +44,9 @@ __all__ = [
     "METADATA_KEY",
     "model_metadata",
     "export_onnx",
+    "trace_onnx",
+    "write_onnx",
+    "resolve_source",
     "export_torchscript",
     "export_checkpoint",
     "default_export_path",
@@ -143,7 +147,9 @@ def _trained_metadata(trained: Trained) -> dict[str, Any]:
     )
 
 
-def _resolve(source: nn.Module | Trained | str | Path, metadata: Mapping[str, Any] | None) -> tuple[nn.Module, dict]:
+def resolve_source(
+    source: nn.Module | Trained | str | Path, metadata: Mapping[str, Any] | None = None
+) -> tuple[nn.Module, dict]:
     """The model to export and its metadata, from a module, a :class:`Trained` or a checkpoint path."""
     from .checkpoint import Trained, load_trained
 
@@ -195,14 +201,20 @@ def export_onnx(
     ``source`` is a model (in memory, e.g. for a benchmark), a :class:`~densepred.checkpoint.Trained`
     or a training checkpoint path; ``metadata`` entries override :func:`model_metadata`'s.
     """
+    model, meta = resolve_source(source, metadata)
+    return write_onnx(trace_onnx(model, opset=opset, example_size=example_size), path, meta)
+
+
+def trace_onnx(
+    model: nn.Module, *, opset: int = DEFAULT_OPSET, example_size: tuple[int, int] | None = None
+) -> onnx.ModelProto:
+    """``model`` traced to an ONNX graph with dynamic batch, height and width, without metadata."""
     import onnx
 
     if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
         raise ValueError(
             f"ONNX opset {opset} is not supported; use {OPSET_RANGE[0]}..{OPSET_RANGE[1]} (default {DEFAULT_OPSET})"
         )
-    model, meta = _resolve(source, metadata)
-    path = Path(path)
     example = _example_input(model, example_size)
     buffer = io.BytesIO()
     with _tracing(model):
@@ -219,8 +231,11 @@ def export_onnx(
                 OUTPUT_NAME: {0: "batch", 2: "out_height", 3: "out_width"},
             },
         )
-    proto = onnx.load_model_from_string(buffer.getvalue())
-    del buffer
+    return onnx.load_model_from_string(buffer.getvalue())
+
+
+def write_onnx(proto: onnx.ModelProto, path: str | Path, meta: Mapping[str, Any]) -> Path:
+    """``proto`` with ``meta`` (:func:`model_metadata`) in its ``metadata_props``, written atomically."""
     flat = {
         METADATA_KEY: meta,
         "model": meta.get("model"),
@@ -232,11 +247,12 @@ def export_onnx(
         "input_layout": "NCHW float32, normalised as in 'densepred' -> preprocessing",
         "output_size_rule": meta.get("output", {}).get("size_rule"),
     }
+    del proto.metadata_props[:]  # a graph rewritten by another tool may carry the source's entries
     for key, value in flat.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value)
     proto.doc_string = f"densepred {meta.get('model')}: NCHW float32 normalised image -> NCHW class logits"
-    return write_atomic(path, lambda f: f.write(proto.SerializeToString()), what="ONNX file")
+    return write_atomic(Path(path), lambda f: f.write(proto.SerializeToString()), what="ONNX file")
 
 
 def export_torchscript(
@@ -250,7 +266,7 @@ def export_torchscript(
 
     The metadata travels as the archive's extra file ``densepred.json``.
     """
-    model, meta = _resolve(source, metadata)
+    model, meta = resolve_source(source, metadata)
     path = Path(path)
     example = _example_input(model, example_size)
     with _tracing(model):

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .options import add_model_source, load_source
+from .options import add_int8_options, add_model_source, int8_requested, load_source
 
 __all__ = ["add_commands"]
 
@@ -20,6 +20,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ..plots import plot_confusion_matrix, plot_per_class_iou
 
     device = resolve_device(args.device)
+    int8 = int8_requested(args, data_named=True)  # --weights needs --data (next line)
     if args.weights and not args.data:  # before any download: the weights carry no recipe
         raise ValueError(f"--weights {args.weights} needs --data DATASET (e.g. voc) and --root")
     trained = load_source(args, device)
@@ -35,11 +36,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if dataset.num_classes != trained.num_classes:
         raise ValueError(f"{source} predicts {trained.num_classes} classes but the dataset has {dataset.num_classes}")
     cm = ConfusionMatrix(trained.num_classes, ignore_index=dataset.ignore_index, device=device)
-    from ..backends import accelerate, probe_input
+    if int8:  # opt-in: it fails the argmax-parity rule that the automatic backends meet
+        from ..quantize import int8_model
 
-    example = probe_input(trained.model, trained.in_channels, device)
-    model, backend = accelerate(trained.model, exp.eval.backend, example, exp.eval.amp)
-    print(backend.describe())
+        model, exp.eval = int8_model(trained, args.int8, exp.eval, experiment=exp, root=args.calibration_data)
+        print(model.describe())
+    else:
+        from ..backends import accelerate, probe_input
+
+        example = probe_input(trained.model, trained.in_channels, device)
+        model, backend = accelerate(trained.model, exp.eval.backend, example, exp.eval.amp)
+        print(backend.describe())
     metrics = evaluate(model, dataset, exp.eval, device=device, confusion=cm)
     default_out = (
         Path("runs/eval") / args.weights if args.weights else Path(args.checkpoint).resolve().parent.parent / "eval"
@@ -47,7 +54,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out or default_out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(
-        json.dumps({"checkpoint" if args.checkpoint else "weights": source, **metrics}, indent=2)
+        json.dumps(
+            {
+                "checkpoint" if args.checkpoint else "weights": source,
+                **({"int8": model.details} if int8 else {}),
+                **metrics,
+            },
+            indent=2,
+        )
     )
     names = trained.class_names
     plot_confusion_matrix(cm.matrix.cpu().numpy(), names, out / "confusion.png")
@@ -82,4 +96,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder (default: <run folder>/eval)")
     p.add_argument("--device", default="auto")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.mode=slide eval.tile=256")
+    add_int8_options(p)
     p.set_defaults(func=_cmd_eval)

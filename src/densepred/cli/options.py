@@ -21,6 +21,8 @@ __all__ = [
     "in_range",
     "add_model_source",
     "load_source",
+    "add_int8_options",
+    "int8_requested",
 ]
 
 # One line of help per EvalConfig field offered on the command line.
@@ -35,9 +37,10 @@ INFERENCE_HELP: dict[str, str] = {
     "crf": "fully-connected CRF preset",
     "crf_params": "override a CRF parameter, NAME=VALUE (w1, theta_alpha, theta_beta, w2, theta_gamma, iterations)",
     "batch_size": "tiles per forward pass",
-    "amp": "precision: auto (bf16 where the CPU computes it natively, fp16 on CUDA, else fp32), none, bf16, fp16",
+    "amp": "precision: auto (fp16 on CUDA; fp32 on a CPU, where the backend probe also tries bf16 if the CPU "
+    "computes it natively and keeps it only if faster with the same labels), none, bf16, fp16",
     "backend": "runtime: auto (the fastest measured here whose argmax matches eager), eager, channels_last, "
-    "torchscript, onnxruntime",
+    "torchscript, onnxruntime (the export extra), openvino (the openvino extra)",
 }
 
 
@@ -135,3 +138,36 @@ def load_source(args: argparse.Namespace, device) -> Trained:  # noqa: ANN001 - 
     if args.weights:
         return load_released_trained(args.weights, device, file=args.weights_file)
     return load_trained(args.checkpoint, device)
+
+
+def add_int8_options(parser: argparse.ArgumentParser) -> None:
+    """``--int8 [N] --calibration-data ROOT``: int8 static quantisation (densepred.quantize),
+    calibrated on N training images of the recipe's dataset; one spelling for every command."""
+    from ..quantize import DEFAULT_CALIBRATION_IMAGES
+
+    group = parser.add_argument_group("int8 (densepred.quantize; opt-in: close to fp32, not equal)")
+    group.add_argument(
+        "--int8",
+        nargs="?",
+        const=DEFAULT_CALIBRATION_IMAGES,
+        type=in_range(int, 1),
+        metavar="N",
+        help="run (or write) the model as int8 on ONNX Runtime, calibrated on N images of the recipe's "
+        f"training split (N defaults to {DEFAULT_CALIBRATION_IMAGES})",
+    )
+    group.add_argument(
+        "--calibration-data",
+        metavar="ROOT",
+        help="with --int8: the dataset folder to calibrate on (default: the recipe's data.root)",
+    )
+
+
+def int8_requested(args: argparse.Namespace, *, data_named: bool = False) -> bool:
+    """Whether ``--int8`` was given. ``--calibration-data`` without it is a usage error, and so is
+    ``--weights`` unless the command names their dataset (``data_named``): released weights carry
+    no recipe whose training images could calibrate them."""
+    if args.calibration_data is not None and args.int8 is None:
+        raise ValueError("--calibration-data applies with --int8 only; add --int8 N")
+    if args.int8 is not None and args.weights and not data_named:
+        raise ValueError(f"--int8 calibrates on a recipe's training images; --weights {args.weights} has none")
+    return args.int8 is not None

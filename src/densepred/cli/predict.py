@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .options import add_inference_options, add_model_source, inference_options, load_source
+from .options import (
+    add_inference_options,
+    add_int8_options,
+    add_model_source,
+    inference_options,
+    int8_requested,
+    load_source,
+)
 
 __all__ = ["add_commands"]
 
@@ -15,9 +22,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from ..prediction import Predictor, predict_files
 
     device = resolve_device(args.device)
+    int8 = int8_requested(args)
     trained = load_source(args, device)
-    predictor = Predictor(trained, device, inference_options(args, None if args.weights else trained.experiment.eval))
-    print(predictor.backend.describe())
+    options = inference_options(args, None if args.weights else trained.experiment.eval)
+    if int8:  # opt-in: it fails the argmax-parity rule that the automatic backends meet
+        import dataclasses
+
+        from ..quantize import int8_model
+
+        model, options = int8_model(trained, args.int8, options, root=args.calibration_data)
+        trained = dataclasses.replace(trained, model=model)
+    predictor = Predictor(trained, device, options)
+    print(model.describe() if int8 else predictor.backend.describe())
     written, failed = predict_files(
         predictor,
         args.inputs,
@@ -46,4 +62,5 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first input that cannot be read")
     add_inference_options(p)
+    add_int8_options(p)
     p.set_defaults(func=_cmd_predict)

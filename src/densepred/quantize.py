@@ -1,0 +1,333 @@
+"""Int8 post-training static quantisation, calibrated on training images, for inference and export.
+
+Weights become int8 (symmetric, one scale per output channel), activations uint8 (one scale and
+zero point per tensor, from the ranges the network reaches on ``N`` calibration images), as in
+Jacob et al., "Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only
+Inference" (CVPR 2018), Sec. 2; no retraining. The network is traced to ONNX
+(:func:`densepred.export.trace_onnx`) and quantised by ONNX Runtime (``quantize_static``, QDQ
+format: QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into integer kernels, and
+that TensorRT or OpenVINO read too). The same graph serves :func:`quantize` (a module whose
+forward returns float logits, so sliding-window and multi-scale inference work unchanged) and
+:func:`export_int8_onnx` (a file with :func:`densepred.export.model_metadata`'s description).
+
+Why ONNX Runtime (``python -m benchmarks int8``; the figures in runs/bench/int8.json are facts
+about the machine named there, here a 2-core AMD EPYC with AVX512-VNNI): it ran every net tried
+and its int8 was the fastest on two of three. LR-ASPP at 360x480 took 0.05 s per image against
+PyTorch int8's 0.14 s (oneDNN engine) and 0.64 s (x86 engine); FCN-8s at 256x256 0.21 s, where
+PyTorch cannot run (its per-channel quantised transposed convolution is disabled). PyTorch's x86
+engine was faster on SegNet (0.33 s against 0.46 s at 360x480, both with rounded switches, see
+below). PyTorch's routes are also the weaker design here: this torch build has no PT2E flow
+(``prepare_pt2e`` and the X86 inductor quantizer moved to torchao, not a dependency); FX graph
+mode cannot trace the models' input checks (Python ``if`` on sizes); the TorchScript flow
+(``quantize_jit``, deprecated with TorchScript) sets the process-wide
+``torch.backends.quantized.engine`` and writes nothing another runtime reads, whereas one ONNX
+graph is both what runs and what is exported. ONNX Runtime picks its kernels by CPUID itself
+(VNNI, AVX512, AVX2): ``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` move PyTorch's fp32
+baseline, not it.
+
+What stays float, because an argmax of rounded values ties and the first maximum wins:
+- the head, from the network's last nonlinearities to its output (classifier convolutions, their
+  upsampling, crops and sums). On a weakly trained CamVid SegNet, logits rounded to 256 levels
+  moved about half of the labels; the classifier layers are a small share of the work;
+- the layers computing what a max pooling whose indices are used pools (SegNet's switches, Sec.
+  3): tied values inside a window move the switch, and the decoder puts the value elsewhere. On
+  the same SegNet that cost 1 mIoU point on CamVid val (argmax agreement 80 %); keeping the five
+  pre-pooling convolutions float costs none (+0.3 points), for a smaller speed-up over eager
+  fp32 at 360x480 (x2.2 instead of x3.1).
+
+Int8 is opt-in (``--int8 N``): it computes something close to, not the same as, float32, so it
+fails the argmax-parity rule (:data:`densepred.backends.AGREEMENT`) that the automatic backends
+must meet; its cost in mIoU is what the benchmark measures on CamVid val.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .backends import Accelerated
+from .config import EvalConfig, Experiment
+
+if TYPE_CHECKING:
+    import onnx
+
+    from .checkpoint import Trained
+
+__all__ = [
+    "CALIBRATIONS",
+    "DEFAULT_CALIBRATION_IMAGES",
+    "Quantized",
+    "quantize",
+    "export_int8_onnx",
+    "quantized_onnx",
+    "calibration_images",
+    "training_images",
+    "int8_options",
+    "int8_model",
+]
+
+DEFAULT_CALIBRATION_IMAGES = 32
+# How activation ranges come from the calibration images (ONNX Runtime's calibrators): minmax the
+# extremes seen; percentile clips at the 99.999th; entropy minimises the KL divergence (TensorRT's).
+CALIBRATIONS = ("minmax", "percentile", "entropy")
+RUNTIME = "onnxruntime"
+# Ops past which a logit is no longer a linear function of the features before it; the float
+# head ends there. Shape is here because a size carries no rounding error.
+_NONLINEAR = {
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Gelu", "Mish", "Softplus", "Tanh",
+    "Sigmoid", "HardSigmoid", "HardSwish", "Clip", "MaxPool", "Shape",
+}  # fmt: skip
+_WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+class Quantized(Accelerated):
+    """``model`` whose forward runs the int8 graph on ONNX Runtime (float32 logits out); the
+    declarations (input rule, classes, output stride) stay the model's own."""
+
+    def __init__(self, model: nn.Module, session: Any, details: Mapping[str, Any]) -> None:
+        from .export import INPUT_NAME
+
+        def run(x: Tensor) -> Tensor:
+            out = session.run(None, {INPUT_NAME: x.detach().float().cpu().numpy()})[0]
+            return torch.from_numpy(out).to(x.device)
+
+        super().__init__(model, run, f"{RUNTIME} int8")
+        self.details = dict(details)
+        # An inference graph: in eval mode from the start, so that a caller restoring the mode it
+        # found (evaluate) leaves the float model's batch norms in eval mode too.
+        self.eval()
+
+    def describe(self) -> str:
+        d = self.details
+        return (
+            f"int8 on {d['runtime']} {d['runtime_version']} ({d['format']}, per-channel int8 weights, "
+            f"uint8 activations, {d['calibration']} ranges from {d['calibration_images']} images; "
+            f"{len(d['float_nodes'])} nodes kept float)"
+        )
+
+
+def calibration_images(dataset: Sequence[dict[str, Tensor]], count: int) -> list[Tensor]:
+    """``count`` normalised images ``(1, C, H, W)`` spread evenly over ``dataset`` (a split is
+    often stored sequence by sequence: its first images would all be one scene)."""
+    if count < 1:
+        raise ValueError(f"the calibration needs at least 1 image, got {count}")
+    total = len(dataset)
+    if total == 0:
+        raise ValueError("the calibration dataset holds no images")
+    picks = sorted({i * total // min(count, total) for i in range(min(count, total))})
+    return [dataset[i]["image"][None] for i in picks]
+
+
+def training_images(
+    trained: Trained, count: int, *, experiment: Experiment | None = None, root: str | Path | None = None
+) -> list[Tensor]:
+    """``count`` images of the training split of ``experiment``'s dataset (default: the
+    checkpoint's recipe), normalised as in training, to calibrate on; ``root`` moves the dataset.
+
+    Raises:
+        ValueError: the data cannot be read (the message names ``--calibration-data``), or the
+        model's preprocessing has no recipe name to normalise with.
+    """
+    from .build import build_dataset
+
+    if count < 1:
+        raise ValueError(f"--int8 needs at least 1 calibration image, got {count}")
+    if not isinstance(trained.normalization, str):
+        raise ValueError(
+            "--int8: the model's preprocessing has no data.normalization name to calibrate with; "
+            "call densepred.quantize.quantize(model, images) with normalised images"
+        )
+    exp = dataclasses.replace(experiment or trained.experiment)
+    exp.data = dataclasses.replace(exp.data, root=str(root) if root is not None else exp.data.root)
+    split = exp.data.train_split
+    try:
+        dataset = build_dataset(exp, split, train=False)
+        return calibration_images(dataset, count)
+    except (OSError, ValueError) as exc:  # DataError is a ValueError
+        raise ValueError(
+            f"--int8 calibrates on {count} images of the {exp.data.dataset} {split!r} split, which cannot be "
+            f"read ({exc}); name the dataset folder with --calibration-data ROOT"
+        ) from None
+
+
+def int8_options(options: EvalConfig) -> EvalConfig:
+    """``options`` for an int8 run: the int8 graph is the backend and float32 its logits' precision."""
+    if options.amp in ("bf16", "fp16"):
+        raise ValueError(f"--int8 runs int8 with float32 logits, not {options.amp}: drop --amp {options.amp}")
+    if options.backend not in ("auto", "eager"):
+        raise ValueError(f"--int8 runs on {RUNTIME} in place of --backend {options.backend}: drop one of the two")
+    return dataclasses.replace(options, amp="none", backend="eager")
+
+
+def int8_model(
+    trained: Trained,
+    count: int,
+    options: EvalConfig,
+    *,
+    experiment: Experiment | None = None,
+    root: str | Path | None = None,
+) -> tuple[Quantized, EvalConfig]:
+    """The CLI's ``--int8 N``: ``trained``'s model calibrated on ``count`` training images, and
+    the inference options it runs with (:func:`int8_options`)."""
+    options = int8_options(options)
+    images = training_images(trained, count, experiment=experiment, root=root)
+    return quantize(trained.model, images), options
+
+
+def _reduce_range() -> bool:
+    """7-bit weights where x86 lacks VNNI: ONNX Runtime's u8s8 kernels then multiply with
+    ``vpmaddubsw``, whose 16-bit sums saturate on full-range weights (its quantisation docs)."""
+    import platform
+
+    from .precision import cpu_flags
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    return not (cpu_flags() or set()) & {"avx512_vnni", "avx_vnni", "amx_int8"}  # unknown: the safe range
+
+
+def _upstream(
+    graph: onnx.GraphProto, tensors: list[str], until: Callable[[onnx.NodeProto], bool], *, include_last: bool
+) -> list[str]:
+    """Names of the nodes computing ``tensors``, walking back to the nodes ``until`` accepts
+    (named too if ``include_last``)."""
+    producer = {out: node for node in graph.node for out in node.output}
+    found: dict[str, None] = {}  # ordered set
+    todo = list(tensors)
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or node.name in found or (until(node) and not include_last):
+            continue
+        found[node.name] = None
+        if not until(node):
+            todo.extend(node.input)
+    return list(found)
+
+
+def _float_nodes(graph: onnx.GraphProto) -> list[str]:
+    """Names of the nodes kept float: the head (from the last nonlinearities to the outputs) and
+    the layers computing what a max pooling whose indices are used (SegNet's switches) pools."""
+    outputs = [o.name for o in graph.output]
+    head = _upstream(graph, outputs, lambda n: n.op_type in _NONLINEAR, include_last=False)
+    used = {name for node in graph.node for name in node.input} | set(outputs)
+    pools = [n.input[0] for n in graph.node if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1] in used]
+    # Rounded values tie inside a pooling window and the first maximum wins: the switches move.
+    switches = _upstream(graph, pools, lambda n: n.op_type in _WEIGHTED, include_last=True)
+    return list(dict.fromkeys(head + switches))
+
+
+class _Reader:
+    """ONNX Runtime's ``CalibrationDataReader`` protocol over normalised image batches."""
+
+    def __init__(self, images: Iterable[Tensor]) -> None:
+        from .export import INPUT_NAME
+
+        self._batches = ({INPUT_NAME: (x if x.dim() == 4 else x[None]).float().cpu().numpy()} for x in images)
+
+    def get_next(self) -> dict | None:
+        return next(self._batches, None)
+
+
+def quantized_onnx(
+    model: nn.Module, calibration: Iterable[Tensor], *, calibrate: str = "minmax", opset: int | None = None
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """``model`` as an int8 QDQ ONNX graph calibrated on ``calibration`` (normalised images,
+    ``(C, H, W)`` or batches), and what was done (for metadata and logs)."""
+    import onnx
+    import onnxruntime
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from .export import DEFAULT_OPSET, trace_onnx
+
+    methods = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+    if calibrate not in methods:
+        raise ValueError(f"unknown calibration {calibrate!r}; choose one of {', '.join(CALIBRATIONS)}")
+    images = list(calibration)
+    if not images:
+        raise ValueError("the calibration needs at least 1 image, got none")
+    reduce_range = _reduce_range()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        onnx.save(trace_onnx(model, opset=opset or DEFAULT_OPSET), folder / "float.onnx")
+        # Shape inference and ONNX Runtime's basic fusions first, as its quantiser asks.
+        quant_pre_process(folder / "float.onnx", folder / "prepared.onnx", skip_symbolic_shape=True)
+        prepared = onnx.load(folder / "prepared.onnx")
+        for i, node in enumerate(prepared.graph.node):
+            node.name = node.name or f"{node.op_type}_{i}"  # exclusion goes by node name
+        onnx.save(prepared, folder / "prepared.onnx")
+        kept = _float_nodes(prepared.graph)
+        quantize_static(
+            folder / "prepared.onnx",
+            folder / "int8.onnx",
+            _Reader(images),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=reduce_range,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=kept,
+            calibrate_method=getattr(CalibrationMethod, methods[calibrate]),
+        )
+        proto = onnx.load(folder / "int8.onnx")
+    details = {
+        "runtime": RUNTIME,
+        "runtime_version": onnxruntime.__version__,
+        "format": "QDQ",
+        "weights": "int8, symmetric, per output channel" + (" (7-bit range: no VNNI)" if reduce_range else ""),
+        "activations": "uint8, asymmetric, per tensor",
+        "calibration": calibrate,
+        "calibration_images": len(images),
+        "calibration_sizes": sorted({tuple(x.shape[-2:]) for x in images}),
+        "float_nodes": kept,
+    }
+    return proto, details
+
+
+def quantize(
+    model: nn.Module,
+    calibration: Iterable[Tensor],
+    *,
+    calibrate: str = "minmax",
+    threads: int | None = None,
+) -> Quantized:
+    """``model`` quantised to int8 (static: activation ranges from ``calibration``), as a module
+    the inference functions take like the model itself; its forward returns float32 logits.
+
+    ``calibration``: normalised images as training feeds them, ``(C, H, W)`` or ``(N, C, H, W)``
+    (:func:`calibration_images`, :func:`training_images`); ``calibrate``: one of
+    :data:`CALIBRATIONS`; ``threads``: ONNX Runtime's intra-op threads (default torch's).
+    """
+    from .export import onnx_session
+
+    proto, details = quantized_onnx(model, calibration, calibrate=calibrate)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "int8.onnx"
+        path.write_bytes(proto.SerializeToString())
+        session = onnx_session(path, threads=threads or torch.get_num_threads())
+    return Quantized(model.eval(), session, details)
+
+
+def export_int8_onnx(
+    source: nn.Module | Trained | str | Path,
+    path: str | Path,
+    calibration: Iterable[Tensor],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    calibrate: str = "minmax",
+    opset: int | None = None,
+) -> Path:
+    """Write ``source`` (a model, a :class:`~densepred.checkpoint.Trained` or a checkpoint path)
+    as an int8 ONNX file with :func:`~densepred.export.export_onnx`'s metadata, plus a
+    ``quantization`` entry; it takes and returns what the float file does (float32 in and out)."""
+    from .export import resolve_source, write_onnx
+
+    model, meta = resolve_source(source, metadata)
+    proto, details = quantized_onnx(model, calibration, calibrate=calibrate, opset=opset)
+    return write_onnx(proto, path, {**meta, "quantization": details})

@@ -1,0 +1,172 @@
+"""Int8 static quantisation (densepred.quantize): float logits of the model's shape, argmax close
+to fp32's, an exported file with the float export's metadata, and the CLI's --int8 options."""
+
+import json
+
+import pytest
+import torch
+
+from densepred import create_model
+from densepred.checkpoint import load_checkpoint, save_atomic
+from densepred.cli import main
+from densepred.config import EvalConfig
+from densepred.export import export_onnx, onnx_session, read_metadata
+from densepred.inference import predict_logits
+from densepred.quantize import (
+    calibration_images,
+    export_int8_onnx,
+    int8_options,
+    quantize,
+    training_images,
+)
+from slim import slim
+from tiny import tiny_checkpoint
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+CLASSES = 5
+
+
+def _noise(count: int, size: tuple[int, int], seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, 3, *size, generator=g) for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def slim_deeplab():
+    """DeepLab v1 LargeFOV with 1/16 of VGG16's widths: the full net's graph, fast."""
+    torch.manual_seed(0)
+    return slim(create_model("deeplab_v1_largefov", num_classes=CLASSES)).eval()
+
+
+@pytest.fixture(scope="module")
+def quantized(slim_deeplab):
+    return quantize(slim_deeplab, _noise(4, (64, 64)))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("run"))
+
+
+def test_the_quantised_module_gives_float_logits_of_the_models_shape(slim_deeplab, quantized):
+    x = _noise(1, (72, 56), seed=1)[0]  # not the calibration size: the int8 graph's sizes are dynamic
+    with torch.inference_mode():
+        out, ref = quantized(x), slim_deeplab(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape == (1, CLASSES, 72, 56)
+    assert (quantized.num_classes, quantized.in_channels) == (CLASSES, 3)
+    assert not quantized.training  # evaluate() restores the mode it found, the float model's too
+    # Sliding-window inference takes it as it takes the model.
+    tiled = predict_logits(quantized, x, EvalConfig(mode="slide", tile=48, amp="none"))
+    assert tiled.shape == (1, CLASSES, 72, 56)
+    assert "int8 on onnxruntime" in quantized.describe()
+
+
+def test_int8_argmax_agrees_with_fp32_on_most_pixels(slim_deeplab, quantized):
+    x = _noise(2, (80, 96), seed=2)
+    with torch.inference_mode():
+        agree = [(quantized(v).argmax(1) == slim_deeplab(v).argmax(1)).float().mean().item() for v in x]
+    assert min(agree) > 0.98, agree
+
+
+def test_the_int8_file_carries_the_float_exports_metadata_and_runs(slim_deeplab, tmp_path):
+    meta = {"class_names": [f"c{i}" for i in range(CLASSES)]}
+    path = export_int8_onnx(slim_deeplab, tmp_path / "m.int8.onnx", _noise(2, (48, 48)), metadata=meta)
+    float_path = export_onnx(slim_deeplab, tmp_path / "m.onnx", metadata=meta)
+    read, read_float = read_metadata(path), read_metadata(float_path)
+    assert read["quantization"]["calibration_images"] == 2
+    assert {k: v for k, v in read.items() if k != "quantization"} == read_float
+    graph = onnx.load(path).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in graph.node}
+    # The classifier head stays float: logits rounded to 256 levels would tie in the argmax.
+    producer = {out: node for node in graph.node for out in node.output}
+    assert producer[graph.output[0].name].op_type not in ("QuantizeLinear", "DequantizeLinear")
+    assert any("Conv" in name for name in read["quantization"]["float_nodes"])
+    x = _noise(1, (40, 56), seed=3)[0]
+    out = onnx_session(path).run(None, {"image": x.numpy()})[0]
+    assert out.shape == (1, CLASSES, 40, 56) and out.dtype == "float32"
+
+
+def test_the_head_and_what_switches_pool_stay_float():
+    """conv1 -> relu1 -> pool (indices used by the unpooling) -> conv2 -> relu2 -> unpool -> score."""
+    from onnx import TensorProto, helper
+
+    from densepred.quantize import _float_nodes
+
+    nodes = [
+        helper.make_node("Conv", ["image", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("MaxPool", ["r1"], ["p", "idx"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p", "w2"], ["c2"], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("MaxUnpool", ["r2", "idx"], ["u"], name="unpool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["u", "w3"], ["logits"], name="score"),
+    ]
+    info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("image", "logits")]
+    graph = helper.make_graph(nodes, "g", [info[0]], [info[1]])
+    assert set(_float_nodes(graph)) == {"score", "unpool", "relu1", "conv1"}
+
+
+def test_calibration_images_spread_over_the_split():
+    dataset = [{"image": torch.full((3, 4, 4), float(i))} for i in range(10)]
+    picked = [int(x[0, 0, 0, 0]) for x in calibration_images(dataset, 3)]
+    assert picked == [0, 3, 6]
+    assert len(calibration_images(dataset, 50)) == 10  # more than there are: all of them
+    with pytest.raises(ValueError, match="at least 1"):
+        calibration_images(dataset, 0)
+
+
+def test_int8_options_refuse_what_int8_cannot_be():
+    assert int8_options(EvalConfig()) == EvalConfig(amp="none", backend="eager")
+    with pytest.raises(ValueError, match="drop --amp bf16"):
+        int8_options(EvalConfig(amp="bf16"))
+    with pytest.raises(ValueError, match="--backend torchscript"):
+        int8_options(EvalConfig(backend="torchscript"))
+
+
+def test_cli_eval_and_predict_run_int8_and_say_so(checkpoint, tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(checkpoint), "--int8", "2", "--out", str(tmp_path / "eval")]) == 0
+    assert "int8 on onnxruntime" in capsys.readouterr().out
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["int8"]["calibration_images"] == 2
+    from PIL import Image
+
+    Image.new("RGB", (40, 48), (90, 120, 30)).save(tmp_path / "in.png")
+    cmd = ["predict", "--checkpoint", str(checkpoint), str(tmp_path / "in.png"), "--out", str(tmp_path / "pred")]
+    assert main([*cmd, "--int8", "1", "--no-progress"]) == 0
+    assert "int8 on onnxruntime" in capsys.readouterr().out
+    assert (tmp_path / "pred" / "in.png").is_file()
+
+
+def test_cli_export_int8_writes_an_int8_onnx_file(checkpoint, capsys):
+    assert main(["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--int8", "2"]) == 0
+    written = checkpoint.with_name(checkpoint.stem + ".int8.onnx")
+    assert str(written) in capsys.readouterr().out
+    assert read_metadata(written)["quantization"]["calibration_images"] == 2
+
+
+def test_cli_int8_usage_errors_name_the_option(checkpoint, tmp_path, capsys):
+    base = ["export", "--checkpoint", str(checkpoint)]
+    assert main([*base, "--format", "torchscript", "--int8", "2"]) == 2
+    assert "--int8 writes ONNX" in capsys.readouterr().err
+    assert main([*base, "--format", "onnx", "--calibration-data", str(tmp_path)]) == 2
+    assert "--calibration-data applies with --int8 only" in capsys.readouterr().err
+    assert main(["export", "--weights", "fcn8s.voc_caffe", "--int8", "2"]) == 2
+    assert "--weights fcn8s.voc_caffe has none" in capsys.readouterr().err
+
+
+def test_missing_calibration_data_is_an_error_naming_the_option(checkpoint, tmp_path, capsys):
+    state = load_checkpoint(checkpoint)
+    state["config"]["data"].update(dataset="camvid", root=None)  # a recipe whose data is not here
+    moved = save_atomic(state, tmp_path / "camvid.pt")
+    assert main(["export", "--checkpoint", str(moved), "--int8", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--calibration-data ROOT" in err and "camvid 'train' split" in err
+    missing = str(tmp_path / "no_such_folder")
+    assert main(["export", "--checkpoint", str(moved), "--int8", "2", "--calibration-data", missing]) == 2
+    assert "--calibration-data ROOT" in capsys.readouterr().err
+    from densepred.checkpoint import load_trained
+
+    with pytest.raises(ValueError, match="--calibration-data"):
+        training_images(load_trained(moved), 2)
