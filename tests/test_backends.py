@@ -339,3 +339,10 @@ def test_the_bf16_candidate_is_used_only_where_its_labels_agree(monkeypatch):
     probe.wrong = {backends.BF16}  # say bf16 rounding moved labels: the faster candidate is refused
     _, choice = choose_backend(model, example, ("eager", backends.BF16), use_cache=False)
     assert choice.backend == "eager" and "argmax agrees with eager on" in choice.rejected[backends.BF16]
+
+
+def test_an_accelerated_model_stays_in_eval_mode_when_a_caller_restores_training():
+    model = densepred.create_model("unet_padded", num_classes=3, in_channels=3, base_channels=4).eval()
+    wrapped = Accelerated(model, lambda x: backends._eager_output(model, x), "eager")
+    wrapped.train()  # what evaluate() does on the way out for a model it found in training mode
+    assert not wrapped.training and not any(m.training for m in model.modules())

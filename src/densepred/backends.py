@@ -82,6 +82,11 @@ class Accelerated(SegmentationModel):
     def input_rule(self):  # noqa: ANN201 - the model's InputRule
         return input_rule_of(self.model)
 
+    def train(self, mode: bool = True) -> Accelerated:
+        """Always eval mode: a caller restoring "training" (``evaluate`` does) must not switch the
+        wrapped model's batch norms to batch statistics under a prepared backend."""
+        return super().train(False)
+
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x)
 
