@@ -311,6 +311,34 @@ def _successor_section(results: dict | None) -> list[str]:
     ]
 
 
+def _rendered(title: str, command: str, results: dict | None, table) -> list[str]:  # noqa: ANN001 - a table(results) function
+    """A section rendered by its benchmark's own ``table``, or how to produce it."""
+    if not results:
+        return [f"### {title}", "", f"No results yet: `{command}`.", ""]
+    return [f"### {title}", "", f"`{command}`.", "", table(results), ""]
+
+
+def _speed_limit_sections(out_dir: Path) -> list[str]:
+    """The roofline, int8 and the pipeline around the network."""
+    from . import int8, pipeline, roofline
+
+    return [
+        *_rendered(
+            "The fp32 limit on record: % of the measured convolution peak",
+            "python -m benchmarks roofline",
+            _load(out_dir / "roofline.json"),
+            roofline.table,
+        ),
+        *_rendered("int8", "python -m benchmarks int8 --data-root ../shared/data", _load(out_dir / "int8.json"), int8.table),
+        *_rendered(
+            "predict end to end, against the forward pass alone",
+            "python -m benchmarks.pipeline",
+            _load(out_dir / "pipeline.json"),
+            pipeline.table,
+        ),
+    ]
+
+
 def write_report(out_dir: Path, doc: Path) -> Path:
     figures = doc.parent / "benchmarks"
     figures.mkdir(parents=True, exist_ok=True)
@@ -328,6 +356,7 @@ def write_report(out_dir: Path, doc: Path) -> Path:
         "",
         *_speed_section(speed),
         *_successor_section(_load(out_dir / "successors.json")),
+        *_speed_limit_sections(out_dir),
         "## System",
         "",
         *_system_section(system, speed),
