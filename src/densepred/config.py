@@ -343,6 +343,9 @@ def _build_section(cls: type, values: Any, section: str) -> Any:
         raise ConfigError(f"section '{section}' must be a mapping of key: value, got {values!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
+    odd = [k for k in values if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"section '{section}' has key(s) that are not names: {', '.join(map(repr, odd))}")
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ConfigError(
