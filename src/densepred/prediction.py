@@ -6,7 +6,7 @@ import glob
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 import cv2
 import numpy as np
@@ -121,13 +121,14 @@ def predict(
     ]
 
 
-def save_index_png(labels: np.ndarray, palette, path: str | Path) -> Path:
-    """An 8-bit palette PNG: pixel values are class ids, viewers show the dataset's colours."""
+def save_index_png(labels: np.ndarray, palette, path: str | Path | BinaryIO) -> Path | BinaryIO:
+    """An 8-bit palette PNG: pixel values are class ids, viewers show the dataset's colours.
+    ``path`` may be an open binary file (the web app writes into a buffer)."""
     img = Image.fromarray(labels.astype(np.uint8), mode="P")
     flat = [v for colour in palette for v in colour]
-    img.putpalette(flat + [0] * (768 - len(flat)))
-    img.save(path, compress_level=1)  # masks compress well at the fastest level too
-    return Path(path)
+    img.putpalette(flat + [0] * (768 - len(flat)))  # 256 entries keep the PNG at 8 bits per pixel
+    img.save(path, format="PNG", compress_level=1)  # masks compress well at the fastest level too
+    return path if hasattr(path, "write") else Path(path)
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, palette, alpha: float = 0.5) -> np.ndarray:

@@ -46,7 +46,7 @@ from .admission import (
 from .data.errors import DataError
 from .data.io import read_image
 from .footprint import meta_model
-from .prediction import Predictor
+from .prediction import Predictor, save_index_png
 
 __all__ = [
     "MAX_UPLOAD_BYTES",
@@ -246,12 +246,9 @@ def _segment_upload(
 
 
 def index_png(labels: np.ndarray, palette: list[tuple[int, int, int]]) -> bytes:
-    """An 8-bit palette PNG whose pixel values are the class ids (as ``predict.save_index_png``)."""
-    img = Image.fromarray(labels.astype(np.uint8), mode="P")
-    flat = [v for colour in palette for v in colour]
-    img.putpalette(flat + [0] * (768 - len(flat)))  # 256 entries keep the PNG at 8 bits per pixel
+    """An 8-bit palette PNG whose pixel values are the class ids, the bytes ``predict`` writes."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=1)  # masks compress well even at the fastest level
+    save_index_png(labels, palette, buf)
     return buf.getvalue()
 
 
