@@ -1,7 +1,8 @@
 """docs/benchmarks.md from the JSON results of ``python -m benchmarks speed|system|accuracy``.
 
-Every number in the page comes from a results file; a section whose file is missing says how
-to produce it. Pictures (accuracy-versus-time curves, the CRF boundary crop) are written to
+Every number in the page comes from a results file. A section whose file is missing keeps the
+page's previous text for it, when the page has one (results measured elsewhere are not lost by
+re-measuring one part here), or else says how to produce it. Pictures (accuracy-versus-time curves, the CRF boundary crop) are written to
 docs/benchmarks/ next to the page.
 """
 
@@ -339,6 +340,56 @@ def _speed_limit_sections(out_dir: Path) -> list[str]:
     ]
 
 
+MISSING = "results yet:"  # the phrase of every section rendered without results
+
+
+def _split(lines: list[str], prefix: str) -> list[tuple[str | None, list[str]]]:
+    """``lines`` cut at each heading line starting with ``prefix``: the text before the first
+    heading (under ``None``), then each heading with what follows it up to the next one."""
+    blocks: list[tuple[str | None, list[str]]] = [(None, [])]
+    for line in lines:
+        if line.startswith(prefix):
+            blocks.append((line, []))
+        else:
+            blocks[-1][1].append(line)
+    return blocks
+
+
+def _missing(body: list[str]) -> bool:
+    return any(MISSING in line for line in body)
+
+
+def keep_previous(new: list[str], old: list[str]) -> list[str]:
+    """``new``, where a part rendered without results takes ``old``'s text for the same heading:
+    a ``### `` block by its heading; a ``## `` section's own text (before its first ``### ``)
+    together with the old section's blocks that ``new`` does not render."""
+    old_sections = dict(_split(old, "## "))
+    out: list[str] = []
+    for heading, body in _split(new, "## "):
+        previous = old_sections.get(heading) if heading is not None else None
+        if heading is not None:
+            out.append(heading)
+        if previous is None:
+            out += body
+            continue
+        old_blocks = _split(previous, "### ")
+        old_by_heading = dict(old_blocks[1:])
+        blocks = _split(body, "### ")
+        rendered = {h for h, _ in blocks}
+        for sub, text in blocks:
+            if sub is None:
+                if _missing(text):  # the section's own results are absent: its old text and tables
+                    out += old_blocks[0][1]
+                    for old_sub, old_text in old_blocks[1:]:
+                        if old_sub not in rendered:
+                            out += [old_sub, *old_text]
+                else:
+                    out += text
+                continue
+            out += [sub, *(old_by_heading[sub] if _missing(text) and sub in old_by_heading else text)]
+    return out
+
+
 def write_report(out_dir: Path, doc: Path) -> Path:
     figures = doc.parent / "benchmarks"
     figures.mkdir(parents=True, exist_ok=True)
@@ -364,6 +415,8 @@ def write_report(out_dir: Path, doc: Path) -> Path:
         "",
         *_accuracy_section(out_dir, figures),
     ]
+    if doc.exists():
+        lines = keep_previous(lines, doc.read_text().splitlines())
     doc.write_text("\n".join(lines) + "\n")
     print(f"wrote {doc}")
     return doc

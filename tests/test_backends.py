@@ -267,6 +267,20 @@ def test_auto_caches_its_choice_and_reuses_it_without_timing(monkeypatch, tmp_pa
     assert not fresh.cached and probe.timed == list(PROBED)
 
 
+def test_the_probe_runs_eagers_reference_once_and_a_cached_eager_choice_runs_nothing(monkeypatch, tmp_path):
+    model, example = few_ops(), torch.randn(1, 3, 64, 64)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(tuple(args[0].shape[-2:])))
+    Probe(monkeypatch, {"eager": 1.0, "channels_last": 3.0, "torchscript": 2.0})
+    _, choice = choose_backend(model, example, PROBED)
+    assert choice.backend == "eager"
+    # Eager's logits at the two probe sizes once; each other candidate runs both probes to be checked.
+    assert len(calls) == 2 + 2 * 2 and len(set(calls)) == 2
+    calls.clear()
+    _, again = choose_backend(model, example, PROBED)
+    assert again.cached and again.backend == "eager" and calls == []
+
+
 @pytest.mark.parametrize("failure", ["broken", "wrong"])
 def test_a_cached_choice_that_stops_working_is_measured_again(failure, monkeypatch, tmp_path):
     model, example = few_ops(), torch.randn(1, 3, 64, 64)
