@@ -2,8 +2,8 @@
 
 Every number in the page comes from a results file. A section whose file is missing keeps the
 page's previous text for it, when the page has one (results measured elsewhere are not lost by
-re-measuring one part here), or else says how to produce it. Pictures (accuracy-versus-time curves, the CRF boundary crop) are written to
-docs/benchmarks/ next to the page.
+re-measuring one part here), or else says how to produce it. Pictures (accuracy-versus-time
+curves, the CRF boundary crop) are written to docs/benchmarks/ next to the page.
 """
 
 from __future__ import annotations
@@ -330,7 +330,9 @@ def _speed_limit_sections(out_dir: Path) -> list[str]:
             _load(out_dir / "roofline.json"),
             roofline.table,
         ),
-        *_rendered("int8", "python -m benchmarks int8 --data-root ../shared/data", _load(out_dir / "int8.json"), int8.table),
+        *_rendered(
+            "int8", "python -m benchmarks int8 --data-root ../shared/data", _load(out_dir / "int8.json"), int8.table
+        ),
         *_rendered(
             "predict end to end, against the forward pass alone",
             "python -m benchmarks.pipeline",
