@@ -175,7 +175,8 @@ def table(results: dict) -> str:
         for mode, stage in r["modes"].items():
             total = sum(stage.values())
             cells = [f"{stage[k]:.3f}" if k in stage else "-" for k in cols]
-            lines.append(f"| {mode} | " + " | ".join(cells) + f" | {total:.3f} | {100 * stage['network'] / total:.0f}% |")
+            share = 100 * stage["network"] / total
+            lines.append(f"| {mode} | " + " | ".join(cells) + f" | {total:.3f} | {share:.0f}% |")
     return "\n".join(lines)
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import densepred
-from slim import slim
 from densepred.models.deeplab import ASPP_RATES, MultiScaleInputs, caffe_resize
+from slim import slim
 
 
 def _params(m) -> int:

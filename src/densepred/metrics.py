@@ -34,6 +34,7 @@ __all__ = [
     "segments_from_membrane_mask",
 ]
 
+
 def class_map(scores: Tensor) -> Tensor:
     """Class ids ``(N, H, W)`` of scores ``(N, C, H, W)``: the argmax over C, first maximum on ties.
 

@@ -331,7 +331,8 @@ class _Run:
         self.info, self.device = info, device = setup_distributed(t.device)
         seed_everything(t.seed, t.deterministic)
         self.amp = resolve_amp(t.amp, device)
-        exp.resolved.update(amp=self.amp, eval_amp=resolve_inference_amp(exp.eval.amp, device), machine=machine_info().to_dict())
+        eval_amp = resolve_inference_amp(exp.eval.amp, device)
+        exp.resolved.update(amp=self.amp, eval_amp=eval_amp, machine=machine_info().to_dict())
 
         self.train_set = build_dataset(exp, exp.data.train_split, train=True, seed=t.seed)
         self.val_set = build_dataset(exp, exp.data.val_split, train=False)
