@@ -118,7 +118,7 @@ def run_system(path: Path, data_root: Path, *, force: bool = False) -> dict:
         ]
         exp = load_experiment(resolve_config("synthetic_unet"), overrides)
         bare, ours = [], []
-        for _ in range(2):  # alternate so a noisy machine affects both alike
+        for _ in range(3):  # alternate so a noisy machine affects both alike; best of three each
             bare.append(bare_loop(exp, iterations))
             ours.append(trainer_loop(exp, iterations))
         b, o = max(bare), max(ours)
