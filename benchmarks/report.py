@@ -87,6 +87,12 @@ def _speed_section(speed: dict | None) -> list[str]:
             cells.append(f"{x['speedup']:.2f}x" if "speedup" in x else "n/a")
         rows.append(cells)
     out += _table(["model", "eager fp32", *names], rows)
+    out += [
+        "",
+        "The ratios are what carries to another machine, except bf16 autocast's: it holds where the CPU "
+        "computes bfloat16 natively (AVX512-BF16 or AMX); an AVX2 CPU emulates it 25-70x slower than fp32, "
+        "which is why `amp: auto` runs fp32 there.",
+    ]
     out += ["", *_heading("Training step (forward, loss, backward, SGD) at the recipe's crop, batch 2", speed)]
     rows = []
     for name, r in speed.get("models", {}).items():
@@ -140,7 +146,10 @@ def _system_section(system: dict | None, speed: dict | None) -> list[str]:
         line = f"Fully-connected CRF, {c['image']}, {c['classes']} classes, {c['iterations']} iterations, one thread: "
         line += f"densepred {c['ours_s']:.3f} s"
         if "pydensecrf_s" in c:
-            line += f", pydensecrf {c['pydensecrf_s']:.3f} s, labels agree on {100 * c['agreement']:.2f}% of pixels"
+            line += (
+                f", pydensecrf {c['pydensecrf_s']:.3f} s (**{c['pydensecrf_s'] / c['ours_s']:.2f}x**), labels agree "
+                f"on {100 * c['agreement']:.2f}% of pixels (best of 5 each)"
+            )
         out += [*_heading("CRF", system), line + ".", ""]
     a = system.get("crf_agreement")
     if a:
@@ -309,14 +318,39 @@ def _successor_section(results: dict | None) -> list[str]:
         "",
         table(results),
         "",
+        "`deeplabv3` and `deeplabv3plus` run at output stride 16 (their default, the papers' training stride); "
+        "torchvision's DeepLabV3 and FCN-ResNet at 8, hence about 3x the work.",
+        "",
     ]
 
 
-def _rendered(title: str, command: str, results: dict | None, table) -> list[str]:  # noqa: ANN001 - a table(results) function
+# What each rendered section measures and how to read it: method, not figures (those come from
+# the results, so they never go stale).
+NOTES = {
+    "roofline": "Peaks are measured before and after the models and the best is kept (a peak taken while "
+    "something else runs flatters every model). FLOPs are counted from every convolution, transposed "
+    "convolution and linear layer (2 per multiply-add); the training step counts 3x the forward's. "
+    '"default" is what `predict`, `eval` and `serve` run: the backend the probe chose at its 128-pixel '
+    "probe (named), kept for every size. Above 100%: ONNX Runtime and OpenVINO convolve faster than "
+    "PyTorch's own 3x3 kernel, the reference. Run it on a quiet machine: other work running during "
+    "the models halves some of them.",
+    "int8": "int8 runs on ONNX Runtime (`--int8 N` on `predict`, `eval`, `export`), fp32 and int8 in "
+    "interleaved rounds. ONNX Runtime picks its int8 kernels by CPUID (VNNI where the CPU has it): the AVX2 "
+    "variables change PyTorch's fp32 baseline only, so the \"AVX2\" rows are not an AVX2 machine's. The "
+    "CamVid models were trained minutes from scratch on the CPU (their fp32 mIoU is in the accuracy "
+    "lines): the accuracy cost is measured on weak models.",
+    "pipeline": "Random weights of each model, 11 classes, through `Predictor` with `backend=auto`. "
+    "`predict` is `predict_files` on one CamVid val frame: read the PNG, normalise, the network, class "
+    "ids, the index PNG and the overlay PNG, into a new folder each run. A forward of a few tens of "
+    "milliseconds cannot hide the PNG reading and writing (about 17 ms a frame).",
+}
+
+
+def _rendered(title: str, command: str, results: dict | None, table, notes: str = "") -> list[str]:  # noqa: ANN001 - a table(results) function
     """A section rendered by its benchmark's own ``table``, or how to produce it."""
     if not results:
         return [f"### {title}", "", f"No results yet: `{command}`.", ""]
-    return [f"### {title}", "", f"`{command}`.", "", table(results), ""]
+    return [f"### {title}", "", f"`{command}`. {notes}".rstrip(), "", table(results), ""]
 
 
 def _speed_limit_sections(out_dir: Path) -> list[str]:
@@ -329,15 +363,21 @@ def _speed_limit_sections(out_dir: Path) -> list[str]:
             "python -m benchmarks roofline",
             _load(out_dir / "roofline.json"),
             roofline.table,
+            NOTES["roofline"],
         ),
         *_rendered(
-            "int8", "python -m benchmarks int8 --data-root ../shared/data", _load(out_dir / "int8.json"), int8.table
+            "int8",
+            "python -m benchmarks int8 --data-root ../shared/data",
+            _load(out_dir / "int8.json"),
+            int8.table,
+            NOTES["int8"],
         ),
         *_rendered(
             "predict end to end, against the forward pass alone",
             "python -m benchmarks.pipeline",
             _load(out_dir / "pipeline.json"),
             pipeline.table,
+            NOTES["pipeline"],
         ),
     ]
 

@@ -161,7 +161,21 @@ def table(results: dict) -> str:
     ]
     if defaults:
         low = min(defaults)
-        lines += ["", f"Default path: lowest {low[0]:.0f}% of the conv peak ({low[1]}, {low[2]}); target 85%."]
+        below = [
+            f"{name} {path.split()[-1]} ({share:.0f}%)" for share, name, path in sorted(defaults) if round(share) < 85
+        ]
+        faster = sum(
+            r["seconds"] < rows[f"eager {r['size']}"]["seconds"]
+            for rows in results["models"].values()
+            for path, r in rows.items()
+            if path.startswith("default")
+        )
+        lines += [
+            "",
+            f"Default path: >= 85% of the conv peak on {len(defaults) - len(below)} of {len(defaults)} model-size "
+            f"pairs, faster than eager on {faster}; lowest {low[0]:.0f}% ({low[1]}, {low[2]}); target 85%."
+            + (f" Below 85%: {', '.join(below)}." if below else ""),
+        ]
     return "\n".join(lines)
 
 
