@@ -82,3 +82,38 @@ No results yet: `python -m benchmarks roofline`.
     # Nothing old to keep: the section says how to produce it.
     assert "No results yet: `python -m benchmarks roofline`." in page
     assert "old isbi table" not in page  # new has no accuracy section: none is invented
+
+
+def test_a_dataset_whose_runs_are_not_all_here_keeps_its_previous_table(tmp_path) -> None:
+    import json
+
+    from benchmarks.accuracy import RUNS
+    from benchmarks.report import _accuracy_section
+
+    from densepred.precision import machine_info
+
+    for run in RUNS:
+        if run.dataset != "isbi2012":
+            continue
+        folder = tmp_path / run.name
+        folder.mkdir()
+        result = {
+            "run": run.name,
+            "dataset": run.dataset,
+            "model": run.model_note,
+            "iterations": 100,
+            "train_seconds": 240.0,
+            "scores": {"pixel_error": 0.1, "rand_error": 0.2, "membrane_iou": 0.5},
+            "machine": machine_info().to_dict(),
+        }
+        (folder / "result.json").write_text(json.dumps(result))
+    (tmp_path / RUNS[-1].name).mkdir(exist_ok=True)  # one CamVid run begun, none finished
+    lines = _accuracy_section(tmp_path, tmp_path / "figures")
+    page = "\n".join(lines)
+    assert all(run.name in page for run in RUNS if run.dataset == "isbi2012")
+    assert f"*Measured on: {machine_info().line()}.*" in page
+    assert "No complete camvid results yet" in page and "--only camvid_" in page
+    camvid = "### CamVid (11 classes, 360x480): train (367) -> val (101)"
+    old = ["## Accuracy on real data", "", camvid, "", "old camvid"]
+    kept = "\n".join(keep_previous(["## Accuracy on real data", "", *lines], old))
+    assert "old camvid" in kept and "No complete camvid" not in kept and "isbi_unet_padded" in kept
