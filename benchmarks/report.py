@@ -222,8 +222,6 @@ def _isbi_block(results: dict[str, dict], figures: Path) -> list[str]:
     out = _heading(ACCURACY_TITLES["isbi2012"], *results.values())
     rows = []
     for name, r in results.items():
-        if r["dataset"] != "isbi2012":
-            continue
         s = r["scores"]
         rows.append(
             [
@@ -265,8 +263,6 @@ def _camvid_block(results: dict[str, dict], figures: Path) -> list[str]:
     out = _heading(ACCURACY_TITLES["camvid"], *results.values())
     rows, per_class, pictures = [], [], []
     for name, r in results.items():
-        if r["dataset"] != "camvid":
-            continue
         scores = r["scores"]["scores"]
         plain, preset = scores["no CRF"], scores.get("deeplab_v2 preset")
         tuned = scores.get("tuned on train")
