@@ -288,10 +288,10 @@ def choose_backend(
 ) -> tuple[Callable[[Tensor], Tensor], BackendChoice]:
     """The fastest candidate that computes what eager computes, prepared for ``model``."""
     key = _cache_key(model, example)
-    probes = _probes(model, example)
     cached = _read_cache().get(key) if use_cache else None
     if cached == "eager" and "eager" in candidates:  # the reference itself: nothing to check
         return prepare_backend(model, "eager", example), BackendChoice("eager", cached=True)
+    probes = _probes(model, example)
     references = _eager_references(model, probes)
     if cached in candidates:
         try:
