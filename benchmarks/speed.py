@@ -145,9 +145,9 @@ def _variants(name: str, model: torch.nn.Module, size: int) -> dict:
 
 def _onnxruntime(model: torch.nn.Module, x: torch.Tensor) -> dict:
     try:
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401 - installed or not
 
-        from densepred.export import export_onnx
+        from densepred.export import export_onnx, onnx_session
     except ImportError as exc:
         return {"error": f"not available ({exc.name})"}
     import tempfile
@@ -158,9 +158,7 @@ def _onnxruntime(model: torch.nn.Module, x: torch.Tensor) -> dict:
             export_onnx(model, path, metadata={})
         except Exception as exc:  # noqa: BLE001
             return {"error": f"export failed: {type(exc).__name__}: {str(exc)[:200]}"}
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = torch.get_num_threads()
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnx_session(path, threads=torch.get_num_threads())  # as the onnxruntime backend runs it
         feed = {session.get_inputs()[0].name: x.numpy()}
         return {"latency_s": timed(lambda: session.run(None, feed))}
 

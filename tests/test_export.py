@@ -11,6 +11,7 @@ from torch import nn
 import densepred
 from densepred.export import (
     DEFAULT_OPSET,
+    SPINNING,
     export_onnx,
     export_torchscript,
     model_metadata,
@@ -142,6 +143,14 @@ def test_export_matches_eager_at_other_sizes(case, fmt, tmp_path):
         for x, ref in zip(inputs, refs, strict=True):
             _check_parity(run(x), ref)
     assert not model.training  # export restored the mode it found
+
+
+def test_onnx_sessions_do_not_spin_between_runs(tmp_path):
+    """The pool sleeps after a run, leaving the cores to the work between runs (argmax, PNGs)."""
+    model = densepred.create_model("unet_padded", num_classes=3, base_channels=2).eval()
+    session = onnx_session(export_onnx(model, tmp_path / "m.onnx", example_size=(64, 64)), threads=2)
+    assert session.get_session_options().get_session_config_entry(SPINNING) == "0"
+    assert session.get_session_options().intra_op_num_threads == 2
 
 
 def test_valid_unet_metadata_states_the_output_size():

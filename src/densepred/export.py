@@ -377,6 +377,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return json.loads(props[METADATA_KEY])
 
 
+SPINNING = "session.intra_op.allow_spinning"  # ONNX Runtime's session config key
+
+
 def onnx_session(
     path: str | Path, *, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)
 ) -> onnxruntime.InferenceSession:
@@ -386,4 +389,7 @@ def onnx_session(
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    # No busy-waiting after a run: by default ONNX Runtime's pool spins for the next one, taking
+    # the cores from what runs in between (the argmax, a sliding window's stitching, the PNGs).
+    options.add_session_config_entry(SPINNING, "0")
     return ort.InferenceSession(str(path), options, providers=list(providers))
