@@ -181,6 +181,27 @@ def test_padded_rows_give_the_same_probabilities(monkeypatch):
         np.testing.assert_allclose(padded, plain, atol=1e-6)
 
 
+def test_half_precision_vertices_change_no_label(monkeypatch):
+    """The lattice's normalised messages carry float16 vertex values on CPU (half the bytes per
+    splat, blur and slice); their rounding moves the probabilities by far less than the
+    lattice's own kernel error and moves no label here. The normaliser stays float32."""
+    image, probs = _structured(40, 48, 5, 2)
+    image = np.clip(image.astype(int) * 3 - 200, 0, 255).astype(np.uint8)  # dense colours: the lattice runs
+    features, _ = crf.crf_features(torch.from_numpy(image).permute(2, 0, 1)[None], SMALL)
+    message = crf._Lattice(features, torch.zeros(features.shape[0], dtype=torch.int64)).normalised(4.0)
+    assert {m.weights.dtype for m in message.args[0]} == {torch.float16}
+    q = torch.rand(features.shape[0], 5)
+    assert message(q).dtype == torch.float32
+    half = dense_crf(image, probs, SMALL, bilateral_kernel="lattice")
+    monkeypatch.setattr(crf, "VERTEX_DTYPE", torch.float32)
+    single = dense_crf(image, probs, SMALL, bilateral_kernel="lattice")
+    exact = crf._Lattice(features, torch.zeros(features.shape[0], dtype=torch.int64)).normalised(4.0)
+    assert {m.weights.dtype for m in exact.args[0]} == {torch.float32}
+    np.testing.assert_allclose(message(q).numpy(), exact(q).numpy(), rtol=5e-3, atol=1e-4)
+    assert np.abs(half - single).max() < 5e-3
+    assert (half.argmax(0) == single.argmax(0)).all()
+
+
 def test_lattice_numbering_does_not_change_the_filter():
     """The lattice numbers its vertices by the pixels' order; permuting the pixels permutes the
     filtered values and nothing else (two images, so that groups stay apart)."""

@@ -291,7 +291,9 @@ class _Lattice:
     def normalised(self, weight: float):
         """The message ``q -> w D^-1/2 K D^-1/2 q`` with ``D = K 1`` (pydensecrf's NORMALIZE_SYMMETRIC)."""
         norm = self.filter(torch.ones(self.num_points, 1, device=self.device)).clamp_(min=1e-20).rsqrt_()
-        return partial(_apply_chain, self._chain(norm, weight * norm))
+        dtype = _vertex_dtype(self.device)
+        chain = [dataclasses.replace(m, weights=m.weights.to(dtype)) for m in self._chain(norm, weight * norm)]
+        return partial(_apply_chain, chain)
 
 
 @dataclass(frozen=True)
@@ -313,9 +315,27 @@ class RowSums:
 
 
 def _apply_chain(matrices: list[RowSums], values: Tensor) -> Tensor:
+    """``values`` through the matrices in turn, in the matrices' dtype, returned in their own."""
+    out = values.to(matrices[0].weights.dtype)
     for matrix in matrices:
-        values = matrix @ values
-    return values
+        out = matrix @ out
+    return out.to(values.dtype)
+
+
+# None: by the machine (:func:`_vertex_dtype`); a dtype forces it (tests, benchmarks).
+VERTEX_DTYPE: torch.dtype | None = None
+
+
+def _vertex_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the lattice's vertex values in the normalised messages: float16 on CPU (FBGEMM's
+    ``embedding_bag`` reads half-precision rows and sums them in float32, converting with F16C,
+    which every AVX2 CPU has), so the splat, blurs and slice move half the bytes. Its rounding
+    (2^-11 relative, each of the d+3 steps) is far inside the lattice's own ~14% kernel error.
+    The normaliser ``D = K 1`` stays float32: unnormalised sums of many vertices can exceed
+    float16's 65504."""
+    if VERTEX_DTYPE is not None:
+        return VERTEX_DTYPE
+    return torch.float16 if device.type == "cpu" else torch.float32
 
 
 # The sparse kernel drops pairs farther apart than 4 kernel widths: weights below exp(-8) = 3.4e-4.
