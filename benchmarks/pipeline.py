@@ -3,6 +3,7 @@ the network.
 
     python -m benchmarks.pipeline [--model lraspp_mobilenet_v3_large,deeplab_v1_largefov]
                                   [--checkpoint CKPT] [--data-root ../shared/data] [--repeats 5]
+                                  [--frames 10]
 
 The frame is CamVid's first val image (360x480) when ``--data-root`` holds CamVid, else a
 photo-like synthetic 360x480 PNG. A model with random weights does the same work as a trained
@@ -15,7 +16,9 @@ the inference backend ``predict`` would choose.
    after a warm-up.
 2. ``predict`` end to end (``predict_files`` on the frame: read, network, argmax, both PNGs),
    against the forward pass alone on the same normalised tensor: the ratio is what the
-   pipeline adds to the network (target <= 1.15).
+   pipeline adds to the network (target <= 1.15). Then ``predict`` on a folder of ``--frames``
+   consecutive frames, per frame: there the next frame's decoding and the last one's PNGs
+   overlap the network.
 """
 
 from __future__ import annotations
@@ -101,18 +104,29 @@ def stages(predictor: Predictor, file: Path, options: EvalConfig, out: Path, rep
     return row
 
 
-def end_to_end(predictor: Predictor, file: Path, out: Path, repeats: int) -> dict[str, float]:
-    """``predict_files`` on ``file`` against the forward pass alone (medians, seconds)."""
+def end_to_end(predictor: Predictor, frames: list[Path], out: Path, repeats: int) -> dict[str, float]:
+    """``predict_files`` on the first frame, and on all ``frames`` per frame, against the forward
+    pass alone (medians, seconds)."""
     trained = predictor.trained
     norm = normalization_for(trained.normalization, trained.in_channels)
-    x = norm(read_image(file, channels=trained.in_channels))[None]
+    x = norm(read_image(frames[0], channels=trained.in_channels))[None]
     with torch.inference_mode():
         forward, _ = _median(lambda: predictor.model(x), repeats)
     # A fresh folder per run, as predict writes new files: rewriting a file in place makes ext4
     # flush it on close (auto_da_alloc), ~30 ms a file here, which a first run never pays.
     folders = (out / f"run{k}" for k in itertools.count())
-    total, _ = _median(lambda: predict_files(predictor, [str(file)], next(folders), progress=False), repeats)
-    return {"forward": forward, "predict": total, "ratio": total / forward}
+    total, _ = _median(lambda: predict_files(predictor, [str(frames[0])], next(folders), progress=False), repeats)
+    names = [str(f) for f in frames]
+    folder, _ = _median(lambda: predict_files(predictor, names, next(folders), progress=False), max(1, repeats // 2))
+    per_frame = folder / len(frames)
+    return {
+        "forward": forward,
+        "predict": total,
+        "ratio": total / forward,
+        "frames": len(frames),
+        "predict_per_frame": per_frame,
+        "ratio_per_frame": per_frame / forward,
+    }
 
 
 def slide_cost(predictor: Predictor, file: Path, tile: int, repeats: int) -> dict[str, float]:
@@ -133,20 +147,23 @@ def slide_cost(predictor: Predictor, file: Path, tile: int, repeats: int) -> dic
     return {"tiles": count, "tile_forward": one, "slide": slide, "ratio": slide / (count * one)}
 
 
-def camvid_frame(data_root: Path | None, folder: Path) -> tuple[Path, str]:
-    """CamVid's first val frame, or a photo-like synthetic 360x480 PNG written to ``folder``."""
+def camvid_frames(data_root: Path | None, folder: Path, count: int) -> tuple[list[Path], str]:
+    """CamVid's first ``count`` val frames (one sequence), or as many photo-like synthetic
+    360x480 PNGs written to ``folder``."""
     if data_root is not None:
-        frames = sorted((data_root / "camvid" / "val").glob("*.png"))
+        frames = sorted((data_root / "camvid" / "val").glob("*.png"))[:count]
         if frames:
-            return frames[0], f"CamVid val {frames[0].name}"
+            return frames, f"CamVid val {frames[0].name} (and the next {len(frames) - 1} for the folder)"
     rng = np.random.default_rng(0)
-    # Smooth colour regions with noise: decodes and compresses like a photo, not like white noise.
-    coarse = rng.integers(0, 256, (19, 25, 3), dtype=np.uint8)
-    base = np.asarray(Image.fromarray(coarse).resize((480, 360), Image.BILINEAR), dtype=np.int16)
-    photo = np.clip(base + rng.integers(-12, 13, base.shape), 0, 255).astype(np.uint8)
-    file = folder / "frame.png"
-    Image.fromarray(photo).save(file)
-    return file, "synthetic 360x480 PNG (no CamVid under --data-root)"
+    files = []
+    for k in range(count):
+        # Smooth colour regions with noise: decodes and compresses like a photo, not like white noise.
+        coarse = rng.integers(0, 256, (19, 25, 3), dtype=np.uint8)
+        base = np.asarray(Image.fromarray(coarse).resize((480, 360), Image.BILINEAR), dtype=np.int16)
+        photo = np.clip(base + rng.integers(-12, 13, base.shape), 0, 255).astype(np.uint8)
+        files.append(folder / f"frame{k:02d}.png")
+        Image.fromarray(photo).save(files[-1])
+    return files, "synthetic 360x480 PNGs (no CamVid under --data-root)"
 
 
 def table(results: dict) -> str:
@@ -155,12 +172,20 @@ def table(results: dict) -> str:
         f"Machine: {MachineInfo(**results['machine']).line()}. Frame: {results['frame']}. Seconds, median of "
         f"{results['repeats']} after a warm-up; the backend is the one `predict` chose.",
         "",
-        "| model | backend | forward alone | predict (file to both PNGs) | ratio |",
-        "|---|---|---|---|---|",
+        "| model | backend | forward alone | predict, one frame (file to both PNGs) | ratio | "
+        "predict, per frame of a folder | ratio |",
+        "|---|---|---|---|---|---|---|",
     ]
     models = results["models"]
     for name, r in models.items():
-        lines.append(f"| {name} | {r['backend']} | {r['forward']:.3f} | {r['predict']:.3f} | {r['ratio']:.3f}x |")
+        folder = (
+            f"{r['predict_per_frame']:.3f} ({r['frames']} frames) | {r['ratio_per_frame']:.3f}x"
+            if "frames" in r
+            else "- | -"
+        )
+        lines.append(
+            f"| {name} | {r['backend']} | {r['forward']:.3f} | {r['predict']:.3f} | {r['ratio']:.3f}x | {folder} |"
+        )
     lines += ["", "Sliding windows of 321 against their area (the slide over tiles x one tile's forward):", ""]
     lines += ["| model | tiles | one tile | slide | ratio |", "|---|---|---|---|---|"]
     for name, r in models.items():
@@ -186,6 +211,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, help="a trained checkpoint instead of random weights")
     parser.add_argument("--data-root", type=Path, default=Path("../shared/data"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--frames", type=int, default=10, help="frames in the folder that predict reads in one run")
     parser.add_argument("--backend", default="auto", help="eval.backend: auto (what predict uses) or one backend")
     parser.add_argument("--amp", default="auto", help="eval.amp: auto (what predict uses), none, bf16")
     parser.add_argument("--modes", action="store_true", help="also the per-stage table of every inference mode")
@@ -194,18 +220,23 @@ def main() -> None:
     results: dict = {"machine": dataclasses.asdict(machine_info()), "repeats": args.repeats, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        frame, what = camvid_frame(args.data_root if args.data_root.is_dir() else None, out)
+        frames, what = camvid_frames(args.data_root if args.data_root.is_dir() else None, out, args.frames)
+        frame = frames[0]
         sources = [args.checkpoint] if args.checkpoint else args.model.split(",")
         results["frame"] = what
         for source in sources:
             trained = load_trained(source) if isinstance(source, Path) else random_trained(source)
             predictor = Predictor(trained, options=EvalConfig(backend=args.backend, amp=args.amp))
-            row = {"backend": predictor.backend.backend, **end_to_end(predictor, frame, out, args.repeats)}
+            row = {"backend": predictor.backend.backend, **end_to_end(predictor, frames, out, args.repeats)}
             row["slide"] = slide_cost(predictor, frame, 321, args.repeats)
             if args.modes:
                 row["modes"] = {name: stages(predictor, frame, o, out, args.repeats) for name, o in MODES.items()}
             results["models"][trained.experiment.model.name] = row
-            print(f"{trained.experiment.model.name}: predict / forward {row['ratio']:.3f}", flush=True)
+            print(
+                f"{trained.experiment.model.name}: predict / forward {row['ratio']:.3f} (one frame), "
+                f"{row['ratio_per_frame']:.3f} (per frame of {row['frames']})",
+                flush=True,
+            )
     print(table(results))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1))

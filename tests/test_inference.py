@@ -230,3 +230,33 @@ def test_predict_over_many_files_reports_each_failure_and_writes_the_rest(checkp
     assert main([*args[:4], "--out", str(fast), "--no-progress", "--fail-fast"]) == 2
     assert "a_broken.png" in capsys.readouterr().err
     assert not list(fast.glob("img*.png"))  # stopped at the first input
+
+
+def test_predict_files_overlapped_writes_what_one_image_at_a_time_does_and_stops_at_a_failed_write(
+    checkpoint, tmp_path, monkeypatch
+):
+    """Reading ahead and writing behind (helper threads) changes no file, and a full disk still stops the run."""
+    import errno
+
+    from densepred import prediction
+    from densepred.prediction import Predictor, predict_files, save_index_png
+
+    images = _images(tmp_path / "in", n=3)
+    predictor = Predictor.from_checkpoint(checkpoint)
+    result = predict_files(predictor, [str(images)], tmp_path / "out", progress=False)
+    assert [p.name for p in result.written] == ["img0.png", "img1.png", "img2.png"] and not result.failed
+    for k in range(3):
+        image = np.asarray(Image.open(images / f"img{k}.png").convert("RGB"))
+        save_index_png(predictor.labels(image), predictor.trained.palette, tmp_path / f"alone{k}.png")
+        assert (tmp_path / f"alone{k}.png").read_bytes() == (tmp_path / "out" / f"img{k}.png").read_bytes()
+
+    calls = []
+
+    def full_disk(labels, palette, path):
+        calls.append(path)
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(prediction, "save_index_png", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        predict_files(predictor, [str(images)], tmp_path / "full", progress=False)
+    assert len(calls) == 1  # stopped at the first failed write, not one per image

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -192,28 +193,54 @@ def predict_files(
     An input that cannot be read (damaged, not an image, the wrong channels) is reported in
     ``failed`` and the others are still segmented; ``fail_fast`` raises at the first instead.
     A failed write (a full disk) always stops: every later file would fail the same way.
+
+    Over several files the decoding of the next image and the PNG encoding of the last one run
+    in two helper threads while the network runs (both release the GIL), so a folder costs
+    little more than its forward passes.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trained, written, failed = predictor.trained, [], []
-    for path in tqdm(collect_inputs(inputs), desc="predict", unit="img", disable=not progress):
-        try:
-            image = read_image(path, channels=trained.in_channels)
-            # Probabilities (a softmax over the whole map) only where they are written or the CRF needs them.
-            labels, probs = predictor(image) if probabilities else (predictor.labels(image), None)
-        except ValueError as exc:  # DataError included: the file's own fault, named in the message
-            if fail_fast:
-                raise
-            failed.append((path, str(exc)))
-            continue
-        written.append(save_index_png(labels, trained.palette, out / f"{path.stem}.png"))
-        save_overlay_png(image, labels, trained.palette, out / f"{path.stem}_overlay.png")
-        if probs is not None:
-            folder = out / f"{path.stem}_probs"
-            folder.mkdir(exist_ok=True)
-            for c, name in enumerate(trained.class_names):
-                Image.fromarray((probs[c] * 255).round().astype(np.uint8)).save(folder / f"{c:02d}_{name}.png")
+    paths = collect_inputs(inputs)
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="predict-read") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="predict-write") as writer,
+    ):
+        reads = [reader.submit(read_image, paths[0], channels=trained.in_channels)] if paths else []
+        writing: Future | None = None
+        for i, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress)):
+            if i + 1 < len(paths):  # one image ahead
+                reads.append(reader.submit(read_image, paths[i + 1], channels=trained.in_channels))
+            try:
+                image = reads[i].result()
+                reads[i] = None  # done with it: keep no decoded frames behind
+                # Probabilities (a softmax over the whole map) only where they are written or the CRF needs them.
+                labels, probs = predictor(image) if probabilities else (predictor.labels(image), None)
+            except ValueError as exc:  # DataError included: the file's own fault, named in the message
+                if fail_fast:
+                    raise
+                failed.append((path, str(exc)))
+                continue
+            if writing is not None:
+                writing.result()  # a failed write stops here, one image later at most
+            writing = writer.submit(_write_outputs, trained, out, path.stem, image, labels, probs)
+            written.append(out / f"{path.stem}.png")
+        if writing is not None:
+            writing.result()
     return PredictedFiles(written, failed)
+
+
+def _write_outputs(
+    trained: Trained, out: Path, stem: str, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None
+) -> None:
+    """``predict_files``'s files for one image: the index PNG, the overlay, the probability maps."""
+    save_index_png(labels, trained.palette, out / f"{stem}.png")
+    save_overlay_png(image, labels, trained.palette, out / f"{stem}_overlay.png")
+    if probs is not None:
+        folder = out / f"{stem}_probs"
+        folder.mkdir(exist_ok=True)
+        for c, name in enumerate(trained.class_names):
+            Image.fromarray((probs[c] * 255).round().astype(np.uint8)).save(folder / f"{c:02d}_{name}.png")
 
 
 def predict_dataset_figures(run_dir: str | Path, count: int = 4) -> Path:
