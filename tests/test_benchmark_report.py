@@ -117,3 +117,26 @@ def test_a_dataset_whose_runs_are_not_all_here_keeps_its_previous_table(tmp_path
     old = ["## Accuracy on real data", "", camvid, "", "old camvid"]
     kept = "\n".join(keep_previous(["## Accuracy on real data", "", *lines], old))
     assert "old camvid" in kept and "No complete camvid" not in kept and "isbi_unet_padded" in kept
+
+
+def test_the_recipe_table_reads_the_run_folders_and_says_when_they_are_absent(tmp_path) -> None:
+    import json
+
+    from benchmarks.report import CAMVID_RECIPE_RUNS, MISSING, _recipe_block
+
+    absent = _recipe_block(tmp_path)
+    assert any(MISSING in line for line in absent)  # so the page keeps its previous table
+    recipe, folder, _ = CAMVID_RECIPE_RUNS[0]
+    run = tmp_path / folder
+    run.mkdir()
+    metrics = {"iterations": 345, "train_seconds": 492.0, "miou": 0.1581, "pixel_acc": 0.3967}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    machine = {"cpu": "Some CPU", "capability": "AVX2", "native_bf16": False, "cores": 2, "threads": 2}
+    start = {"iter": 0, "event": "start", "machine": {**machine, "torch": "2.13.0+cpu", "gpu": None}}
+    (run / "log.jsonl").write_text(json.dumps(start) + "\n")
+    block = _recipe_block(tmp_path)
+    assert not any(MISSING in line for line in block)
+    row = next(line for line in block if line.startswith(f"| {recipe} |"))
+    assert row.endswith("| 345 | 8.2 | 15.8 | 39.7 |")
+    assert any("Some CPU" in line and "AVX2" in line for line in block)
+    assert not any(line.startswith(f"| {CAMVID_RECIPE_RUNS[1][0]} |") for line in block)  # its folder is absent
