@@ -19,6 +19,7 @@ are each one's best round, wall time and, in brackets, this process's CPU time.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -80,6 +81,35 @@ def best_of_alternating(runs: list, rounds: int) -> tuple[list, list[float], lis
     return results, wall, cpu
 
 
+def measure(rounds: int = 7) -> dict:
+    """The benchmark's figures as a results entry: ours and pydensecrf in alternation on the
+    synthetic input, one thread, best of ``rounds``; the kernels PyTorch ran and any overrides."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        params = PRESETS["deeplab_v2"]
+        image, probs = make_input()
+        runs = [lambda: dense_crf(image, probs, params)]
+        reference = pydensecrf_reference(image, probs, params)
+        runs += [reference] if reference is not None else []
+        results, wall, _ = best_of_alternating(runs, rounds)
+    finally:
+        torch.set_num_threads(before)
+    entry = {
+        "image": f"{image.shape[1]}x{image.shape[0]} synthetic",
+        "classes": probs.shape[0],
+        "iterations": params.iterations,
+        "rounds": rounds,
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "overrides": {k: os.environ[k] for k in ISA_OVERRIDES if k in os.environ},
+        "ours_s": wall[0],
+    }
+    if reference is not None:
+        agreement = float((results[0].argmax(0) == results[1].argmax(0)).mean())
+        entry.update(pydensecrf_s=wall[1], agreement=agreement)
+    return entry
+
+
 def machine() -> str:
     """CPU model and whether it has AVX-512, the CPU kernels PyTorch dispatches to, any
     environment override of the kernels' instruction sets, and the threads, as one line."""
@@ -129,7 +159,11 @@ def main() -> None:
         help="dense_crf's appearance kernel: auto (exact where features are sparse, else lattice) or lattice",
     )
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation (default 5)")
+    parser.add_argument("--json", action="store_true", help="print the synthetic input's figures as one JSON line")
     args = parser.parse_args()
+    if args.json:
+        print(json.dumps(measure(args.rounds)))
+        return
     torch.set_num_threads(1)
     print(machine())
     params = PRESETS["deeplab_v2"]

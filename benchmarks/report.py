@@ -141,16 +141,9 @@ def _system_section(system: dict | None, speed: dict | None) -> list[str]:
             f"{len(t['runs']['bare'])} alternating runs): overhead **{t['overhead_percent']:+.1f}%** (bound: 5%).",
             "",
         ]
-    c = system.get("crf")
-    if c:
-        line = f"Fully-connected CRF, {c['image']}, {c['classes']} classes, {c['iterations']} iterations, one thread: "
-        line += f"densepred {c['ours_s']:.3f} s"
-        if "pydensecrf_s" in c:
-            line += (
-                f", pydensecrf {c['pydensecrf_s']:.3f} s (**{c['pydensecrf_s'] / c['ours_s']:.2f}x**), labels agree "
-                f"on {100 * c['agreement']:.2f}% of pixels (best of 5 each)"
-            )
-        out += [*_heading("CRF", system), line + ".", ""]
+    crf_lines = [_crf_line(system[key], label) for key, label in CRF_ENTRIES if system.get(key)]
+    if crf_lines:
+        out += [*_heading("CRF", system), *crf_lines, ""]
     a = system.get("crf_agreement")
     if a:
         out += [
@@ -368,6 +361,26 @@ def _recipe_block(runs_root: Path) -> list[str]:
         "crops, and are scored on the val split.",
         "",
     ]
+
+
+CRF_ENTRIES = (
+    ("crf", "Natively"),
+    ("crf_avx2", "As an AVX2 CPU (`ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2`)"),
+)
+
+
+def _crf_line(c: dict, label: str) -> str:
+    """One CRF comparison: ours against pydensecrf, the kernels PyTorch ran, the agreement."""
+    kernels = f", PyTorch kernels {c['capability']}" if "capability" in c else ""
+    line = f"- {label}{kernels}: fully-connected CRF, {c['image']}, {c['classes']} classes, {c['iterations']} "
+    line += f"iterations, one thread: densepred {c['ours_s']:.3f} s"
+    if "pydensecrf_s" in c:
+        rounds = f"best of {c['rounds']} rounds in alternation" if "rounds" in c else "best of 5 each"
+        line += (
+            f", pydensecrf {c['pydensecrf_s']:.3f} s (**{c['pydensecrf_s'] / c['ours_s']:.2f}x**), labels agree "
+            f"on {100 * c['agreement']:.2f}% of pixels ({rounds})"
+        )
+    return line + "."
 
 
 SUCCESSOR_HEADING = "### The successor families: 512x512, a 1024x2048 frame by sliding windows, a training step"

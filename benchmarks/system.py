@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,6 +66,19 @@ def loader_rate(exp, batches: int = 25, max_seconds: float = 30.0) -> float:
             continue
         images += batch["image"].shape[0]
     return images / (time.perf_counter() - start)
+
+
+CRF_ROUNDS = 7
+# An AVX-512 CPU made to approximate an AVX2 one: PyTorch's kernels, FBGEMM's (the CRF's
+# embedding_bag) and oneDNN's.
+AVX2_VARIABLES = {"ATEN_CPU_CAPABILITY": "avx2", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def _crf_in_child(env: dict[str, str]) -> dict:
+    """benchmarks/crf_speed.py's figures from a fresh process under ``env`` (the ISA variables act at import)."""
+    cmd = [sys.executable, "-m", "benchmarks.crf_speed", "--json", "--rounds", str(CRF_ROUNDS)]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **env})
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @contextmanager
@@ -132,20 +147,12 @@ def run_system(path: Path, data_root: Path, *, force: bool = False) -> dict:
         print(f"trainer overhead: {results['trainer_overhead']['overhead_percent']:+.1f}%", flush=True)
         save()
     if "crf" not in results:
-        from densepred.crf import PRESETS, dense_crf
+        from .crf_speed import measure
 
-        from .crf_speed import best_of, make_input, pydensecrf_reference
-
-        with _one_thread():
-            image, probs = make_input()
-            params = PRESETS["deeplab_v2"]
-            ours, ours_s = best_of(lambda: dense_crf(image, probs, params))
-            entry = {"image": "500x375 synthetic", "classes": 21, "iterations": 10, "ours_s": ours_s}
-            reference = pydensecrf_reference(image, probs, params)
-            if reference is not None:
-                ref, ref_s = best_of(reference)
-                entry.update(pydensecrf_s=ref_s, agreement=float((ours.argmax(0) == ref.argmax(0)).mean()))
-        results["crf"] = entry
+        results["crf"] = measure(CRF_ROUNDS)
+        save()
+    if "crf_avx2" not in results:  # the same in a fresh process whose kernels stop at AVX2
+        results["crf_avx2"] = _crf_in_child(AVX2_VARIABLES)
         save()
     if "crf_agreement" not in results:
         from .crf_agreement import agreement_table

@@ -140,3 +140,15 @@ def test_the_recipe_table_reads_the_run_folders_and_says_when_they_are_absent(tm
     assert row.endswith("| 345 | 8.2 | 15.8 | 39.7 |")
     assert any("Some CPU" in line and "AVX2" in line for line in block)
     assert not any(line.startswith(f"| {CAMVID_RECIPE_RUNS[1][0]} |") for line in block)  # its folder is absent
+
+
+def test_the_crf_lines_name_the_kernels_and_the_ratio() -> None:
+    from benchmarks.report import _crf_line
+
+    entry = {"image": "500x375 synthetic", "classes": 21, "iterations": 10, "ours_s": 0.8, "pydensecrf_s": 1.4}
+    new = _crf_line({**entry, "agreement": 0.9995, "rounds": 7, "capability": "AVX2"}, "As an AVX2 CPU")
+    assert new.startswith("- As an AVX2 CPU, PyTorch kernels AVX2:") and "(**1.75x**)" in new
+    assert "99.95% of pixels (best of 7 rounds in alternation)" in new
+    older = _crf_line({**entry, "agreement": 0.99}, "Natively")  # results from before the rounds were stored
+    assert "PyTorch kernels" not in older and "(best of 5 each)" in older
+    assert "pydensecrf" not in _crf_line({k: entry[k] for k in ("image", "classes", "iterations", "ours_s")}, "x")
