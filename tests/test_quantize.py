@@ -89,24 +89,40 @@ def test_the_int8_file_carries_the_float_exports_metadata_and_runs(slim_deeplab,
     assert out.shape == (1, CLASSES, 40, 56) and out.dtype == "float32"
 
 
-def test_the_head_and_what_switches_pool_stay_float():
-    """conv1 -> relu1 -> pool (indices used by the unpooling) -> conv2 -> relu2 -> unpool -> score."""
+def test_the_head_and_what_switches_pool_stay_float_but_the_first_pooling():
+    """conv1 -> relu1 -> pool1 -> conv2 -> relu2 -> pool2 -> conv3 -> relu3 -> unpool2 -> unpool1
+    -> score, each unpooling with its pooling's indices: the head and what pool2 pools stay float;
+    pool1 (full resolution, a moved switch moves a value by one pixel) pools int8 values."""
     from onnx import TensorProto, helper
 
     from densepred.quantize import _float_nodes
 
+    def pool(k: int, x: str) -> object:
+        return helper.make_node(
+            "MaxPool", [x], [f"p{k}", f"idx{k}"], name=f"pool{k}", kernel_shape=[2, 2], strides=[2, 2]
+        )
+
+    def unpool(k: int, x: str) -> object:
+        return helper.make_node(
+            "MaxUnpool", [x, f"idx{k}"], [f"u{k}"], name=f"unpool{k}", kernel_shape=[2, 2], strides=[2, 2]
+        )
+
     nodes = [
         helper.make_node("Conv", ["image", "w1"], ["c1"], name="conv1"),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("MaxPool", ["r1"], ["p", "idx"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Conv", ["p", "w2"], ["c2"], name="conv2"),
+        pool(1, "r1"),
+        helper.make_node("Conv", ["p1", "w2"], ["c2"], name="conv2"),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("MaxUnpool", ["r2", "idx"], ["u"], name="unpool", kernel_shape=[2, 2], strides=[2, 2]),
-        helper.make_node("Conv", ["u", "w3"], ["logits"], name="score"),
+        pool(2, "r2"),
+        helper.make_node("Conv", ["p2", "w3"], ["c3"], name="conv3"),
+        helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+        unpool(2, "r3"),
+        unpool(1, "u2"),
+        helper.make_node("Conv", ["u1", "w4"], ["logits"], name="score"),
     ]
     info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("image", "logits")]
     graph = helper.make_graph(nodes, "g", [info[0]], [info[1]])
-    assert set(_float_nodes(graph)) == {"score", "unpool", "relu1", "conv1"}
+    assert set(_float_nodes(graph)) == {"score", "unpool1", "unpool2", "relu2", "conv2"}
 
 
 def test_calibration_images_spread_over_the_split():

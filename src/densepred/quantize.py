@@ -30,10 +30,12 @@ What stays float, because an argmax of rounded values ties and the first maximum
   upsampling, crops and sums). On a weakly trained CamVid SegNet, logits rounded to 256 levels
   moved about half of the labels; the classifier layers are a small share of the work;
 - the layers computing what a max pooling whose indices are used pools (SegNet's switches, Sec.
-  3): tied values inside a window move the switch, and the decoder puts the value elsewhere. On
-  the same SegNet that cost 1 mIoU point on CamVid val (argmax agreement 80 %); keeping the five
-  pre-pooling convolutions float costs none (+0.3 points), for a smaller speed-up over eager
-  fp32 at 360x480 (x2.2 instead of x3.1).
+  3), from the second pooling on: tied values inside a window move the switch, and the decoder
+  puts the value elsewhere. On the same SegNet (CamVid val, fp32 14.47 mIoU) rounding all five
+  pre-pooling convolutions cost 1 point (argmax agreement 80 %), rounding the first two 0.70
+  points (13.77), rounding only the first (full resolution: a moved switch moves a value by one
+  pixel) none (14.50). The first is int8: at 256x256 the int8 graph then runs at x2.08 eager
+  fp32 instead of x1.93 (``python -m benchmarks int8``).
 
 Int8 is opt-in (``--int8 N``): it computes something close to, not the same as, float32, so it
 fails the argmax-parity rule (:data:`densepred.backends.AGREEMENT`) that the automatic backends
@@ -212,13 +214,15 @@ def _upstream(
 
 def _float_nodes(graph: onnx.GraphProto) -> list[str]:
     """Names of the nodes kept float: the head (from the last nonlinearities to the outputs) and
-    the layers computing what a max pooling whose indices are used (SegNet's switches) pools."""
+    the layers computing what a max pooling whose indices are used (SegNet's switches) pools,
+    but for the first such pooling."""
     outputs = [o.name for o in graph.output]
     head = _upstream(graph, outputs, lambda n: n.op_type in _NONLINEAR, include_last=False)
     used = {name for node in graph.node for name in node.input} | set(outputs)
     pools = [n.input[0] for n in graph.node if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1] in used]
     # Rounded values tie inside a pooling window and the first maximum wins: the switches move.
-    switches = _upstream(graph, pools, lambda n: n.op_type in _WEIGHTED, include_last=True)
+    # The first pooling's (graph order: the encoder's, at full resolution) may move by a pixel.
+    switches = _upstream(graph, pools[1:], lambda n: n.op_type in _WEIGHTED, include_last=True)
     return list(dict.fromkeys(head + switches))
 
 
