@@ -97,23 +97,27 @@ def test_the_head_and_what_switches_pool_stay_float_but_the_first_pooling():
 
     from densepred.quantize import _float_nodes
 
-    def pool(k: int, x: str) -> object:
-        return helper.make_node(
-            "MaxPool", [x], [f"p{k}", f"idx{k}"], name=f"pool{k}", kernel_shape=[2, 2], strides=[2, 2]
-        )
+    def pool(k: int, x: str) -> list:  # as PyTorch exports one: a 1x1 twin on the same input gives offsets
+        return [
+            helper.make_node(
+                "MaxPool", [x], [f"p{k}", f"idx{k}"], name=f"pool{k}", kernel_shape=[2, 2], strides=[2, 2]
+            ),
+            helper.make_node("MaxPool", [x], [f"q{k}", f"off{k}"], name=f"twin{k}", kernel_shape=[1, 1]),
+            helper.make_node("Sub", [f"idx{k}", f"off{k}"], [f"flat{k}"], name=f"sub{k}"),
+        ]
 
     def unpool(k: int, x: str) -> object:
         return helper.make_node(
-            "MaxUnpool", [x, f"idx{k}"], [f"u{k}"], name=f"unpool{k}", kernel_shape=[2, 2], strides=[2, 2]
+            "MaxUnpool", [x, f"flat{k}"], [f"u{k}"], name=f"unpool{k}", kernel_shape=[2, 2], strides=[2, 2]
         )
 
     nodes = [
         helper.make_node("Conv", ["image", "w1"], ["c1"], name="conv1"),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        pool(1, "r1"),
+        *pool(1, "r1"),
         helper.make_node("Conv", ["p1", "w2"], ["c2"], name="conv2"),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        pool(2, "r2"),
+        *pool(2, "r2"),
         helper.make_node("Conv", ["p2", "w3"], ["c3"], name="conv3"),
         helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
         unpool(2, "r3"),
@@ -122,7 +126,7 @@ def test_the_head_and_what_switches_pool_stay_float_but_the_first_pooling():
     ]
     info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("image", "logits")]
     graph = helper.make_graph(nodes, "g", [info[0]], [info[1]])
-    assert set(_float_nodes(graph)) == {"score", "unpool1", "unpool2", "relu2", "conv2"}
+    assert set(_float_nodes(graph)) == {"score", "unpool1", "unpool2", "sub1", "sub2", "relu2", "conv2"}
 
 
 def test_calibration_images_spread_over_the_split():

@@ -219,7 +219,13 @@ def _float_nodes(graph: onnx.GraphProto) -> list[str]:
     outputs = [o.name for o in graph.output]
     head = _upstream(graph, outputs, lambda n: n.op_type in _NONLINEAR, include_last=False)
     used = {name for node in graph.node for name in node.input} | set(outputs)
-    pools = [n.input[0] for n in graph.node if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1] in used]
+    # What each pooling pools, once: PyTorch exports a pooling with indices as two MaxPool nodes
+    # on the same input (the second, 1x1, turns the indices into flat offsets).
+    pools = list(
+        dict.fromkeys(
+            n.input[0] for n in graph.node if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1] in used
+        )
+    )
     # Rounded values tie inside a pooling window and the first maximum wins: the switches move.
     # The first pooling's (graph order: the encoder's, at full resolution) may move by a pixel.
     switches = _upstream(graph, pools[1:], lambda n: n.op_type in _WEIGHTED, include_last=True)
