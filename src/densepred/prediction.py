@@ -206,14 +206,15 @@ def predict_files(
         ThreadPoolExecutor(1, thread_name_prefix="predict-read") as reader,
         ThreadPoolExecutor(1, thread_name_prefix="predict-write") as writer,
     ):
-        reads = [reader.submit(read_image, paths[0], channels=trained.in_channels)] if paths else []
-        writing: Future | None = None
+
+        def read(k: int) -> Future | None:
+            return reader.submit(read_image, paths[k], channels=trained.in_channels) if k < len(paths) else None
+
+        upcoming, writing = read(0), None
         for i, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress)):
-            if i + 1 < len(paths):  # one image ahead
-                reads.append(reader.submit(read_image, paths[i + 1], channels=trained.in_channels))
+            current, upcoming = upcoming, read(i + 1)  # one image ahead
             try:
-                image = reads[i].result()
-                reads[i] = None  # done with it: keep no decoded frames behind
+                image = current.result()
                 # Probabilities (a softmax over the whole map) only where they are written or the CRF needs them.
                 labels, probs = predictor(image) if probabilities else (predictor.labels(image), None)
             except ValueError as exc:  # DataError included: the file's own fault, named in the message

@@ -34,8 +34,8 @@ What stays float, because an argmax of rounded values ties and the first maximum
   puts the value elsewhere. On the same SegNet (CamVid val, fp32 14.47 mIoU) rounding all five
   pre-pooling convolutions cost 1 point (argmax agreement 80 %), rounding the first two 0.70
   points (13.77), rounding only the first (full resolution: a moved switch moves a value by one
-  pixel) none (14.50). The first is int8: at 256x256 the int8 graph then runs at x2.08 eager
-  fp32 instead of x1.93 (``python -m benchmarks int8``).
+  pixel) none (14.50). The first is int8: at 256x256 the int8 graph then runs at x2.12 eager
+  fp32 instead of x1.95 (``python -m benchmarks int8``).
 
 Int8 is opt-in (``--int8 N``): it computes something close to, not the same as, float32, so it
 fails the argmax-parity rule (:data:`densepred.backends.AGREEMENT`) that the automatic backends
