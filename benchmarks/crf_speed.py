@@ -23,6 +23,8 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -81,20 +83,27 @@ def best_of_alternating(runs: list, rounds: int) -> tuple[list, list[float], lis
     return results, wall, cpu
 
 
-def measure(rounds: int = 7) -> dict:
-    """The benchmark's figures as a results entry: ours and pydensecrf in alternation on the
-    synthetic input, one thread, best of ``rounds``; the kernels PyTorch ran and any overrides."""
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """One thread, as pydensecrf runs; the previous count is restored."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure(rounds: int = 7) -> dict:
+    """The benchmark's figures as a results entry: ours and pydensecrf in alternation on the
+    synthetic input, one thread, best of ``rounds``; the kernels PyTorch ran and any overrides."""
+    with one_thread():
         params = PRESETS["deeplab_v2"]
         image, probs = make_input()
         runs = [lambda: dense_crf(image, probs, params)]
         reference = pydensecrf_reference(image, probs, params)
         runs += [reference] if reference is not None else []
         results, wall, _ = best_of_alternating(runs, rounds)
-    finally:
-        torch.set_num_threads(before)
     entry = {
         "image": f"{image.shape[1]}x{image.shape[0]} synthetic",
         "classes": probs.shape[0],

@@ -18,11 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 from densepred.build import build_dataset
 from densepred.config import apply_overrides, experiment_from_dict, load_experiment, resolve_config
@@ -79,17 +75,6 @@ def _crf_in_child(env: dict[str, str]) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.crf_speed", "--json", "--rounds", str(CRF_ROUNDS)]
     done = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **env})
     return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """The CRF comparisons run on one thread, as pydensecrf does; the previous count is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def run_system(path: Path, data_root: Path, *, force: bool = False) -> dict:
@@ -156,8 +141,9 @@ def run_system(path: Path, data_root: Path, *, force: bool = False) -> dict:
         save()
     if "crf_agreement" not in results:
         from .crf_agreement import agreement_table
+        from .crf_speed import one_thread
 
-        with _one_thread():
+        with one_thread():
             results["crf_agreement"] = {"markdown": agreement_table()}
         save()
     return results
