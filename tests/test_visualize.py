@@ -242,3 +242,25 @@ def test_vgg16_classifier_weights_mapping(tmp_path):
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, backbone_only)
     with pytest.raises(WeightsError, match=r"no ImageNet classifier \(classifier\.6, fc8\)"):
         load_vgg16_classifier(backbone_only)
+
+
+def test_colorize_and_the_overlay_png_keep_each_class_colour(tmp_path):
+    """Class ids of any integer dtype map to their palette colour, 255 (ignore) to the ignore
+    colour, out-of-range ids to the nearest table end; the overlay PNG decodes to the blend."""
+    import cv2
+
+    from densepred.data.labels import IGNORE_INDEX, colorize
+    from densepred.prediction import overlay, save_overlay_png
+
+    palette = [(10, 20, 30), (200, 100, 50), (0, 255, 0)]
+    mask = np.array([[0, 1, 2], [IGNORE_INDEX, 1, 0]], dtype=np.uint8)
+    expected = np.array([[palette[0], palette[1], palette[2]], [(0, 0, 0), palette[1], palette[0]]], np.uint8)
+    assert colorize(mask, palette).dtype == np.uint8
+    np.testing.assert_array_equal(colorize(mask, palette), expected)
+    np.testing.assert_array_equal(colorize(mask.astype(np.int64), palette), expected)
+    np.testing.assert_array_equal(colorize(np.array([[-3, 300]]), palette)[0, 0], palette[0])  # clipped to 0
+    image = np.random.default_rng(0).integers(0, 256, (2, 3, 3), dtype=np.uint8)
+    written = cv2.cvtColor(
+        cv2.imread(str(save_overlay_png(image, mask, palette, tmp_path / "o.png"))), cv2.COLOR_BGR2RGB
+    )
+    np.testing.assert_array_equal(written, overlay(image, mask, palette))  # PNG is lossless

