@@ -17,8 +17,7 @@ the inference backend ``predict`` would choose.
 2. ``predict`` end to end (``predict_files`` on the frame: read, network, argmax, both PNGs),
    against the forward pass alone on the same normalised tensor: the ratio is what the
    pipeline adds to the network (target <= 1.15). Then ``predict`` on a folder of ``--frames``
-   consecutive frames, per frame: there the next frame's decoding and the last one's PNGs
-   overlap the network.
+   consecutive frames, per frame.
 """
 
 from __future__ import annotations

@@ -232,10 +232,10 @@ def test_predict_over_many_files_reports_each_failure_and_writes_the_rest(checkp
     assert not list(fast.glob("img*.png"))  # stopped at the first input
 
 
-def test_predict_files_overlapped_writes_what_one_image_at_a_time_does_and_stops_at_a_failed_write(
+def test_predict_files_over_a_folder_writes_what_one_image_at_a_time_does_and_stops_at_a_failed_write(
     checkpoint, tmp_path, monkeypatch
 ):
-    """Reading ahead and writing behind (helper threads) changes no file, and a full disk still stops the run."""
+    """A folder's masks are byte for byte one image's at a time, and a full disk stops the run at once."""
     import errno
 
     from densepred import prediction

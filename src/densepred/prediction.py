@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -198,40 +197,26 @@ def predict_files(
     ``failed`` and the others are still segmented; ``fail_fast`` raises at the first instead.
     A failed write (a full disk) always stops: every later file would fail the same way.
 
-    Over several files the decoding of the next image and the PNG encoding of the last one run
-    in two helper threads while the network runs (both release the GIL), so a folder costs
-    little more than its forward passes.
+    One image at a time: decoding ahead and writing behind in helper threads was measured no
+    faster (``python -m benchmarks.pipeline``, per frame of a folder), since the network already
+    keeps every core busy, and a few percent slower on the large nets, whose thread pools wait for the
+    slowest thread.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     trained, written, failed = predictor.trained, [], []
-    paths = collect_inputs(inputs)
-    with (
-        ThreadPoolExecutor(1, thread_name_prefix="predict-read") as reader,
-        ThreadPoolExecutor(1, thread_name_prefix="predict-write") as writer,
-    ):
-
-        def read(k: int) -> Future | None:
-            return reader.submit(read_image, paths[k], channels=trained.in_channels) if k < len(paths) else None
-
-        upcoming, writing = read(0), None
-        for i, path in enumerate(tqdm(paths, desc="predict", unit="img", disable=not progress)):
-            current, upcoming = upcoming, read(i + 1)  # one image ahead
-            try:
-                image = current.result()
-                # Probabilities (a softmax over the whole map) only where they are written or the CRF needs them.
-                labels, probs = predictor(image) if probabilities else (predictor.labels(image), None)
-            except ValueError as exc:  # DataError included: the file's own fault, named in the message
-                if fail_fast:
-                    raise
-                failed.append((path, str(exc)))
-                continue
-            if writing is not None:
-                writing.result()  # a failed write stops here, one image later at most
-            writing = writer.submit(_write_outputs, trained, out, path.stem, image, labels, probs)
-            written.append(out / f"{path.stem}.png")
-        if writing is not None:
-            writing.result()
+    for path in tqdm(collect_inputs(inputs), desc="predict", unit="img", disable=not progress):
+        try:
+            image = read_image(path, channels=trained.in_channels)
+            # Probabilities (a softmax over the whole map) only where they are written or the CRF needs them.
+            labels, probs = predictor(image) if probabilities else (predictor.labels(image), None)
+        except ValueError as exc:  # DataError included: the file's own fault, named in the message
+            if fail_fast:
+                raise
+            failed.append((path, str(exc)))
+            continue
+        _write_outputs(trained, out, path.stem, image, labels, probs)
+        written.append(out / f"{path.stem}.png")
     return PredictedFiles(written, failed)
 
 
