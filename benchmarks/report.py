@@ -423,7 +423,8 @@ NOTES = {
     "`predict` is `predict_files` on one CamVid val frame: read the PNG, normalise, the network, class "
     "ids, the index PNG and the overlay PNG, into a new folder each run; then on a folder of consecutive "
     "frames, per frame. Beside a forward of a few tens of milliseconds (LR-ASPP), decoding the frame "
-    "(about 5 ms) and writing both PNGs (about 10 ms) still show; beside a forward of a second they do not.",
+    "(about 5 ms) and writing both PNGs (about 10 ms) still show; beside a forward of a second they do not. "
+    "A forward that short also varies by up to a third from run to run here, and its ratio with it.",
 }
 
 
