@@ -215,22 +215,14 @@ def predict_files(
                 raise
             failed.append((path, str(exc)))
             continue
-        _write_outputs(trained, out, path.stem, image, labels, probs)
-        written.append(out / f"{path.stem}.png")
+        written.append(save_index_png(labels, trained.palette, out / f"{path.stem}.png"))
+        save_overlay_png(image, labels, trained.palette, out / f"{path.stem}_overlay.png")
+        if probs is not None:
+            folder = out / f"{path.stem}_probs"
+            folder.mkdir(exist_ok=True)
+            for c, name in enumerate(trained.class_names):
+                Image.fromarray((probs[c] * 255).round().astype(np.uint8)).save(folder / f"{c:02d}_{name}.png")
     return PredictedFiles(written, failed)
-
-
-def _write_outputs(
-    trained: Trained, out: Path, stem: str, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None
-) -> None:
-    """``predict_files``'s files for one image: the index PNG, the overlay, the probability maps."""
-    save_index_png(labels, trained.palette, out / f"{stem}.png")
-    save_overlay_png(image, labels, trained.palette, out / f"{stem}_overlay.png")
-    if probs is not None:
-        folder = out / f"{stem}_probs"
-        folder.mkdir(exist_ok=True)
-        for c, name in enumerate(trained.class_names):
-            Image.fromarray((probs[c] * 255).round().astype(np.uint8)).save(folder / f"{c:02d}_{name}.png")
 
 
 def predict_dataset_figures(run_dir: str | Path, count: int = 4) -> Path:
