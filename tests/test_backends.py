@@ -191,7 +191,9 @@ def test_the_valid_unet_keeps_its_input_rule_and_overlap_tile_on_another_backend
 def test_auto_measures_the_candidates_and_picks_the_fastest(tmp_path):
     model = small("unet_padded")
     run, choice = choose_backend(model, torch.randn(1, 3, 64, 64), ("eager", "channels_last", "torchscript"))
-    assert set(choice.seconds) == {"eager", "channels_last", "torchscript"} and not choice.cached
+    # Each candidate timed in the rounds or screened out as clearly slower, none lost.
+    assert set(choice.seconds) | set(choice.rejected) == {"eager", "channels_last", "torchscript"}
+    assert not choice.cached and all("over 1.5x the fastest" in why for why in choice.rejected.values())
     assert choice.backend == min(choice.seconds, key=choice.seconds.get)
     assert f"backend {choice.backend} (measured" in choice.describe()
     assert (tmp_path / "cache" / "backends.json").is_file()  # $DENSEPRED_CACHE, as the weights
@@ -223,18 +225,24 @@ class Probe:
             names[id(run)] = backend
             return run
 
-        def median_seconds(run, x, repeats=3):
+        def screen(run, x):
             self.timed.append(names[id(run)])
             return self.seconds[names[id(run)]]
 
+        def rounds(runs, x, rounds=3):
+            self.finalists = list(runs)
+            return {name: self.rounds.get(name, self.seconds[name]) for name in runs}
+
         real = backends.prepare_backend
+        self.rounds, self.finalists = {}, []  # the interleaved rounds' seconds, where they differ from the screen's
         monkeypatch.setattr(backends, "prepare_backend", prepare)
-        monkeypatch.setattr(backends, "_median_seconds", median_seconds)
+        monkeypatch.setattr(backends, "_seconds_once", screen)
+        monkeypatch.setattr(backends, "_interleaved_seconds", rounds)
 
 
 def test_auto_picks_the_fastest_candidate_that_agrees_with_eager(monkeypatch):
     model, example = few_ops(), torch.randn(1, 3, 64, 64)
-    probe = Probe(monkeypatch, {"eager": 3.0, "channels_last": 1.0, "torchscript": 2.0})
+    probe = Probe(monkeypatch, {"eager": 1.3, "channels_last": 1.0, "torchscript": 1.2})
     _, choice = choose_backend(model, example, PROBED, use_cache=False)
     assert choice.backend == "channels_last" and choice.seconds == probe.seconds and not choice.rejected
     # The fastest computes something else: never timed, never used; the next fastest wins.
@@ -244,6 +252,32 @@ def test_auto_picks_the_fastest_candidate_that_agrees_with_eager(monkeypatch):
     assert "argmax agrees with eager on" in choice.rejected["channels_last"]
     with pytest.raises(ValueError, match="--backend channels_last does not compute what eager does"):
         accelerate(model, "channels_last", example)
+
+
+def test_a_clearly_slower_candidate_is_dropped_and_the_rounds_decide_between_the_rest(monkeypatch):
+    model, example = few_ops(), torch.randn(1, 3, 64, 64)
+    probe = Probe(monkeypatch, {"eager": 1.0, "channels_last": 1.2, "torchscript": 1.6})
+    probe.rounds = {"channels_last": 0.9}  # the first call was unlucky; the rounds show it faster
+    _, choice = choose_backend(model, example, PROBED, use_cache=False)
+    assert probe.finalists == ["eager", "channels_last"] and choice.backend == "channels_last"
+    assert choice.seconds == {"eager": 1.0, "channels_last": 0.9}
+    assert choice.rejected == {"torchscript": f"1600 ms, over {backends.SCREEN}x the fastest"}
+
+
+def test_the_rounds_call_every_candidate_in_turn_and_keep_each_ones_best(monkeypatch):
+    clock, calls = [0.0], []
+    costs = {"a": iter([5.0, 1.0, 5.0]), "b": iter([2.0, 3.0, 2.5])}  # "a" suffers a burst in rounds 1 and 3
+
+    def run(name):
+        def call(x):
+            calls.append(name)
+            clock[0] += next(costs[name])
+
+        return call
+
+    monkeypatch.setattr(backends.time, "perf_counter", lambda: clock[0])
+    best = backends._interleaved_seconds({"a": run("a"), "b": run("b")}, torch.zeros(1), rounds=3)
+    assert calls == ["a", "b"] * 3 and best == {"a": 1.0, "b": 2.0}
 
 
 def test_auto_skips_a_runtime_that_is_not_installed(monkeypatch):
