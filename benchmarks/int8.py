@@ -263,6 +263,8 @@ def table(results: dict) -> str:
             f"Accuracy, {r['model']} ({r['checkpoint']}), CamVid val ({r['val_images']} images), int8 calibrated on "
             f"{r['calibration_images']} train images: mIoU fp32 {100 * r['miou_fp32']:.2f}, int8 "
             f"{100 * r['miou_int8']:.2f}, {r['miou_points_lost']:+.2f} points lost; argmax agreement {100 * agree:.2f}%"
+            # 7-bit weights on a CPU without VNNI: the figure holds for that range
+            + (f"; weights {r['quantization']['weights']}" if "quantization" in r else "")
         )
     return "\n".join(lines)
 

@@ -412,11 +412,16 @@ NOTES = {
     "convolution and linear layer (2 per multiply-add); the training step counts 3x the forward's. "
     '"default" is what `predict`, `eval` and `serve` run: the backend the probe chose at its 128-pixel '
     "probe (named), kept for every size. Above 100%: ONNX Runtime and OpenVINO convolve faster than "
-    "PyTorch's own 3x3 kernel, the reference. Run it on a quiet machine: other work running during "
-    "the models halves some of them.",
+    'PyTorch\'s own 3x3 kernel, the reference. "% of roof" (where the peaks include a depthwise one) '
+    "holds depthwise convolutions, which read a byte for every few FLOPs and are bound by memory, to the "
+    "machine's measured depthwise 3x3 speed and the other layers to the dense peak: it differs from "
+    '"% of conv peak" for the MobileNetV3 nets alone. Run it on a quiet machine: other work running '
+    "during the models halves some of them.",
     "int8": "int8 runs on ONNX Runtime (`--int8 N` on `predict`, `eval`, `export`), fp32 and int8 in "
     "interleaved rounds. ONNX Runtime picks its int8 kernels by CPUID (VNNI where the CPU has it): the AVX2 "
-    "variables change PyTorch's fp32 baseline only, so the \"AVX2\" rows are not an AVX2 machine's. The "
+    'variables change PyTorch\'s fp32 baseline only, so rows "under ATEN_CPU_CAPABILITY=avx2" are not an '
+    "AVX2 machine's; the block headed AVX2 is. Without VNNI the weights take 7 bits (their 16-bit "
+    "products would saturate), as its accuracy lines say. The "
     "CamVid models were trained minutes from scratch on the CPU (their fp32 mIoU is in the accuracy "
     "lines): the accuracy cost is measured on weak models.",
     "pipeline": "Random weights of each model, 11 classes, through `Predictor` with `backend=auto`. "
@@ -435,26 +440,38 @@ def _rendered(title: str, command: str, results: dict | None, table, notes: str 
     return [f"### {title}", "", f"`{command}`. {notes}".rstrip(), "", table(results), ""]
 
 
+MACHINE_TAG = " — "  # "### Title — AVX2": a block measured on one kind of CPU, kept beside the others'
+
+
+def _per_machine(title: str, command: str, results: dict | None, table, notes: str = "") -> list[str]:  # noqa: ANN001
+    """:func:`_rendered` with the vector ISA its results were measured on in the heading, so that
+    the page keeps each kind of CPU's block (an AVX2 and an AVX-512 one): a figure of one says
+    little of the other (bf16, VNNI, the runtimes' kernels)."""
+    if results:
+        title += MACHINE_TAG + results["machine"]["capability"]
+    return _rendered(title, command, results, table, notes)
+
+
 def _speed_limit_sections(out_dir: Path) -> list[str]:
     """The roofline, int8 and the pipeline around the network."""
     from . import int8, pipeline, roofline
 
     return [
-        *_rendered(
+        *_per_machine(
             "The fp32 limit on record: % of the measured convolution peak",
             "python -m benchmarks roofline",
             _load(out_dir / "roofline.json"),
             roofline.table,
             NOTES["roofline"],
         ),
-        *_rendered(
+        *_per_machine(
             "int8",
             "python -m benchmarks int8 --data-root ../shared/data",
             _load(out_dir / "int8.json"),
             int8.table,
             NOTES["int8"],
         ),
-        *_rendered(
+        *_per_machine(
             "predict end to end, against the forward pass alone",
             "python -m benchmarks.pipeline",
             _load(out_dir / "pipeline.json"),
@@ -510,8 +527,22 @@ def keep_previous(new: list[str], old: list[str]) -> list[str]:
                 else:
                     out += text
                 continue
-            out += [sub, *(old_by_heading[sub] if _missing(text) and sub in old_by_heading else text)]
+            if _missing(text) and any(_same_title(sub, old_sub) for old_sub in old_by_heading):
+                text = []  # no results here, but other machines' blocks of it follow
+            elif _missing(text) and sub in old_by_heading:
+                text = old_by_heading[sub]
+            if text:
+                out += [sub, *text]
+            # The same block measured on other kinds of CPU, which this machine cannot re-measure.
+            for old_sub, old_text in old_blocks[1:]:
+                if old_sub not in rendered and old_sub != sub and _same_title(sub, old_sub):
+                    out += [old_sub, *old_text]
     return out
+
+
+def _same_title(a: str, b: str) -> bool:
+    """Two headings of one benchmark's block, each tagged with the machine it was measured on."""
+    return MACHINE_TAG in b and a.split(MACHINE_TAG)[0] == b.split(MACHINE_TAG)[0]
 
 
 def write_report(out_dir: Path, doc: Path) -> Path:

@@ -4,11 +4,17 @@ every model's forward pass comes to the peak.
     python -m benchmarks roofline [--only fcn8s,unet] [--out runs/bench/roofline.json]
 
 - Peaks, best of N: a 4096x4096 fp32 GEMM, and a 256-channel 3x3 convolution at 128x128
-  (the shape that dominates these nets), in GFLOP/s.
+  (the shape that dominates these nets), in GFLOP/s; and a depthwise 3x3 convolution (240
+  channels at 64x64, a MobileNetV3 shape), which does 1/240 of the dense one's work per byte
+  it reads and so runs at a fraction of its speed, bound by memory.
 - FLOPs of a model at a size: counted from its layers on the meta device (no compute), two per
   multiply-add, for every convolution, transposed convolution and linear layer; pooling,
   activations, crops and interpolation are left out, so "% of peak" is the share of the
-  machine's convolution speed the whole forward pass reaches.
+  machine's convolution speed the whole forward pass reaches. Depthwise convolutions are
+  counted apart: "% of roof" holds them to the depthwise peak and the rest to the dense one
+  (the time the two peaks allow, over the time taken). For nets without depthwise layers the
+  two columns agree; for MobileNetV3 they say how far the forward pass is from what the
+  machine's own kernels allow for its layers.
 - Per model, batch 1, ``torch.inference_mode``, at 256 (U-Net valid: 268) and at the paper's
   size: eager fp32; the default path, which is what ``predict`` / ``eval`` / ``serve`` run
   (``backends.accelerate`` with ``backend=auto, amp=auto``: the probe's choice, named in the
@@ -28,6 +34,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 from unittest import mock
 
 import torch
@@ -45,22 +52,43 @@ from .speed import _build, _channels, _input_size, _paper_size, timed
 _COUNTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
-def layer_flops(model: nn.Module, x_shape: tuple[int, ...]) -> int:
+class Flops(NamedTuple):
+    """FLOPs (2 per multiply-add) of a forward pass, depthwise convolutions apart."""
+
+    dense: int
+    depthwise: int
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.depthwise
+
+    def __mul__(self, k: int) -> Flops:  # the training step: k times the forward's, of each kind
+        return Flops(self.dense * k, self.depthwise * k)
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def layer_flops(model: nn.Module, x_shape: tuple[int, ...]) -> Flops:
     """FLOPs (2 per multiply-add) of ``model``'s convolutions and linear layers for one input of
     ``x_shape``, from a forward pass on the meta device."""
     meta = copy.deepcopy(model).to("meta")
-    total = 0
+    dense = depthwise = 0
 
     def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        nonlocal total
+        nonlocal dense, depthwise
         if isinstance(module, nn.Conv2d):  # each output element: Cin/groups * kh * kw MACs
             k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            total += 2 * output.numel() * k
+            if _is_depthwise(module):
+                depthwise += 2 * output.numel() * k
+            else:
+                dense += 2 * output.numel() * k
         elif isinstance(module, nn.ConvTranspose2d):  # each input element scatters Cout/groups * kh * kw
             k = module.out_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-            total += 2 * inputs[0].numel() * k
+            dense += 2 * inputs[0].numel() * k
         elif isinstance(module, nn.Linear):
-            total += 2 * output.numel() * module.in_features
+            dense += 2 * output.numel() * module.in_features
 
     hooks = [m.register_forward_hook(count) for m in meta.modules() if isinstance(m, _COUNTED)]
     try:
@@ -69,7 +97,7 @@ def layer_flops(model: nn.Module, x_shape: tuple[int, ...]) -> int:
     finally:
         for h in hooks:
             h.remove()
-    return total
+    return Flops(dense, depthwise)
 
 
 def _best(fn, repeats: int) -> float:
@@ -82,19 +110,43 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
+DEPTHWISE_SHAPE = (240, 64)  # channels, side: a MobileNetV3-Large depthwise layer at a 256-pixel input
+
+
 def measure_peaks(repeats: int = 10) -> dict[str, float]:
-    """GFLOP/s of a 4096^2 fp32 GEMM and of a 256-channel 3x3 convolution at 128x128, best of N."""
+    """GFLOP/s, best of N: a 4096^2 fp32 GEMM, a 256-channel 3x3 convolution at 128x128, and a
+    depthwise 3x3 convolution of :data:`DEPTHWISE_SHAPE`."""
     a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
     conv = nn.Conv2d(256, 256, 3, padding=1, bias=False).eval()
     x = torch.randn(1, 256, 128, 128)
+    c, side = DEPTHWISE_SHAPE
+    depthwise = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False).eval()
+    xd = torch.randn(1, c, side, side)
     with torch.inference_mode():
         gemm = 2 * 4096**3 / _best(lambda: torch.mm(a, b), repeats)
         conv3 = 2 * 256 * 256 * 9 * 128 * 128 / _best(lambda: conv(x), repeats)
-    return {"gemm_gflops": gemm / 1e9, "conv3x3_gflops": conv3 / 1e9}
+        dw3 = 2 * c * 9 * side * side / _best(lambda: depthwise(xd), 10 * repeats)  # microseconds: more runs
+    return {"gemm_gflops": gemm / 1e9, "conv3x3_gflops": conv3 / 1e9, "depthwise3x3_gflops": dw3 / 1e9}
 
 
-def _row(side: int, flops: int, seconds: float) -> dict:
-    return {"size": side, "gflop": flops / 1e9, "seconds": seconds, "gflops": flops / seconds / 1e9}
+def _row(side: int, flops: Flops, seconds: float) -> dict:
+    return {
+        "size": side,
+        "gflop": flops.total / 1e9,
+        "gflop_depthwise": flops.depthwise / 1e9,
+        "seconds": seconds,
+        "gflops": flops.total / seconds / 1e9,
+    }
+
+
+def roof_share(row: dict, peaks: dict[str, float]) -> float:
+    """The time the machine's peaks allow for ``row``'s layers (depthwise ones at the depthwise
+    peak, the rest at the dense convolution's), as a share of the time it took."""
+    depthwise = row.get("gflop_depthwise", 0.0)  # absent in results written before it was counted
+    allowed = (row["gflop"] - depthwise) / peaks["conv3x3_gflops"]
+    if depthwise:
+        allowed += depthwise / peaks["depthwise3x3_gflops"]
+    return allowed / row["seconds"]
 
 
 def _train_step_seconds(model: nn.Module, x: torch.Tensor) -> float:
@@ -138,34 +190,44 @@ def measure_model(name: str) -> dict:
             rows[f"{variant} {side}"] = _row(side, flops, seconds)
         if label == "256":
             try:
-                rows[f"train step {side}"] = _row(side, 3 * flops, _train_step_seconds(model, x))
+                rows[f"train step {side}"] = _row(side, flops * 3, _train_step_seconds(model, x))
             except ValueError:  # batch norm after a global pooling (ASPP's image branch, PSPNet's bin 1)
                 # sees one value per channel at batch 1 and cannot train: batch 2
                 seconds = _train_step_seconds(model, x.expand(2, -1, -1, -1))
-                rows[f"train step {side} (batch 2)"] = _row(side, 6 * flops, seconds)
+                rows[f"train step {side} (batch 2)"] = _row(side, flops * 6, seconds)
     return rows
 
 
 def table(results: dict) -> str:
     m, p = results["machine"], results["peaks"]
+    has_roof = "depthwise3x3_gflops" in p  # results written before the depthwise peak have one column
+    c, side = DEPTHWISE_SHAPE
     lines = [
         f"Machine: {m['cpu']}, {m['capability']}, native bf16 {m['native_bf16']}, {m['threads']} threads, "
         f"torch {m['torch']}. Measured fp32 peaks: GEMM 4096^2 {p['gemm_gflops']:.0f} GFLOP/s, 3x3 conv "
-        f"256ch@128^2 {p['conv3x3_gflops']:.0f} GFLOP/s (the reference for % of peak). Batch 1.",
+        f"256ch@128^2 {p['conv3x3_gflops']:.0f} GFLOP/s (the reference for % of peak)"
+        + (f", depthwise 3x3 {c}ch@{side}^2 {p['depthwise3x3_gflops']:.0f} GFLOP/s" if has_roof else "")
+        + ". Batch 1.",
         "",
-        "| model | path, size | GFLOPs | seconds | GFLOP/s | % of conv peak |",
-        "|---|---|---|---|---|---|",
+        "| model | path, size | GFLOPs | seconds | GFLOP/s | % of conv peak |" + (" % of roof |" if has_roof else ""),
+        "|---|---|---|---|---|---|" + ("---|" if has_roof else ""),
     ]
     peak = p["conv3x3_gflops"]
     for name, rows in results["models"].items():
         for path, r in rows.items():
             lines.append(
                 f"| {name} | {path} | {r['gflop']:.1f} | {r['seconds']:.3f} | {r['gflops']:.0f} | "
-                f"{100 * r['gflops'] / peak:.0f}% |"
+                f"{100 * r['gflops'] / peak:.0f}% |" + (f" {100 * roof_share(r, p):.0f}% |" if has_roof else "")
             )
-    # (% of peak, model, path, faster than eager at that size) for every default-path row
+    # (% of peak, % of roof, model, path, faster than eager at that size) for every default-path row
     defaults = [
-        (100 * r["gflops"] / peak, name, path, r["seconds"] < rows[f"eager {r['size']}"]["seconds"])
+        (
+            100 * r["gflops"] / peak,
+            100 * roof_share(r, p) if has_roof and r.get("gflop_depthwise") else None,  # depthwise nets only
+            name,
+            path,
+            r["seconds"] < rows[f"eager {r['size']}"]["seconds"],
+        )
         for name, rows in results["models"].items()
         for path, r in rows.items()
         if path.startswith("default")
@@ -174,16 +236,23 @@ def table(results: dict) -> str:
         low = min(defaults)
         below = [
             f"{name} {path.split()[-1]} ({share:.0f}%)"
-            for share, name, path, _ in sorted(defaults)
+            for share, _, name, path, _ in sorted(defaults)
             if round(share) < 85
         ]
         faster = sum(quicker for *_, quicker in defaults)
         lines += [
             "",
             f"Default path: >= 85% of the conv peak on {len(defaults) - len(below)} of {len(defaults)} model-size "
-            f"pairs, faster than eager on {faster}; lowest {low[0]:.0f}% ({low[1]}, {low[2]}); target 85%."
+            f"pairs, faster than eager on {faster}; lowest {low[0]:.0f}% ({low[2]}, {low[3]}); target 85%."
             + (f" Below 85%: {', '.join(below)}." if below else ""),
         ]
+        depthwise = [(roof, name, path) for _, roof, name, path, _ in defaults if roof is not None]
+        if depthwise:
+            lines[-1] += (
+                " Against the roof (depthwise layers at the depthwise peak): "
+                + ", ".join(f"{name} {path.split()[-1]} {roof:.0f}%" for roof, name, path in depthwise)
+                + "."
+            )
     return "\n".join(lines)
 
 
@@ -202,7 +271,7 @@ def run_roofline(path: Path, only: list[str] | None = None) -> dict:
     # The peaks again after the models, the best of both kept: a peak measured while something
     # else ran would make every model look closer to it than it is.
     again = measure_peaks()
-    results["peaks"] = {k: max(v, again[k]) for k, v in results["peaks"].items()}
+    results["peaks"] = {k: max(v, results["peaks"].get(k, 0.0)) for k, v in again.items()}
     path.write_text(json.dumps(results, indent=2))
     return results
 

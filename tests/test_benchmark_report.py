@@ -152,3 +152,25 @@ def test_the_crf_lines_name_the_kernels_and_the_ratio() -> None:
     older = _crf_line({**entry, "agreement": 0.99}, "Natively")  # results from before the rounds were stored
     assert "PyTorch kernels" not in older and "(best of 5 each)" in older
     assert "pydensecrf" not in _crf_line({k: entry[k] for k in ("image", "classes", "iterations", "ours_s")}, "x")
+
+
+def test_each_kind_of_cpu_keeps_its_own_block_of_a_per_machine_benchmark() -> None:
+    from benchmarks.report import _per_machine
+
+    def table(results: dict) -> str:
+        return f"table of {results['machine']['capability']}"
+
+    title = "### The fp32 limit on record"
+    old = ["## Speed and memory", "", f"{title} — AVX512", "", "avx512 table", f"{title} — AVX2", "", "old avx2 table"]
+    avx2 = _per_machine("The fp32 limit on record", "cmd", {"machine": {"capability": "AVX2"}}, table)
+    page = "\n".join(keep_previous(["## Speed and memory", "", *avx2], old))
+    # This machine's block is re-measured, the other kind's is kept after it.
+    assert "table of AVX2" in page and "old avx2 table" not in page and "avx512 table" in page
+    assert page.index(f"{title} — AVX2") < page.index(f"{title} — AVX512")
+    # A machine without the results keeps every kind's block, and says nothing of a missing one.
+    absent = _per_machine("The fp32 limit on record", "cmd", None, table)
+    page = "\n".join(keep_previous(["## Speed and memory", "", *absent], old))
+    assert "avx512 table" in page and "old avx2 table" in page and "No results yet" not in page
+    # Nothing measured anywhere yet: the block says how to measure it.
+    page = "\n".join(keep_previous(["## Speed and memory", "", *absent], ["## Speed and memory", ""]))
+    assert "No results yet: `cmd`." in page

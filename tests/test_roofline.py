@@ -1,0 +1,98 @@
+"""The roofline benchmark's arithmetic: FLOPs counted from the layers, depthwise ones apart, and
+the share of the machine's peaks a measured forward pass reaches."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.roofline import Flops, layer_flops, roof_share, table  # noqa: E402
+from benchmarks.speed import _build  # noqa: E402
+
+
+def test_depthwise_convolutions_are_counted_apart_from_the_dense_layers():
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # dense: 8 outputs x 3*9 MACs per pixel
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),  # depthwise: 8 outputs x 9 MACs
+        nn.Conv2d(8, 8, 3, padding=1, groups=2),  # grouped, not depthwise: 8 outputs x 4*9 MACs
+        nn.ConvTranspose2d(8, 4, 2, stride=2),  # each input element scatters 4*2*2
+    )
+    flops = layer_flops(net, (1, 3, 10, 10))
+    pixels = 10 * 10
+    assert flops.depthwise == 2 * pixels * 8 * 9
+    assert flops.dense == 2 * pixels * (8 * 27 + 8 * 36 + 8 * 16)
+    assert flops * 3 == Flops(3 * flops.dense, 3 * flops.depthwise) and flops.total == flops.dense + flops.depthwise
+
+
+@pytest.mark.parametrize(("name", "side", "gflop"), [("deeplab_v2_resnet101", 513, 377.8), ("unet_padded", 572, 476.9)])
+def test_the_counts_match_the_issues_hand_counts_of_the_paper_models(name, side, gflop):
+    # DeepLab v2 378 GFLOPs at 513, the padded U-Net 477 at 572 (1 in / 2 out): no depthwise layer.
+    flops = layer_flops(_build(name), (1, 1 if name.startswith("unet") else 3, side, side))
+    assert flops.depthwise == 0 and flops.total / 1e9 == pytest.approx(gflop, abs=0.05)
+
+
+def test_mobilenet_v3s_depthwise_layers_are_found():
+    flops = layer_flops(_build("lraspp_mobilenet_v3_large"), (1, 3, 256, 256))
+    assert 0 < flops.depthwise < flops.dense
+
+
+PEAKS = {"gemm_gflops": 150.0, "conv3x3_gflops": 100.0, "depthwise3x3_gflops": 10.0}
+
+
+def test_the_roof_holds_depthwise_flops_to_the_depthwise_peak():
+    # 2 dense GFLOPs at 100 GFLOP/s and 1 depthwise at 10: 0.12 s allowed, 0.2 s taken.
+    assert roof_share({"gflop": 3.0, "gflop_depthwise": 1.0, "seconds": 0.2}, PEAKS) == pytest.approx(0.6)
+    # Without depthwise layers (or results that predate their count) the roof is the conv peak.
+    assert roof_share({"gflop": 3.0, "seconds": 0.2}, PEAKS) == pytest.approx(3.0 / 0.2 / 100)
+
+
+def _results(peaks: dict) -> dict:
+    row = {"size": 256, "gflop": 3.0, "gflop_depthwise": 1.0}
+    machine = {"cpu": "CPU X", "capability": "AVX2", "native_bf16": False, "threads": 2, "torch": "2.13.0"}
+    return {
+        "machine": machine,
+        "peaks": peaks,
+        "models": {
+            "mobile": {
+                "eager 256": {**row, "seconds": 0.4, "gflops": 7.5},
+                "default (openvino) 256": {**row, "seconds": 0.2, "gflops": 15.0},
+            },
+            "dense": {
+                "eager 256": {"size": 256, "gflop": 9.0, "gflop_depthwise": 0.0, "seconds": 0.1, "gflops": 90.0},
+                "default (onnxruntime) 256": {
+                    "size": 256,
+                    "gflop": 9.0,
+                    "gflop_depthwise": 0.0,
+                    "seconds": 0.09,
+                    "gflops": 100.0,
+                },
+            },
+        },
+    }
+
+
+def test_the_table_shows_the_roof_beside_the_peak_and_names_the_depthwise_nets():
+    text = table(_results(PEAKS))
+    assert "depthwise 3x3 240ch@64^2 10 GFLOP/s" in text and "% of roof |" in text
+    assert "| mobile | default (openvino) 256 | 3.0 | 0.200 | 15 | 15% | 60% |" in text
+    assert "| dense | default (onnxruntime) 256 | 9.0 | 0.090 | 100 | 100% | 100% |" in text
+    assert "on 1 of 2 model-size pairs" in text and "Below 85%: mobile 256 (15%)." in text
+    assert "depthwise peak): mobile 256 60%." in text and "dense 256 100%" not in text
+
+
+def test_results_from_before_the_depthwise_peak_keep_their_one_column():
+    old = {k: v for k, v in PEAKS.items() if k != "depthwise3x3_gflops"}
+    text = table(_results(old))
+    assert "% of roof" not in text and "| mobile | default (openvino) 256 | 3.0 | 0.200 | 15 | 15% |" in text
+    assert "depthwise peak" not in text
+
+
+def test_flop_counting_runs_on_the_meta_device_and_leaves_the_model_alone():
+    model = _build("unet_padded")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer_flops(model, (1, 1, 64, 64))
+    assert all(v.device.type == "cpu" and torch.equal(v, before[k]) for k, v in model.state_dict().items())
