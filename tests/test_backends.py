@@ -301,6 +301,17 @@ def test_auto_caches_its_choice_and_reuses_it_without_timing(monkeypatch, tmp_pa
     assert not fresh.cached and probe.timed == list(PROBED)
 
 
+def test_a_choice_cached_by_an_earlier_way_of_timing_is_measured_again(monkeypatch, tmp_path):
+    model, example = few_ops(), torch.randn(1, 3, 64, 64)
+    probe = Probe(monkeypatch, {"eager": 1.3, "channels_last": 1.0, "torchscript": 1.2})
+    monkeypatch.setattr(backends, "PROBE_METHOD", backends.PROBE_METHOD - 1)
+    choose_backend(model, example, PROBED)
+    monkeypatch.setattr(backends, "PROBE_METHOD", backends.PROBE_METHOD + 1)
+    probe.timed = []
+    _, choice = choose_backend(model, example, PROBED)
+    assert not choice.cached and probe.timed == list(PROBED)
+
+
 def test_the_probe_runs_eagers_reference_once_and_a_cached_eager_choice_runs_nothing(monkeypatch, tmp_path):
     model, example = few_ops(), torch.randn(1, 3, 64, 64)
     calls = []

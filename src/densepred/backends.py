@@ -63,6 +63,9 @@ FLOAT32_ONLY = ("torchscript", "onnxruntime", "openvino")  # reduced precision i
 BF16 = "bf16"
 CPU_ONLY = ("onnxruntime", "openvino")  # as prepared here: their CPU devices
 SCREEN = 1.5  # a candidate whose first timed call is this much slower than the fastest's is dropped
+# In the cache key: choices made by an earlier way of timing (one candidate after another, which
+# a burst of other work could mislead) are measured again once.
+PROBE_METHOD = 2
 
 
 class MissingRuntimeError(ImportError, ValueError):
@@ -223,7 +226,8 @@ def _cache_key(model: nn.Module, example: Tensor) -> str:
     shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
     arch = hashlib.sha256(f"{type(model).__name__}|{shapes}".encode()).hexdigest()[:16]
     m = machine_info()
-    return f"{arch}|{tuple(example.shape)}|{m.cpu}|{m.capability}|{m.threads}|{m.torch}|{_runtime_versions()}"
+    machine = f"{m.cpu}|{m.capability}|{m.threads}|{m.torch}|{_runtime_versions()}"
+    return f"{arch}|{tuple(example.shape)}|{machine}|probe {PROBE_METHOD}"
 
 
 def _runtime_versions() -> str:
