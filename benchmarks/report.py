@@ -522,7 +522,8 @@ def keep_previous(new: list[str], old: list[str]) -> list[str]:
                 if _missing(text):  # the section's own results are absent: its old text and tables
                     out += old_blocks[0][1]
                     for old_sub, old_text in old_blocks[1:]:
-                        if old_sub not in rendered:
+                        # (another machine's block of a rendered one comes beside it, below)
+                        if old_sub not in rendered and not any(_same_title(h, old_sub) for h in rendered if h):
                             out += [old_sub, *old_text]
                 else:
                     out += text

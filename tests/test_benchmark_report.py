@@ -171,6 +171,10 @@ def test_each_kind_of_cpu_keeps_its_own_block_of_a_per_machine_benchmark() -> No
     absent = _per_machine("The fp32 limit on record", "cmd", None, table)
     page = "\n".join(keep_previous(["## Speed and memory", "", *absent], old))
     assert "avx512 table" in page and "old avx2 table" in page and "No results yet" not in page
+    # The section's own text has no results here either: each block still comes once.
+    own = ["## Speed and memory", "", "No speed results yet: `x`.", "", *avx2]
+    page = "\n".join(keep_previous(own, ["## Speed and memory", "", "Machine A.", "", *old[2:]]))
+    assert page.count(f"{title} — AVX512") == 1 and page.count(f"{title} — AVX2") == 1 and "Machine A." in page
     # Nothing measured anywhere yet: the block says how to measure it.
     page = "\n".join(keep_previous(["## Speed and memory", "", *absent], ["## Speed and memory", ""]))
     assert "No results yet: `cmd`." in page
