@@ -233,10 +233,10 @@ def table(results: dict) -> str:
         if path.startswith("default")
     ]
     if defaults:
-        low = min(defaults)
+        low = min(defaults, key=lambda d: d[0])  # by share alone: the roof slot holds None for dense nets
         below = [
             f"{name} {path.split()[-1]} ({share:.0f}%)"
-            for share, _, name, path, _ in sorted(defaults)
+            for share, _, name, path, _ in sorted(defaults, key=lambda d: d[0])
             if round(share) < 85
         ]
         faster = sum(quicker for *_, quicker in defaults)
