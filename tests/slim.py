@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from densepred.models.layers import AtrousConv2d
+
 HEAVY = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce", "deeplab_v1_7x7")
 
 
@@ -22,9 +24,9 @@ def slim(model: nn.Module, divisor: int = 16) -> nn.Module:
     keep = {model.in_channels, model.num_classes}
     for parent in list(model.modules()):
         for attr, conv in list(parent.named_children()):
-            if type(conv) is nn.Conv2d:
+            if type(conv) in (nn.Conv2d, AtrousConv2d):
                 cin, cout = (c if c in keep else c // divisor for c in (conv.in_channels, conv.out_channels))
-                thin = nn.Conv2d(cin, cout, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+                thin = type(conv)(cin, cout, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
                 nn.init.kaiming_normal_(thin.weight, nonlinearity="relu")
                 nn.init.uniform_(thin.bias, -0.1, 0.1)
                 setattr(parent, attr, thin)

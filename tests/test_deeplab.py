@@ -5,6 +5,7 @@ import torch
 
 import densepred
 from densepred.models.deeplab import ASPP_RATES, MultiScaleInputs, caffe_resize
+from densepred.models.layers import AtrousConv2d
 from slim import slim
 
 
@@ -106,3 +107,37 @@ def test_msc_registry_option_and_validation():
         densepred.create_model("deeplab_v2_resnet101", aspp="M")
     with pytest.raises(ValueError, match="scales must be positive"):
         MultiScaleInputs(model.model, scales=(1.0, -0.5))
+
+
+@pytest.mark.parametrize("kernel,dilation,stride,batch", [(3, 2, 1, 2), (7, 4, 1, 1), (3, 3, 2, 2)])
+def test_atrous_conv_trains_with_the_plain_convolutions_gradients(kernel, dilation, stride, batch):
+    # AtrousConv2d computes its weight gradient as an explicit im2col GEMM; it must be the
+    # convolution's gradient, for every input, weight and bias, batched and strided.
+    torch.manual_seed(0)
+    conv = AtrousConv2d(3, 5, kernel, padding=dilation * (kernel - 1) // 2, dilation=dilation, stride=stride).double()
+    x = torch.randn(batch, 3, 13, 11, dtype=torch.float64, requires_grad=True)
+    y = conv(x)
+    reference = torch.nn.functional.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)
+    torch.testing.assert_close(y, reference)
+    upstream = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, conv.weight, conv.bias), upstream)
+    theirs = torch.autograd.grad(reference, (x, conv.weight, conv.bias), upstream)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+    assert y.grad_fn.name().endswith("_GemmWeightGradConvBackward")
+
+
+def test_atrous_conv_is_a_plain_convolution_outside_training():
+    conv = AtrousConv2d(3, 4, 3, padding=2, dilation=2).eval()
+    assert set(conv.state_dict()) == {"weight", "bias"}
+    x = torch.randn(1, 3, 9, 9, requires_grad=True)
+    assert conv(x).grad_fn.name() == "ConvolutionBackward0"  # what traced graphs and exports record
+    with pytest.raises(ValueError, match="groups=1"):
+        AtrousConv2d(4, 4, 3, groups=2)
+
+
+def test_deeplab_fc6_is_atrous_and_the_7x7_trains_at_a_small_size():
+    model = densepred.create_model("deeplab_v1_7x7", num_classes=3).train()
+    assert isinstance(model.head.fc6, AtrousConv2d)
+    model(model.example_input()).sum().backward()
+    assert model.head.fc6.weight.grad.abs().sum() > 0

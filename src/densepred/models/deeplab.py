@@ -31,7 +31,7 @@ from ..weights import with_pretrained
 from .backbones.resnet import ResNet
 from .backbones.vgg import VGG16
 from .base import CoarseScores, SegmentationModel
-from .layers import Backbone, check_input
+from .layers import AtrousConv2d, Backbone, check_input
 
 __all__ = ["DeepLab", "FCHead", "ASPPVGG", "ASPPResNet", "MultiScaleInputs", "ASPP_RATES", "caffe_resize"]
 
@@ -63,7 +63,7 @@ class FCHead(nn.Sequential):
         super().__init__()
         if pool5a:
             self.pool5a = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=True)
-        self.fc6 = nn.Conv2d(in_channels, width, kernel_size, padding=padding, dilation=dilation)
+        self.fc6 = AtrousConv2d(in_channels, width, kernel_size, padding=padding, dilation=dilation)
         self.relu6 = nn.ReLU(inplace=True)
         self.drop6 = nn.Dropout(0.5)
         self.fc7 = nn.Conv2d(width, width, 1)
@@ -122,9 +122,7 @@ class DeepLab(SegmentationModel):
     """A backbone at output stride 8 and a scoring head on one of its maps.
 
     ``coarse_logits`` gives the stride-8 scores (what DeepLab's losses see, against labels
-    sub-sampled by 8); ``forward`` interpolates them to the input size. ``example_size`` is
-    the small input the tests use (a head whose fc6 spans more than the stride-8 map needs a
-    larger one, see :func:`deeplab_v1_7x7`).
+    sub-sampled by 8); ``forward`` interpolates them to the input size.
     """
 
     def __init__(
@@ -134,7 +132,6 @@ class DeepLab(SegmentationModel):
         *,
         feature: str,
         num_classes: int,
-        example_size: tuple[int, int] = (41, 35),
     ):
         super().__init__()
         if feature not in backbone.feature_info:
@@ -143,7 +140,6 @@ class DeepLab(SegmentationModel):
         self.num_classes = num_classes
         self.in_channels = backbone.in_channels
         self.output_stride = backbone.feature_info[feature].stride
-        self._example_size = example_size
 
     def classifier_layers(self) -> list[nn.Module]:
         """The final class-scoring layers: DeepLab trains them with 10x the base lr (v1 Sec. 4.1)."""
@@ -171,9 +167,6 @@ class DeepLab(SegmentationModel):
         """The backbone's layers shallow to deep, then the head's first fc7 (VGG16 heads)."""
         fc7 = [f"head.{n}" for n, _ in self.head.named_modules() if n.rsplit(".", 1)[-1] == "fc7"][:1]
         return [f"backbone.{n}" for n in self.backbone.feature_layers()] + fc7
-
-    def example_size(self) -> tuple[int, int]:
-        return self._example_size
 
 
 def _rescale(x: Tensor, s: float) -> Tensor:
@@ -286,10 +279,7 @@ def deeplab_v1_7x7(*, num_classes: int = 21, in_channels: int = 3, pretrained: s
     """DeepLab-CRF-7x7: fc6 7x7, dilation 4, 4096 channels (v1 Table 2, 134.3M parameters)."""
     backbone = _atrous_vgg16(in_channels)
     head = FCHead(backbone.out_channels, num_classes, kernel_size=7, dilation=4, width=4096)
-    # oneDNN's weight gradient of a 7x7 dilation-4 conv over a map smaller than its 25-pixel
-    # span is pathologically slow on CPU (9 s at 41x35): test it where the span fits the map.
-    model = DeepLab(backbone, head, feature="pool5", num_classes=num_classes, example_size=(209, 201))
-    return with_pretrained(model, pretrained)
+    return with_pretrained(DeepLab(backbone, head, feature="pool5", num_classes=num_classes), pretrained)
 
 
 @register_model("deeplab_v2_vgg16", paper=_V2, output_stride=8, receptive_field=611, default_size=321)
