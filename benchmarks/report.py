@@ -410,8 +410,9 @@ NOTES = {
     "roofline": "Peaks are measured before and after the models and the best is kept (a peak taken while "
     "something else runs flatters every model). FLOPs are counted from every convolution, transposed "
     "convolution and linear layer (2 per multiply-add); the training step counts 3x the forward's. "
-    '"default" is what `predict`, `eval` and `serve` run: the backend the probe chose at its 128-pixel '
-    "probe (named), kept for every size. Above 100%: ONNX Runtime and OpenVINO convolve faster than "
+    '"default" is what `predict` and `eval` run on images of the row\'s size: the backend (named) that '
+    "the probe chose at that size, the size of their first image's forward passes (`serve`, which "
+    "cannot know its images' size, probes at 128 pixels). Above 100%: ONNX Runtime and OpenVINO convolve faster than "
     'PyTorch\'s own 3x3 kernel, the reference. "% of roof" (where the peaks include a depthwise one) '
     "holds depthwise convolutions, which read a byte for every few FLOPs and are bound by memory, to the "
     "machine's measured depthwise 3x3 speed and the other layers to the dense peak: it differs from "

@@ -16,9 +16,9 @@ every model's forward pass comes to the peak.
   two columns agree; for MobileNetV3 they say how far the forward pass is from what the
   machine's own kernels allow for its layers.
 - Per model, batch 1, ``torch.inference_mode``, at 256 (U-Net valid: 268) and at the paper's
-  size: eager fp32; the default path, which is what ``predict`` / ``eval`` / ``serve`` run
-  (``backends.accelerate`` with ``backend=auto, amp=auto``: the probe's choice, named in the
-  table); and channels-last at 256. Seconds (median after a warm-up), GFLOP/s, % of peak.
+  size: eager fp32; the default path, which is what ``predict`` / ``eval`` run on images of that
+  size (``backends.accelerate`` with ``backend=auto, amp=auto``, probed at the size: the probe's
+  choice, named in the table); and channels-last at 256. Seconds (median after a warm-up), GFLOP/s, % of peak.
 - The training step at 256, batch 1 (forward, cross-entropy, backward, the trainer's own SGD
   with momentum, fused), eager: FLOPs counted as 3x the forward's (the backward
   computes a gradient for each layer's input and one for its weights, each as costly as the
@@ -171,16 +171,16 @@ def _train_step_seconds(model: nn.Module, x: torch.Tensor) -> float:
 def measure_model(name: str) -> dict:
     model = _build(name)
     channels = _channels(name)
-    # What predict / eval / serve run: the backend probe's choice at its own probe size, kept for every
-    # size; probed afresh (an empty cache), so that the figure is today's probe, not an earlier run's.
-    with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, DENSEPRED_CACHE=cache):
-        default, choice = accelerate(model, "auto", probe_input(model, channels), amp="auto")
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     rows = {}
     sizes = {"256": _input_size(name, 256), "paper": _input_size(name, _paper_size(name))}
     for label, side in sizes.items():
         x = torch.randn(1, channels, side, side)
         flops = layer_flops(model, tuple(x.shape))
+        # What predict and eval run on images of this size: the backend probe's choice at the size;
+        # probed afresh (an empty cache), so that the figure is today's probe, not an earlier run's.
+        with tempfile.TemporaryDirectory() as cache, mock.patch.dict(os.environ, DENSEPRED_CACHE=cache):
+            default, choice = accelerate(model, "auto", probe_input(model, channels, size=(side, side)), amp="auto")
         variants = {"eager": (model, x), f"default ({choice.backend})": (default, x)}
         if label == "256":
             variants["channels-last"] = (cl, x.to(memory_format=torch.channels_last))

@@ -8,7 +8,14 @@ from torch import nn
 
 import densepred
 from densepred.config import EvalConfig
-from densepred.inference import mirror_pad, multi_scale_flip, overlap_tile, predict_logits, sliding_window
+from densepred.inference import (
+    forward_size,
+    mirror_pad,
+    multi_scale_flip,
+    overlap_tile,
+    predict_logits,
+    sliding_window,
+)
 from densepred.models.unet import UNet
 
 EXACT = EvalConfig(amp="none")  # fp32 on every CPU: compared with the fp32 primitives below
@@ -55,6 +62,26 @@ def test_valid_unet_whole_image_prediction_uses_overlap_tile():
     model = UNet(2, 1, base_channels=4).eval()
     x = torch.randn(1, 1, 37, 45)  # far too small for one valid pass: mirrored context fills in
     assert predict_logits(model, x, EXACT).shape == (1, 2, 37, 45)
+
+
+def test_forward_size_is_the_size_each_mode_feeds_the_network():
+    padded = densepred.create_model("unet_padded", num_classes=2, in_channels=1, base_channels=4)
+    valid = UNet(2, 1, base_channels=4)
+    assert forward_size(padded, (360, 480), EvalConfig()) == (360, 480)
+    assert forward_size(padded, (360, 480), EvalConfig(mode="slide", tile=256)) == (256, 256)
+    assert forward_size(padded, (200, 480), EvalConfig(mode="slide", tile=256)) == (200, 256)  # clipped
+    assert forward_size(valid, (37, 45), EvalConfig()) == (572, 572)  # whole on a valid U-Net: overlap-tile
+    assert forward_size(valid, (37, 45), EvalConfig(mode="overlap_tile", tile=252)) == (252, 252)
+
+
+def test_the_probe_input_takes_the_work_size_the_model_accepts():
+    from densepred.backends import probe_input
+
+    padded = densepred.create_model("unet_padded", num_classes=2, in_channels=1, base_channels=4)
+    assert probe_input(padded, 1).shape == (1, 1, 128, 128)
+    assert probe_input(padded, 1, size=(360, 480)).shape == (1, 1, 360, 480)
+    valid = UNet(2, 1, base_channels=4)
+    assert probe_input(valid, 1, size=(250, 250)).shape == (1, 1, 252, 252)  # the nearest valid tile
 
 
 def test_mirror_pad_repeats_reflections_beyond_the_image():
@@ -155,6 +182,32 @@ def test_predict_command_writes_masks_overlays_and_probabilities(checkpoint, tmp
     total = sum(np.asarray(Image.open(p), dtype=np.float64) for p in probs)
     assert np.abs(total - 255).max() <= 6  # per-pixel probabilities sum to 1 (8-bit rounding)
     assert (out / "img0_overlay.png").is_file()
+
+
+def test_predict_chooses_the_backend_at_its_first_images_size(checkpoint, tmp_path, monkeypatch):
+    import densepred.prediction as prediction
+    from densepred.backends import BackendChoice
+    from densepred.checkpoint import load_trained
+    from densepred.cli import main
+    from densepred.models.base import input_rule_of
+
+    probed = []
+
+    def recording(model, backend, example, amp):
+        probed.append(tuple(example.shape[-2:]))
+        return model, BackendChoice("eager")
+
+    monkeypatch.setattr(prediction, "accelerate", recording)
+    images = _images(tmp_path / "in", n=1, size=(90, 61))
+    assert (
+        main(["predict", "--checkpoint", str(checkpoint), str(images), "--out", str(tmp_path / "o"), "--no-progress"])
+        == 0
+    )
+    rule = input_rule_of(load_trained(checkpoint).model)
+    assert probed == [(rule.nearest(90), rule.nearest(61))]
+    # Without a known size (a Predictor built from a checkpoint alone), the 128-pixel probe.
+    prediction.Predictor.from_checkpoint(checkpoint)
+    assert probed[-1] == (rule.nearest(128), rule.nearest(128))
 
 
 def test_predict_command_errors(checkpoint, tmp_path, capsys):

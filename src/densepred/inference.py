@@ -24,6 +24,7 @@ __all__ = [
     "multi_scale_flip",
     "mirror_pad",
     "tile_starts",
+    "forward_size",
 ]
 
 
@@ -126,7 +127,7 @@ def overlap_tile(model: nn.Module, image: Tensor, tile: int | None = None, *, ba
         raise ValueError(f"overlap-tile is for models with valid convolutions; {type(model).__name__} takes any size")
     n, _, h, w = image.shape
     grid = rule.step  # 2**depth: the poolings' grid
-    tile = tile or rule.nearest(572 if grid == 16 else 16 * grid)
+    tile = tile or _default_tile(rule)
     if not rule.fits(tile):
         valid = rule.nearest(tile)
         raise ValueError(
@@ -160,8 +161,29 @@ def overlap_tile(model: nn.Module, image: Tensor, tile: int | None = None, *, ba
     return logits[:, :, :h, :w]
 
 
+def _default_tile(rule) -> int:  # noqa: ANN001 - a valid-convolution InputRule
+    """Overlap-tile's input tile: the paper's 572 (depth 4), or 16 pooling cells for other depths."""
+    return rule.nearest(572 if rule.step == 16 else 16 * rule.step)
+
+
+def _tiles_overlap(model: nn.Module, o: EvalConfig) -> bool:
+    return o.mode == "overlap_tile" or (o.mode == "whole" and input_rule_of(model).kind == "valid")
+
+
+def forward_size(model: nn.Module, image_size: tuple[int, int], o: EvalConfig) -> tuple[int, int]:
+    """The input size of the forward passes that mode ``o`` runs on an ``image_size`` image at
+    scale 1: the size at which to choose the fastest backend (:mod:`densepred.backends`)."""
+    h, w = image_size
+    if _tiles_overlap(model, o):
+        tile = o.tile or _default_tile(input_rule_of(model))
+        return tile, tile
+    if o.mode == "slide" and o.tile:
+        return min(o.tile, h), min(o.tile, w)
+    return h, w
+
+
 def _single_scale(model: nn.Module, image: Tensor, o: EvalConfig) -> Tensor:
-    if o.mode == "overlap_tile" or (o.mode == "whole" and input_rule_of(model).kind == "valid"):
+    if _tiles_overlap(model, o):
         return overlap_tile(model, image, o.tile, batch_size=o.batch_size)
     if o.mode == "whole":
         return _forward(model, image).float()

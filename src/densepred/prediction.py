@@ -22,13 +22,14 @@ from .crf import CRFParams, crf_params, dense_crf_any_channels
 from .data.files import IMAGE_SUFFIXES
 from .data.io import read_image
 from .data.labels import colorize
-from .inference import predict_logits
+from .inference import forward_size, predict_logits
 from .metrics import class_map
 
 __all__ = [
     "Predictor",
     "predict",
     "collect_inputs",
+    "image_size_of",
     "predict_files",
     "PredictedFiles",
     "save_index_png",
@@ -43,19 +44,22 @@ class Predictor:
     """Segment uint8 images (H, W, C) with a trained model: ``labels, probabilities = p(image)``.
 
     ``options``: how (inference mode, scales, flip, precision, the CRF); the checkpoint's own
-    recipe's ``eval`` section unless given.
+    recipe's ``eval`` section unless given. ``image_size``: (H, W) of the images it will mostly
+    see, if known: the backend is then chosen at the size of their forward passes.
     """
 
     trained: Trained
     device: torch.device = torch.device("cpu")
     options: EvalConfig = field(default_factory=EvalConfig)
+    image_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         o = self.options
         self.crf: CRFParams | None = crf_params(o.crf, o.crf_params) if o.crf else None
         # The forward passes run on the fastest backend that computes what eager does (backends).
         model = self.trained.model
-        example = probe_input(model, self.trained.in_channels, self.device)
+        size = forward_size(model, self.image_size, o) if self.image_size else None
+        example = probe_input(model, self.trained.in_channels, self.device, size)
         self.model, self.backend = accelerate(model, o.backend, example, o.amp)
 
     @classmethod
@@ -113,7 +117,10 @@ def predict(
 ) -> list[np.ndarray]:
     """Label maps (uint8 class ids) for images given as arrays ``(H, W[, C])`` or files, with a
     training checkpoint and its recipe's inference options (or ``options``)."""
-    predictor = Predictor.from_checkpoint(checkpoint, device, options)
+    first = images[0] if images else None
+    size = image_size_of(first) if isinstance(first, str | Path) else None if first is None else first.shape[:2]
+    trained = load_trained(checkpoint, device)
+    predictor = Predictor(trained, torch.device(device), options or trained.experiment.eval, image_size=size)
     channels = predictor.trained.in_channels
     return [
         predictor(read_image(image, channels=channels) if isinstance(image, str | Path) else image)[0]
@@ -153,6 +160,15 @@ def save_overlay_png(image: np.ndarray, labels: np.ndarray, palette, path: str |
         raise OSError(f"{path}: OpenCV could not encode the overlay as PNG")
     Path(path).write_bytes(encoded.tobytes())  # bytes, not cv2.imwrite: any path name works
     return Path(path)
+
+
+def image_size_of(path: str | Path) -> tuple[int, int] | None:
+    """(H, W) of an image file from its header alone, or None where it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, ValueError):
+        return None
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:

@@ -43,8 +43,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(model.describe())
     else:
         from ..backends import accelerate, probe_input
+        from ..inference import forward_size
 
-        example = probe_input(trained.model, trained.in_channels, device)
+        # The backend is chosen at the size of the first image's forward passes.
+        size = forward_size(trained.model, tuple(dataset[0]["image"].shape[-2:]), exp.eval) if len(dataset) else None
+        example = probe_input(trained.model, trained.in_channels, device, size)
         model, backend = accelerate(trained.model, exp.eval.backend, example, exp.eval.amp)
         print(backend.describe())
     metrics = evaluate(model, dataset, exp.eval, device=device, confusion=cm)

@@ -19,7 +19,7 @@ __all__ = ["add_commands"]
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ..distributed import resolve_device
-    from ..prediction import Predictor, predict_files
+    from ..prediction import Predictor, collect_inputs, image_size_of, predict_files
 
     device = resolve_device(args.device)
     int8 = int8_requested(args)
@@ -32,7 +32,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         model, options = int8_model(trained, args.int8, options, root=args.calibration_data)
         trained = dataclasses.replace(trained, model=model)
-    predictor = Predictor(trained, device, options)
+    inputs = collect_inputs(args.inputs)
+    # The backend is chosen at the size of the first image's forward passes.
+    predictor = Predictor(trained, device, options, image_size=image_size_of(inputs[0]))
     print(model.describe() if int8 else predictor.backend.describe())
     written, failed = predict_files(
         predictor,
