@@ -175,6 +175,68 @@ def run_speed(
     return rows
 
 
+CEILING_SHAPE = (256, 128)  # channels, side: the roofline's 3x3 convolution peak
+
+
+def run_ceiling(rounds: int) -> dict:
+    """What int8 can give at most on this CPU: one 3x3 convolution at the roofline's peak shape,
+    eager fp32 (the reference) against ONNX Runtime fp32 and int8 (quantised as
+    :func:`densepred.quantize.quantized_onnx` does: QDQ, per-channel weights, 7-bit where no VNNI),
+    interleaved. A model's int8 speed-up falls short of this ratio by what stays float (its head,
+    SegNet's switch-feeding convolutions) and by its operators that int8 does not speed up (a
+    pooling with indices), and exceeds it where eager fp32 falls short of the peak (FCN)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    from densepred.export import INPUT_NAME, onnx_session, trace_onnx
+    from densepred.quantize import _reduce_range
+
+    channels, side = CEILING_SHAPE
+    conv = nn.Conv2d(channels, channels, 3, padding=1).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, channels, side, side, generator=g).relu()  # a ReLU's output, as convolutions see
+
+    class _Once:  # ONNX Runtime's calibration reader over one batch
+        def __init__(self) -> None:
+            self.batches = iter([{INPUT_NAME: x.numpy()}])
+
+        def get_next(self) -> dict | None:
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path, int8_path = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(trace_onnx(conv), fp32_path)
+        quantize_static(
+            fp32_path,
+            int8_path,
+            _Once(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            reduce_range=_reduce_range(),
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+        threads = torch.get_num_threads()
+        fp32, int8 = onnx_session(fp32_path, threads=threads), onnx_session(int8_path, threads=threads)
+    feed = {INPUT_NAME: x.numpy()}
+    seconds = _best_of(
+        {
+            "eager fp32": lambda: conv(x),
+            "onnxruntime fp32": lambda: fp32.run(None, feed),
+            "onnxruntime int8": lambda: int8.run(None, feed),
+        },
+        rounds,
+    )
+    ops = 2 * channels * channels * 9 * side * side
+    return {
+        "machine": machine_info().to_dict(),
+        "shape": f"3x3 conv {channels}ch@{side}^2",
+        "weights_7_bit": _reduce_range(),
+        "gops": {k: ops / v / 1e9 for k, v in seconds.items()},
+        "int8_over_eager_fp32": seconds["eager fp32"] / seconds["onnxruntime int8"],
+    }
+
+
 def _agreement(fp32: nn.Module, int8: nn.Module, dataset, options: EvalConfig, count: int) -> float:
     same = total = 0
     with torch.inference_mode():
@@ -258,6 +320,17 @@ def table(results: dict) -> str:
             where = f" ({name})" if name.endswith(".pt") else " (registry weights)"
             lines.append(f"- {row['model']} {row['size'][0]}x{row['size'][1]}{where}: {cells}")
         lines.append("")
+    if "ceiling" in results:
+        c = results["ceiling"]
+        rates = ", ".join(f"{k} {v:.0f}" for k, v in c["gops"].items())
+        lines += [
+            f"One dense layer in int8 on {c['machine']['cpu']} ({c['machine']['capability']}"
+            f"{', 7-bit weights: no VNNI' if c['weights_7_bit'] else ''}), a {c['shape']}, GOP/s: {rates}: "
+            f"int8 runs it at **x{c['int8_over_eager_fp32']:.2f}** eager fp32's speed "
+            f"(x{c['gops']['onnxruntime int8'] / c['gops']['onnxruntime fp32']:.2f} ONNX Runtime fp32's): what the "
+            "models' int8 falls short of is their float layers and other operators.",
+            "",
+        ]
     for r in results.get("accuracy", {}).values():
         agree = r[f"argmax_agreement_first_{AGREEMENT_IMAGES}_val"]
         lines.append(
@@ -292,6 +365,9 @@ def run_int8(
 
     if checkpoint is not None and f"{checkpoint}|{images}" not in results["accuracy"]:
         results["accuracy"][f"{checkpoint}|{images}"] = run_accuracy(checkpoint, data_root, images)
+        save()
+    if "ceiling" not in results:
+        results["ceiling"] = run_ceiling(rounds)
         save()
     speed = results.setdefault("speed", {"machine": info, "rows": {}})
     run_speed(checkpoint, data_root, rounds=rounds, full=True, rows=speed["rows"], save=save)

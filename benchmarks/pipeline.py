@@ -46,7 +46,7 @@ from densepred.data.labels import IGNORE_INDEX, bitwise_palette
 from densepred.inference import predict_logits, tile_starts
 from densepred.metrics import class_map
 from densepred.precision import MachineInfo, machine_info
-from densepred.prediction import Predictor, predict_files, save_index_png, save_overlay_png
+from densepred.prediction import Predictor, image_size_of, predict_files, save_index_png, save_overlay_png
 from densepred.registry import create_model
 
 MODES: dict[str, EvalConfig] = {
@@ -108,9 +108,19 @@ def end_to_end(predictor: Predictor, frames: list[Path], out: Path, repeats: int
     pass alone (medians, seconds)."""
     trained = predictor.trained
     norm = normalization_for(trained.normalization, trained.in_channels)
-    x = norm(read_image(frames[0], channels=trained.in_channels))[None]
+    decode, image = _median(lambda: read_image(frames[0], channels=trained.in_channels), repeats)
+    x = norm(image)[None]
     with torch.inference_mode():
         forward, _ = _median(lambda: predictor.model(x), repeats)
+    labels = predictor.labels(image)
+    names = itertools.count()
+
+    def write() -> None:  # the two PNGs predict writes, new files each run (see below)
+        k = next(names)
+        save_index_png(labels, trained.palette, out / f"io_mask{k}.png")
+        save_overlay_png(image, labels, trained.palette, out / f"io_overlay{k}.png")
+
+    encode, _ = _median(write, repeats)
     # A fresh folder per run, as predict writes new files: rewriting a file in place makes ext4
     # flush it on close (auto_da_alloc), ~30 ms a file here, which a first run never pays.
     folders = (out / f"run{k}" for k in itertools.count())
@@ -120,6 +130,9 @@ def end_to_end(predictor: Predictor, frames: list[Path], out: Path, repeats: int
     per_frame = folder / len(frames)
     return {
         "forward": forward,
+        # Reading the file and writing both PNGs, which no backend speeds up: over 15% of the
+        # forward, predict cannot come within 1.15x of it on one frame.
+        "file_io": decode + encode,
         "predict": total,
         "ratio": total / forward,
         "frames": len(frames),
@@ -171,9 +184,9 @@ def table(results: dict) -> str:
         f"Machine: {MachineInfo(**results['machine']).line()}. Frame: {results['frame']}. Seconds, median of "
         f"{results['repeats']} after a warm-up; the backend is the one `predict` chose.",
         "",
-        "| model | backend | forward alone | predict, one frame (file to both PNGs) | ratio | "
-        "predict, per frame of a folder | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| model | backend | forward alone | file I/O alone (% of forward) | predict, one frame (file to both PNGs) "
+        "| ratio | predict, per frame of a folder | ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     models = results["models"]
     for name, r in models.items():
@@ -182,9 +195,9 @@ def table(results: dict) -> str:
             if "frames" in r
             else "- | -"
         )
-        lines.append(
-            f"| {name} | {r['backend']} | {r['forward']:.3f} | {r['predict']:.3f} | {r['ratio']:.3f}x | {folder} |"
-        )
+        io = f"{r['file_io']:.3f} ({100 * r['file_io'] / r['forward']:.0f}%)" if "file_io" in r else "-"
+        run = f"{r['predict']:.3f} | {r['ratio']:.3f}x"
+        lines.append(f"| {name} | {r['backend']} | {r['forward']:.3f} | {io} | {run} | {folder} |")
     lines += ["", "Sliding windows of 321 against their area (the slide over tiles x one tile's forward):", ""]
     lines += ["| model | tiles | one tile | slide | ratio |", "|---|---|---|---|---|"]
     for name, r in models.items():
@@ -225,7 +238,8 @@ def main() -> None:
         results["frame"] = what
         for source in sources:
             trained = load_trained(source) if isinstance(source, Path) else random_trained(source)
-            predictor = Predictor(trained, options=EvalConfig(backend=args.backend, amp=args.amp))
+            options = EvalConfig(backend=args.backend, amp=args.amp)
+            predictor = Predictor(trained, options=options, image_size=image_size_of(frame))  # as predict does
             row = {"backend": predictor.backend.backend, **end_to_end(predictor, frames, out, args.repeats)}
             row["slide"] = slide_cost(predictor, frame, 321, args.repeats)
             if args.modes:

@@ -178,3 +178,14 @@ def test_each_kind_of_cpu_keeps_its_own_block_of_a_per_machine_benchmark() -> No
     # Nothing measured anywhere yet: the block says how to measure it.
     page = "\n".join(keep_previous(["## Speed and memory", "", *absent], ["## Speed and memory", ""]))
     assert "No results yet: `cmd`." in page
+
+
+def test_the_int8_table_names_the_ceiling_and_its_weight_range() -> None:
+    from benchmarks.int8 import table
+
+    machine = {"cpu": "AMD EPYC", "capability": "AVX2"}
+    gops = {"eager fp32": 170.0, "onnxruntime fp32": 180.0, "onnxruntime int8": 255.0}
+    ceiling = {"machine": machine, "shape": "3x3 conv 256ch@128^2", "weights_7_bit": True, "gops": gops}
+    text = table({"ceiling": {**ceiling, "int8_over_eager_fp32": 1.5}})
+    assert "AMD EPYC (AVX2, 7-bit weights: no VNNI)" in text and "x1.50" in text and "onnxruntime int8 255" in text
+    assert "no VNNI" not in table({"ceiling": {**ceiling, "weights_7_bit": False, "int8_over_eager_fp32": 2.5}})
