@@ -76,6 +76,18 @@ def random_trained(name: str, classes: int = 11) -> Trained:
     return Trained(model, experiment, classes, names, bitwise_palette(classes), 3, IGNORE_INDEX, "imagenet", 0)
 
 
+def _png_writer(trained: Trained, image: np.ndarray, labels: np.ndarray, out: Path) -> Callable[[], None]:
+    """Writes the two PNGs predict writes for a frame, to new files each call (see end_to_end)."""
+    folder, names = Path(tempfile.mkdtemp(dir=out)), itertools.count()
+
+    def write() -> None:
+        k = next(names)
+        save_index_png(labels, trained.palette, folder / f"mask{k}.png")
+        save_overlay_png(image, labels, trained.palette, folder / f"overlay{k}.png")
+
+    return write
+
+
 def stages(predictor: Predictor, file: Path, options: EvalConfig, out: Path, repeats: int) -> dict[str, float]:
     """Seconds per stage of one image through ``predictor`` with inference ``options``."""
     trained = predictor.trained
@@ -92,14 +104,7 @@ def stages(predictor: Predictor, file: Path, options: EvalConfig, out: Path, rep
             row["argmax"], labels = _median(lambda: refined.argmax(0).astype(np.uint8), repeats)
         else:
             row["argmax"], labels = _median(lambda: class_map(logits)[0].numpy(), repeats)
-    names = itertools.count()
-
-    def write() -> None:  # new files each run (see end_to_end)
-        k = next(names)
-        save_index_png(labels, trained.palette, out / f"mask{k}.png")
-        save_overlay_png(image, labels, trained.palette, out / f"overlay{k}.png")
-
-    row["write PNGs"], _ = _median(write, repeats)
+    row["write PNGs"], _ = _median(_png_writer(trained, image, labels, out), repeats)
     return row
 
 
@@ -112,15 +117,7 @@ def end_to_end(predictor: Predictor, frames: list[Path], out: Path, repeats: int
     x = norm(image)[None]
     with torch.inference_mode():
         forward, _ = _median(lambda: predictor.model(x), repeats)
-    labels = predictor.labels(image)
-    names = itertools.count()
-
-    def write() -> None:  # the two PNGs predict writes, new files each run (see below)
-        k = next(names)
-        save_index_png(labels, trained.palette, out / f"io_mask{k}.png")
-        save_overlay_png(image, labels, trained.palette, out / f"io_overlay{k}.png")
-
-    encode, _ = _median(write, repeats)
+    encode, _ = _median(_png_writer(trained, image, predictor.labels(image), out), repeats)
     # A fresh folder per run, as predict writes new files: rewriting a file in place makes ext4
     # flush it on close (auto_da_alloc), ~30 ms a file here, which a first run never pays.
     folders = (out / f"run{k}" for k in itertools.count())

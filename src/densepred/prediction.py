@@ -63,9 +63,15 @@ class Predictor:
         self.model, self.backend = accelerate(model, o.backend, example, o.amp)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", options: EvalConfig | None = None) -> Predictor:
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        options: EvalConfig | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> Predictor:
         trained = load_trained(path, device)
-        return cls(trained, torch.device(device), options or trained.experiment.eval)
+        return cls(trained, torch.device(device), options or trained.experiment.eval, image_size)
 
     @classmethod
     def from_weights(
@@ -117,10 +123,11 @@ def predict(
 ) -> list[np.ndarray]:
     """Label maps (uint8 class ids) for images given as arrays ``(H, W[, C])`` or files, with a
     training checkpoint and its recipe's inference options (or ``options``)."""
-    first = images[0] if images else None
-    size = image_size_of(first) if isinstance(first, str | Path) else None if first is None else first.shape[:2]
-    trained = load_trained(checkpoint, device)
-    predictor = Predictor(trained, torch.device(device), options or trained.experiment.eval, image_size=size)
+    size = None
+    if images:  # the backend is chosen at the first image's size
+        first = images[0]
+        size = image_size_of(first) if isinstance(first, str | Path) else first.shape[:2]
+    predictor = Predictor.from_checkpoint(checkpoint, device, options, size)
     channels = predictor.trained.in_channels
     return [
         predictor(read_image(image, channels=channels) if isinstance(image, str | Path) else image)[0]
@@ -171,11 +178,14 @@ def image_size_of(path: str | Path) -> tuple[int, int] | None:
         return None
 
 
-def collect_inputs(inputs: list[str]) -> list[Path]:
-    """Image files from paths, folders (their images, sorted) and glob patterns; errors name the input."""
+def collect_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Image files from paths, folders (their images, sorted) and glob patterns; errors name the input.
+
+    A ``Path`` is taken literally (a file or folder, never a pattern): collected inputs pass again unchanged.
+    """
     found: list[Path] = []
     for item in inputs:
-        if any(ch in item for ch in "*?["):
+        if isinstance(item, str) and any(ch in item for ch in "*?["):
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
             if not matches:
                 raise FileNotFoundError(f"the pattern {item!r} matches no file")
@@ -199,7 +209,7 @@ class PredictedFiles(NamedTuple):
 
 def predict_files(
     predictor: Predictor,
-    inputs: list[str],
+    inputs: Sequence[str | Path],
     out: str | Path,
     *,
     probabilities: bool = False,

@@ -38,7 +38,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(model.describe() if int8 else predictor.backend.describe())
     written, failed = predict_files(
         predictor,
-        args.inputs,
+        inputs,
         args.out,
         probabilities=args.probs,
         progress=not args.no_progress,
