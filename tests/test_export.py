@@ -17,6 +17,8 @@ from densepred.export import (
     model_metadata,
     onnx_session,
     read_metadata,
+    scatter_max_unpool,
+    trace_onnx,
 )
 from densepred.models.layers import FrozenBatchNorm2d
 from slim import HEAVY, slim
@@ -346,3 +348,32 @@ def test_full_disk_during_export_is_an_error_and_keeps_the_previous_file(
     assert f"writing {what} {out} failed (No space left on device); any previous {what} is intact" in err
     assert out.read_bytes() == b"previous export"
     assert [p.name for p in tmp_path.iterdir()] == [out.name]  # the temporary file is gone
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_max_unpool_written_as_a_scatter_computes_the_same_logits():
+    """OpenVINO has no MaxUnpool: it reads SegNet's graph with each one written as a flat scatter."""
+    from collections import Counter
+
+    torch.manual_seed(0)
+    model = _randomize(densepred.create_model("segnet", num_classes=5))
+    proto = trace_onnx(model)
+    lowered = scatter_max_unpool(proto)
+    ops = Counter(node.op_type for node in lowered.graph.node)
+    assert ops["MaxUnpool"] == 0 and ops["ScatterElements"] == 5
+    assert Counter(node.op_type for node in proto.graph.node)["MaxUnpool"] == 5  # the original is left as it was
+    x = torch.randn(2, 3, 41, 57)  # odd sides: the ceil-mode poolings' partial windows
+    with torch.inference_mode():
+        reference = model(x).numpy()
+    import onnxruntime as ort
+
+    for graph in (proto, lowered):
+        session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_a_graph_without_max_unpool_is_copied_unchanged():
+    torch.manual_seed(0)
+    proto = trace_onnx(densepred.create_model("lraspp_mobilenet_v3_large", num_classes=3))
+    assert scatter_max_unpool(proto) == proto

@@ -23,7 +23,7 @@ from slim import slim
 from tiny import tiny_checkpoint
 
 onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+onnxruntime = pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 CLASSES = 5
@@ -127,6 +127,34 @@ def test_the_head_and_what_switches_pool_stay_float_but_the_first_pooling():
     info = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("image", "logits")]
     graph = helper.make_graph(nodes, "g", [info[0]], [info[1]])
     assert set(_float_nodes(graph)) == {"score", "unpool1", "unpool2", "sub1", "sub2", "relu2", "conv2"}
+
+
+def test_segnets_first_pooling_pools_the_uint8_values_and_computes_the_same(monkeypatch):
+    """The first pooling's values are int8 (the switch it may move moves a value by a pixel): it
+    pools the uint8 tensor itself, not a dequantised copy; later poolings pool float values."""
+    import numpy as np
+
+    import densepred.quantize as quantize_module
+
+    torch.manual_seed(0)
+    model = create_model("segnet", num_classes=CLASSES).eval()  # batch norms: no slim copy
+    images = _noise(2, (48, 64))
+    rewritten, _ = quantize_module.quantized_onnx(model, images)
+    monkeypatch.setattr(quantize_module, "_pool_quantized_values", lambda graph: 0)
+    plain, _ = quantize_module.quantized_onnx(model, images)
+
+    def pooled_inputs(proto) -> list[str]:
+        producer = {out: node.op_type for node in proto.graph.node for out in node.output}
+        return [producer[n.input[0]] for n in proto.graph.node if n.op_type == "MaxPool"]
+
+    assert pooled_inputs(plain) == ["DequantizeLinear", "Relu", "Relu", "Relu", "Relu"]
+    assert pooled_inputs(rewritten) == ["QuantizeLinear", "Relu", "Relu", "Relu", "Relu"]
+    x = _noise(1, (40, 56), seed=3)[0].numpy()  # odd pooled sides on the way down
+    outputs = []
+    for proto in (plain, rewritten):
+        session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {"image": x})[0])
+    np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
 def test_calibration_images_spread_over_the_split():

@@ -230,3 +230,18 @@ def test_recipe_loads_with_the_papers_settings():
     assert exp.schedule.policy == "constant"  # "a fixed learning rate of 0.1"
     assert exp.train.class_weights == list(SEGNET_CLASS_WEIGHTS)  # median-frequency balancing
     assert "Badrinarayanan" in exp.notes
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_the_onnx_graph_pools_once_per_pooling_and_unpools_with_its_indices(model):
+    """PyTorch's own export adds a 1x1 pooling over each whole pre-pool map (an int64 index per
+    value) to rebase the indices, and scatters into zero maps; ONNX's MaxUnpool reads ONNX's
+    indices as they are. Values and sizes, odd sides included, are the export tests' to check."""
+    pytest.importorskip("onnx")
+    from collections import Counter
+
+    from densepred.export import trace_onnx
+
+    ops = Counter(node.op_type for node in trace_onnx(model).graph.node)
+    assert ops["MaxPool"] == 5 and ops["MaxUnpool"] == 5
+    assert ops["ScatterElements"] == 0 and ops["Sub"] == 0

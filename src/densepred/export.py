@@ -52,6 +52,7 @@ __all__ = [
     "default_export_path",
     "read_metadata",
     "onnx_session",
+    "scatter_max_unpool",
 ]
 
 EXPORT_FORMATS: dict[str, str] = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
@@ -232,6 +233,45 @@ def trace_onnx(
             },
         )
     return onnx.load_model_from_string(buffer.getvalue())
+
+
+def scatter_max_unpool(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """``proto`` with each ``MaxUnpool`` (SegNet's decoder) written as a scatter of its values into
+    a flat zero tensor of its output's size: the same result, for runtimes without the operation
+    (OpenVINO). ONNX Runtime keeps ``MaxUnpool``: at 360x480 the scatter took 5x as long."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    lowered = onnx.ModelProto()
+    lowered.CopyFrom(proto)
+    graph = lowered.graph
+    if not any(node.op_type == "MaxUnpool" for node in graph.node):
+        return lowered
+    flat = "densepred/scatter_max_unpool/flat"
+    graph.initializer.append(helper.make_tensor(flat, TensorProto.INT64, [1], [-1]))
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "MaxUnpool":
+            nodes.append(node)
+            continue
+        if len(node.input) < 3 or not node.input[2]:
+            raise ValueError(f"MaxUnpool node {node.name!r} has no output_shape input to scatter into")
+        values, indices, shape = node.input[:3]
+        name = f"{node.name or node.output[0]}/scatter"
+        zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
+        nodes += [
+            helper.make_node("ReduceProd", [shape], [f"{name}/count"], keepdims=1),
+            helper.make_node("ConstantOfShape", [f"{name}/count"], [f"{name}/zeros"], value=zero),
+            helper.make_node("Reshape", [indices, flat], [f"{name}/indices"]),
+            helper.make_node("Reshape", [values, flat], [f"{name}/values"]),
+            helper.make_node(
+                "ScatterElements", [f"{name}/zeros", f"{name}/indices", f"{name}/values"], [f"{name}/out"], axis=0
+            ),
+            helper.make_node("Reshape", [f"{name}/out", shape], [node.output[0]], name=name),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return lowered
 
 
 def write_onnx(proto: onnx.ModelProto, path: str | Path, meta: Mapping[str, Any]) -> Path:

@@ -219,8 +219,8 @@ def _float_nodes(graph: onnx.GraphProto) -> list[str]:
     outputs = [o.name for o in graph.output]
     head = _upstream(graph, outputs, lambda n: n.op_type in _NONLINEAR, include_last=False)
     used = {name for node in graph.node for name in node.input} | set(outputs)
-    # What each pooling pools, once: PyTorch exports a pooling with indices as two MaxPool nodes
-    # on the same input (the second, 1x1, turns the indices into flat offsets).
+    # What each pooling pools, once: PyTorch's own export of a pooling with indices has two
+    # MaxPool nodes on the same input (the second, 1x1, rebases the indices; SegNet's has one).
     pools = list(
         dict.fromkeys(
             n.input[0] for n in graph.node if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1] in used
@@ -230,6 +230,50 @@ def _float_nodes(graph: onnx.GraphProto) -> list[str]:
     # The first pooling's (graph order: the encoder's, at full resolution) may move by a pixel.
     switches = _upstream(graph, pools[1:], lambda n: n.op_type in _WEIGHTED, include_last=True)
     return list(dict.fromkeys(head + switches))
+
+
+def _pool_quantized_values(graph: onnx.GraphProto) -> int:
+    """Let each max pooling that only moves quantised values (``DequantizeLinear`` in,
+    ``QuantizeLinear`` with the same scale and zero point out: SegNet's first pooling) pool the
+    uint8 tensor itself, in place; returns how many were rewritten.
+
+    The maximum and its index are the same either way (dequantising is increasing and one-to-one
+    on uint8), and re-quantising a dequantised value gives it back; ONNX Runtime fuses such pairs
+    around a pooling without indices, but not around SegNet's. At 360x480 the float detour
+    (dequantise, a layout transpose of float values, quantise, the shape read through a second
+    dequantise) cost about 30 ms of the int8 SegNet's 870.
+    """
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    removed, rewritten = [], 0
+    for pool in [n for n in graph.node if n.op_type == "MaxPool"]:
+        dq = producer.get(pool.input[0])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
+            continue
+        outs = readers.get(pool.output[0], [])
+        if not outs or any(q.op_type != "QuantizeLinear" or list(q.input[1:3]) != list(dq.input[1:3]) for q in outs):
+            continue
+        for q in outs:  # the quantised pooled values are the pooling's own output now
+            for reader in readers.get(q.output[0], []):
+                reader.input[:] = [pool.output[0] if name == q.output[0] else name for name in reader.input]
+            removed.append(q)
+        for reader in readers.get(dq.output[0], []):  # the pooling, and shape reads (any dtype will do)
+            if reader is pool or reader.op_type == "Shape":
+                reader.input[:] = [dq.input[0] if name == dq.output[0] else name for name in reader.input]
+        if all(r is pool or r.op_type == "Shape" for r in readers.get(dq.output[0], [])):
+            removed.append(dq)
+        rewritten += 1
+    for node in removed:
+        graph.node.remove(node)
+    # The pooled values' recorded type was float; shape inference at load time knows better.
+    pooled = {n.output[0] for n in graph.node if n.op_type == "MaxPool"}
+    kept = [v for v in graph.value_info if v.name not in pooled]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    return rewritten
 
 
 class _Reader:
@@ -286,6 +330,7 @@ def quantized_onnx(
             calibrate_method=getattr(CalibrationMethod, methods[calibrate]),
         )
         proto = onnx.load(folder / "int8.onnx")
+    _pool_quantized_values(proto.graph)
     details = {
         "runtime": RUNTIME,
         "runtime_version": onnxruntime.__version__,
