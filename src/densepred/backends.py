@@ -160,6 +160,8 @@ def _openvino_compiled(path: Path):  # noqa: ANN202 - an openvino.CompiledModel
     import openvino.properties as props
     import openvino.properties.hint as hints
 
+    from .export import scatter_max_unpool
+
     config = {
         props.inference_num_threads: torch.get_num_threads(),
         hints.performance_mode: hints.PerformanceMode.LATENCY,
@@ -168,8 +170,6 @@ def _openvino_compiled(path: Path):  # noqa: ANN202 - an openvino.CompiledModel
         # classes, measured on an AVX512-BF16 EPYC): it would never pass the parity check.
         hints.inference_precision: ov.Type.f32,
     }
-    from .export import scatter_max_unpool
-
     proto = onnx.load(path)
     if any(node.op_type == "MaxUnpool" for node in proto.graph.node):  # not an OpenVINO operation
         path = path.with_name(f"{path.stem}.scatter.onnx")

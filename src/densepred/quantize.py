@@ -251,7 +251,7 @@ def _pool_quantized_values(graph: onnx.GraphProto) -> int:
             readers.setdefault(name, []).append(node)
     graph_outputs = {o.name for o in graph.output}
     removed: dict[int, onnx.NodeProto] = {}  # by identity: a dequantise may feed two poolings
-    rewritten = 0
+    rewritten: set[str] = set()  # the poolings' value outputs, uint8 now
     for pool in [n for n in graph.node if n.op_type == "MaxPool"]:
         dq = producer.get(pool.input[0])
         if dq is None or dq.op_type != "DequantizeLinear" or len(dq.input) < 3:
@@ -273,15 +273,14 @@ def _pool_quantized_values(graph: onnx.GraphProto) -> int:
                 reader.input[:] = [dq.input[0] if name == dq.output[0] else name for name in reader.input]
         if all(r is pool or r.op_type == "Shape" for r in readers.get(dq.output[0], [])):
             removed[id(dq)] = dq
-        rewritten += 1
+        rewritten.add(pool.output[0])
     for node in removed.values():
         graph.node.remove(node)
-    # The pooled values' recorded type was float; shape inference at load time knows better.
-    pooled = {n.output[0] for n in graph.node if n.op_type == "MaxPool"}
-    kept = [v for v in graph.value_info if v.name not in pooled]
+    # Their recorded type was float; shape inference at load time knows better.
+    kept = [v for v in graph.value_info if v.name not in rewritten]
     del graph.value_info[:]
     graph.value_info.extend(kept)
-    return rewritten
+    return len(rewritten)
 
 
 class _Reader:

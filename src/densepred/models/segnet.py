@@ -64,12 +64,12 @@ class SegNetEncoder(nn.Sequential):
     def forward(self, x: Tensor) -> tuple[Tensor, Switches]:  # type: ignore[override]
         switches: Switches = []
         for layer in self:
-            if isinstance(layer, nn.MaxPool2d) and layer.return_indices and torch.onnx.is_in_onnx_export():
-                x, indices, shape = _OnnxMaxPool.apply(x, layer.kernel_size, layer.stride, layer.ceil_mode)
-                switches.append((indices, shape))
-            elif isinstance(layer, nn.MaxPool2d) and layer.return_indices:
-                size = x.shape[-2:]
-                x, indices = layer(x)
+            if isinstance(layer, nn.MaxPool2d) and layer.return_indices:
+                if torch.onnx.is_in_onnx_export():  # ONNX's indices, and the pre-pool shape as a tensor
+                    x, indices, size = _OnnxMaxPool.apply(x, layer.kernel_size, layer.stride, layer.ceil_mode)
+                else:
+                    size = x.shape[-2:]
+                    x, indices = layer(x)
                 switches.append((indices, size))
             else:  # also a pooling swapped for an average pool (receptive-field probes): no indices
                 x = layer(x)
