@@ -17,6 +17,7 @@ from densepred.quantize import (
     export_int8_onnx,
     int8_options,
     quantize,
+    quantized_onnx,
     training_images,
 )
 from slim import slim
@@ -155,6 +156,80 @@ def test_segnets_first_pooling_pools_the_uint8_values_and_computes_the_same(monk
         session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
         outputs.append(session.run(None, {"image": x})[0])
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_segnets_switch_layers_multiply_in_int8_with_float_outputs():
+    """The layers that compute what poolings 2-5 pool (their switches) keep an output that is not
+    rounded to 256 levels, but multiply int8 by int8: MatMulIntegerToFloat over an im2col; only
+    the head (the classifier) stays a float convolution."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = create_model("segnet", num_classes=CLASSES).eval()
+    proto, details = quantized_onnx(model, _noise(2, (48, 64)), onnxruntime_ops=True)
+    assert len(details["int8_products_float_outputs"]) == 4
+    nodes = list(proto.graph.node)
+    producer = {out: node for node in nodes for out in node.output}
+    assert [n.op_type for n in nodes].count("MatMulIntegerToFloat") == 4
+    float_convs = [n for n in nodes if n.op_type == "Conv" and n.input[1] not in producer]  # float weights
+    assert len(float_convs) == 1 and float_convs[0].output[0] == proto.graph.output[0].name  # the classifier
+    # Poolings 2-5 pool ReLUs of the integer products, laid back to channels first.
+    pooled = [producer[n.input[0]] for n in nodes if n.op_type == "MaxPool"][1:]
+    for relu in pooled:
+        transpose = producer[relu.input[0]]
+        assert (relu.op_type, transpose.op_type) == ("Relu", "Transpose")
+        assert producer[transpose.input[0]].op_type == "MatMulIntegerToFloat"
+    portable, details = quantized_onnx(model, _noise(2, (48, 64)))  # what export_int8_onnx writes
+    assert details["int8_products_float_outputs"] == []
+    assert {n.domain for n in portable.graph.node} <= {"", "ai.onnx"}  # standard operators: any runtime
+    x = _noise(1, (40, 56), seed=3)[0].numpy()  # odd sides on the way down: the im2col takes any size
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"image": x})[0]
+    assert out.shape == (1, CLASSES, 40, 56) and np.isfinite(out).all()
+    # What each rewritten layer computes is checked exactly below; the accuracy on CamVid by the benchmark.
+
+
+def test_integer_products_are_the_convolution_with_the_int8_weights():
+    """The rewrite computes conv(dequantised input, dequantised int8 weights) + bias exactly (up to
+    float summation order), at any size and batch; a convolution it does not cover stays."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from densepred.quantize import _integer_products
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    w[2] = 0  # a channel of zeros: its scale must not divide by zero
+    b = rng.standard_normal(6).astype(np.float32)
+    scale, zero = np.float32(0.05), np.uint8(7)
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xf"], name="dq"),
+        helper.make_node("Conv", ["xf", "w", "b"], ["y"], name="conv", pads=[1] * 4, kernel_shape=[3, 3]),
+        helper.make_node("Conv", ["xf", "w"], ["y2"], name="strided", pads=[1] * 4, strides=[2, 2]),
+    ]
+    inits = [
+        numpy_helper.from_array(v, n) for n, v in {"s": np.array(scale), "z": np.array(zero), "w": w, "b": b}.items()
+    ]
+    io = [helper.make_tensor_value_info("x", TensorProto.UINT8, [None, 4, None, None])]
+    out = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("y", "y2")]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", io, out, inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    assert _integer_products(model.graph, ["conv", "strided"], reduce_range=True) == ["conv"]
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    assert [n.name for n in model.graph.node if n.op_type == "Conv"] == ["strided"]
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.integers(0, 256, (2, 4, 5, 7), dtype=np.uint8)
+    y = session.run(["y"], {"x": x})[0]
+    w_scale = np.abs(w).reshape(6, -1).max(1) / 63  # 7-bit: reduce_range
+    w_scale[w_scale == 0] = 1
+    w_int8 = np.clip(np.round(w / w_scale[:, None, None, None]), -63, 63) * w_scale[:, None, None, None]
+    xf = (x.astype(np.float32) - zero) * scale
+    ref = torch.nn.functional.conv2d(
+        torch.from_numpy(xf), torch.from_numpy(w_int8.astype(np.float32)), torch.from_numpy(b), padding=1
+    )
+    np.testing.assert_allclose(y, ref.numpy(), rtol=1e-4, atol=1e-4)
+    assert not y[:, 2].any() or np.allclose(y[:, 2], b[2])  # the zero channel gives its bias
 
 
 def test_calibration_images_spread_over_the_split():
