@@ -156,7 +156,11 @@ class _OnnxMaxUnpool(torch.autograd.Function):
         # side a ceil-mode pooling takes to n (SegNet: 2n - 1), so odd sides pass too.
         kernel, stride = _pair(kernel), _pair(stride)
         pads = [0, 0] + [k - 1 for k in kernel]
-        return g.op("MaxUnpool", x, indices, shape, kernel_shape_i=kernel, strides_i=stride, pads_i=pads)
+        out = g.op("MaxUnpool", x, indices, shape, kernel_shape_i=kernel, strides_i=stride, pads_i=pads)
+        # From a computed output_shape ONNX infers no rank, so no shape for any layer after it, and
+        # ONNX Runtime's layout passes skip them (its int8 convolutions stay channels-first). A
+        # reshape to the same shape, free at run time, gives the rank back.
+        return g.op("Reshape", out, shape)
 
 
 def _unpool(layer: nn.MaxUnpool2d, x: Tensor, indices: Tensor, size: torch.Size | Tensor) -> Tensor:
