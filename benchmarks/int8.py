@@ -183,9 +183,9 @@ def run_ceiling(rounds: int) -> dict:
     and its ReLU, quantised by :func:`densepred.quantize.quantized_onnx` as the models are (a
     1-channel 1x1 head, which it keeps float, closes the net), eager fp32 (the reference) against
     ONNX Runtime fp32 and int8, interleaved. A model's int8 speed-up falls short of this ratio by
-    what stays float (its head, SegNet's switch-feeding convolutions) and by its operators that
-    int8 does not speed up (a pooling with indices), and exceeds it where eager fp32 falls short
-    of the peak (FCN)."""
+    what stays float (its head) and by its operators that int8 does not speed up (a pooling with
+    indices, the im2col of SegNet's switch-feeding convolutions), and exceeds it where eager fp32
+    falls short of the peak (FCN, SegNet at 360x480)."""
     import onnx
 
     from densepred.export import INPUT_NAME, onnx_session, trace_onnx
