@@ -61,6 +61,7 @@ from .backends import Accelerated
 from .config import EvalConfig, Experiment
 
 if TYPE_CHECKING:
+    import numpy as np
     import onnx
 
     from .checkpoint import Trained
@@ -309,6 +310,47 @@ def _is_same_3x3(conv: onnx.NodeProto) -> bool:
     )
 
 
+def _im2col_3x3(x: str, zero: str, out: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes (and their constants) writing ``out``: the uint8 map ``x`` (N, C, H, W) as the
+    (N, H, W, 9C) patches of a 3x3 convolution with padding 1, tap by tap (dy, dx), then channel;
+    padded with the zero point ``zero`` (a dequantised 0, as the float convolution pads). Any H, W."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = [
+        numpy_helper.from_array(np.array([0, 1, 1, 0, 0, 1, 1, 0], np.int64), f"{out}/pads"),
+        numpy_helper.from_array(np.array([1, 2], np.int64), f"{out}/axes"),
+    ]
+    nodes = [
+        helper.make_node("Transpose", [x], [f"{out}/nhwc"], perm=[0, 2, 3, 1], name=f"{out}/nhwc"),
+        helper.make_node("Pad", [f"{out}/nhwc", f"{out}/pads", zero], [f"{out}/padded"], name=f"{out}/pad"),
+    ]
+    taps, last = [], np.iinfo(np.int64).max
+    for dy in range(3):
+        for dx in range(3):
+            # Rows dy .. dy+H-1 of the padded H+2 rows: an end of dy-2 from the end (all, for dy=2).
+            start, end, tap = f"{out}/start{dy}{dx}", f"{out}/end{dy}{dx}", f"{out}/tap{dy}{dx}"
+            inits += [
+                numpy_helper.from_array(np.array([dy, dx], np.int64), start),
+                numpy_helper.from_array(np.array([dy - 2 or last, dx - 2 or last], np.int64), end),
+            ]
+            nodes.append(helper.make_node("Slice", [f"{out}/padded", start, end, f"{out}/axes"], [tap], name=tap))
+            taps.append(tap)
+    nodes.append(helper.make_node("Concat", taps, [out], axis=3, name=out))
+    return nodes, inits
+
+
+def _per_channel_int8(weight: np.ndarray, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """``weight`` (out, ...) as symmetric int8 in [-qmax, qmax], one float32 scale per output
+    channel (an all-zero channel gets scale 1), as ONNX Runtime's quantiser writes them."""
+    import numpy as np
+
+    scale = np.abs(weight).reshape(len(weight), -1).max(1) / qmax
+    scale[scale == 0] = 1.0
+    shaped = scale.reshape(-1, *[1] * (weight.ndim - 1))
+    return np.clip(np.round(weight / shaped), -qmax, qmax).astype(np.int8), scale.astype(np.float32)
+
+
 def _integer_products(graph: onnx.GraphProto, names: Iterable[str], *, reduce_range: bool) -> list[str]:
     """Let each float 3x3 convolution in ``names`` that reads dequantised uint8 values (SegNet's
     switch layers, kept float by :func:`_float_nodes`) multiply in int8 and sum in int32, with a
@@ -355,17 +397,13 @@ def _integer_products(graph: onnx.GraphProto, names: Iterable[str], *, reduce_ra
         if zero is not None and zero.data_type != onnx.TensorProto.UINT8:
             continue
         out_ch, in_ch = weight.shape[:2]
-        w_scale = np.abs(weight).reshape(out_ch, -1).max(1) / qmax
-        w_scale[w_scale == 0] = 1.0
-        w_q = np.clip(np.round(weight / w_scale[:, None, None, None]), -qmax, qmax).astype(np.int8)
+        w_q, w_scale = _per_channel_int8(weight, qmax)
         p = conv.name
         new_inits = [
             # Rows in im2col's order: tap (dy, dx), then input channel.
             numpy_helper.from_array(w_q.transpose(2, 3, 1, 0).reshape(9 * in_ch, out_ch), f"{p}/int8_weight"),
-            numpy_helper.from_array(w_scale.astype(np.float32), f"{p}/int8_weight_scale"),
+            numpy_helper.from_array(w_scale, f"{p}/int8_weight_scale"),
             numpy_helper.from_array(np.zeros(out_ch, np.int8), f"{p}/int8_weight_zero"),
-            numpy_helper.from_array(np.array([0, 1, 1, 0, 0, 1, 1, 0], np.int64), f"{p}/pads"),
-            numpy_helper.from_array(np.array([1, 2], np.int64), f"{p}/axes"),
         ]
         if zero is None:
             new_inits.append(numpy_helper.from_array(np.array(0, np.uint8), f"{p}/zero"))
@@ -374,25 +412,10 @@ def _integer_products(graph: onnx.GraphProto, names: Iterable[str], *, reduce_ra
         if bias is not None:
             bias_name = f"{p}/bias"
             new_inits.append(numpy_helper.from_array(bias.astype(np.float32).reshape(out_ch), bias_name))
-        nodes = [
-            helper.make_node("Transpose", [dq.input[0]], [f"{p}/nhwc"], perm=[0, 2, 3, 1], name=f"{p}/nhwc"),
-            # Padded with the zero point, a dequantised 0, as the float convolution pads.
-            helper.make_node("Pad", [f"{p}/nhwc", f"{p}/pads", zero_name], [f"{p}/padded"], name=f"{p}/pad"),
-        ]
-        taps, last = [], np.iinfo(np.int64).max
-        for dy in range(3):
-            for dx in range(3):
-                # Rows dy .. dy+H-1 of the padded H+2 rows (any H): an end of dy-2 from the end.
-                start, end, tap = f"{p}/start{dy}{dx}", f"{p}/end{dy}{dx}", f"{p}/tap{dy}{dx}"
-                new_inits += [
-                    numpy_helper.from_array(np.array([dy, dx], np.int64), start),
-                    numpy_helper.from_array(np.array([dy - 2 or last, dx - 2 or last], np.int64), end),
-                ]
-                nodes.append(helper.make_node("Slice", [f"{p}/padded", start, end, f"{p}/axes"], [tap], name=tap))
-                taps.append(tap)
+        nodes, im2col_inits = _im2col_3x3(dq.input[0], zero_name, f"{p}/im2col")
+        new_inits += im2col_inits
         inputs = [f"{p}/im2col", f"{p}/int8_weight", dq.input[1], f"{p}/int8_weight_scale", zero_name]
         nodes += [
-            helper.make_node("Concat", taps, [f"{p}/im2col"], axis=3, name=f"{p}/im2col"),
             helper.make_node(
                 "MatMulIntegerToFloat",
                 [*inputs, f"{p}/int8_weight_zero", bias_name],
