@@ -249,6 +249,7 @@ def scatter_max_unpool(proto: onnx.ModelProto) -> onnx.ModelProto:
         return lowered
     flat = "densepred/scatter_max_unpool/flat"
     graph.initializer.append(helper.make_tensor(flat, TensorProto.INT64, [1], [-1]))
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
     nodes = []
     for node in graph.node:
         if node.op_type != "MaxUnpool":
@@ -258,7 +259,6 @@ def scatter_max_unpool(proto: onnx.ModelProto) -> onnx.ModelProto:
             raise ValueError(f"MaxUnpool node {node.name!r} has no output_shape input to scatter into")
         values, indices, shape = node.input[:3]
         name = f"{node.name or node.output[0]}/scatter"
-        zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0])
         nodes += [
             helper.make_node("ReduceProd", [shape], [f"{name}/count"], keepdims=1),
             helper.make_node("ConstantOfShape", [f"{name}/count"], [f"{name}/zeros"], value=zero),
