@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from densepred.models.layers import AtrousConv2d
-
 HEAVY = ("fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce", "deeplab_v1_7x7")
 
 
@@ -24,7 +22,7 @@ def slim(model: nn.Module, divisor: int = 16) -> nn.Module:
     keep = {model.in_channels, model.num_classes}
     for parent in list(model.modules()):
         for attr, conv in list(parent.named_children()):
-            if type(conv) in (nn.Conv2d, AtrousConv2d):
+            if isinstance(conv, nn.Conv2d):
                 cin, cout = (c if c in keep else c // divisor for c in (conv.in_channels, conv.out_channels))
                 thin = type(conv)(cin, cout, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
                 nn.init.kaiming_normal_(thin.weight, nonlinearity="relu")

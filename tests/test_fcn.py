@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 import densepred
+from conv_gradients import assert_is_the_convolution
 from densepred.models.fcn import FCN, FCN_CROP_OFFSETS
-from densepred.models.layers import BilinearDeconv
+from densepred.models.layers import BilinearDeconv, Im2colConv2d
 
 VGG16_CONV_PARAMS = 14_714_688
 
@@ -126,3 +127,38 @@ def test_fcn_options_are_validated():
         FCN(21, output_stride=4)
     with pytest.raises(ValueError, match="FCN-8s only"):
         FCN(21, output_stride=16, at_once=True)
+
+
+@pytest.mark.parametrize(
+    "kernel,stride,padding,dilation,batch",
+    [(7, 1, 0, 1, 1), (7, 1, 0, 1, 3), (3, 2, 1, 1, 2), (3, 1, 2, 2, 2), (1, 1, 0, 1, 2)],
+)
+def test_im2col_conv_is_the_convolution_forward_and_backward(kernel, stride, padding, dilation, batch):
+    # fc6's GEMM form must give the convolution's output and all three gradients, for any
+    # batch, stride, padding and dilation, on a map that is not square.
+    torch.manual_seed(0)
+    conv = Im2colConv2d(4, 6, kernel, stride=stride, padding=padding, dilation=dilation).double()
+    x = torch.randn(batch, 4, 11, 9, dtype=torch.float64, requires_grad=True)
+    assert_is_the_convolution(conv, x, "_Im2colConvBackward")
+
+
+def test_im2col_conv_is_a_plain_convolution_where_it_should_be(monkeypatch):
+    conv = Im2colConv2d(3, 4, 3, padding=1)
+    assert set(conv.state_dict()) == {"weight", "bias"}
+    x = torch.randn(1, 3, 9, 9, requires_grad=True)
+    traced = torch.jit.trace(conv, x)
+    assert "aten::_convolution" in str(traced.graph)  # what exports record
+    monkeypatch.setattr(Im2colConv2d, "max_columns_bytes", 27 * 81 * 4 - 1)  # one byte short
+    assert conv(x).grad_fn.name() == "ConvolutionBackward0"
+    monkeypatch.setattr(Im2colConv2d, "max_columns_bytes", 27 * 81 * 4)
+    assert conv(x).grad_fn.name().endswith("_Im2colConvBackward")
+    with torch.inference_mode():
+        torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+    with pytest.raises(ValueError, match="groups=1"):
+        Im2colConv2d(4, 4, 3, groups=2)
+
+
+def test_fcn_fc6_runs_as_gemms_and_keeps_its_parameter_names():
+    model = densepred.create_model("fcn32s", num_classes=3)
+    assert type(model.fc6) is Im2colConv2d and model.fc6.kernel_size == (7, 7)
+    assert {"fc6.weight", "fc6.bias"} <= set(model.state_dict())

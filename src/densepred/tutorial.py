@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import Tensor, nn
 
-from .models.layers import AtrousConv2d
 from .tutorial_figures import SYNTHETIC_CLASS_NAMES, Step
 
 __all__ = [
@@ -257,7 +256,7 @@ def slim_copy(model: nn.Module, divisor: int) -> nn.Module:
     keep = {model.in_channels, model.num_classes}
     for parent in list(model.modules()):
         for name, conv in list(parent.named_children()):
-            if type(conv) in (nn.Conv2d, AtrousConv2d):  # the same kind of layer, thinner
+            if isinstance(conv, nn.Conv2d):  # the same kind of layer, thinner
                 cin, cout = (c if c in keep else c // divisor for c in (conv.in_channels, conv.out_channels))
                 thin = type(conv)(cin, cout, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
                 nn.init.kaiming_normal_(thin.weight, nonlinearity="relu")

@@ -18,7 +18,7 @@ from ..registry import register_model
 from ..weights import with_pretrained
 from .backbones.vgg import VGG16
 from .base import CoarseScores, SegmentationModel
-from .layers import BilinearDeconv, centre_geometry, check_input, crop
+from .layers import BilinearDeconv, Im2colConv2d, centre_geometry, check_input, crop
 
 __all__ = ["FCN", "FCN_CROP_OFFSETS"]
 
@@ -56,8 +56,9 @@ class FCN(SegmentationModel):
         feats = self.backbone.feature_info
 
         # Convolutionalized classifier (Sec. 3.1): fc6 is the 7x7 window of pool5 that the
-        # ImageNet net's first fully connected layer saw; fc7 a 1x1 convolution.
-        self.fc6 = nn.Conv2d(feats["pool5"].channels, 4096, 7)
+        # ImageNet net's first fully connected layer saw; fc7 a 1x1 convolution. fc6 runs as
+        # im2col GEMMs on CPU: its map is a few windows wide, where direct kernels are slow.
+        self.fc6 = Im2colConv2d(feats["pool5"].channels, 4096, 7)
         self.relu6 = nn.ReLU(inplace=True)
         self.drop6 = nn.Dropout(0.5)
         self.fc7 = nn.Conv2d(4096, 4096, 1)

@@ -15,6 +15,7 @@ __all__ = [
     "bilinear_kernel",
     "BilinearDeconv",
     "AtrousConv2d",
+    "Im2colConv2d",
     "FrozenBatchNorm2d",
     "center_crop",
     "crop",
@@ -140,6 +141,81 @@ class AtrousConv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.training and torch.is_grad_enabled() and x.device.type == "cpu" and self.weight.requires_grad:
             return _GemmWeightGradConv.apply(x, self.weight, self.bias, self)
+        return super().forward(x)
+
+
+def _output_side(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+class _Im2colConv(torch.autograd.Function):
+    """A convolution as GEMMs on im2col columns: forward, input gradient and weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, geometry: tuple) -> Tensor:
+        stride, padding, dilation = geometry
+        n, _, h, w = x.shape
+        out_channels, (kh, kw) = weight.shape[0], weight.shape[-2:]
+        out_h = _output_side(h, kh, stride[0], padding[0], dilation[0])
+        out_w = _output_side(w, kw, stride[1], padding[1], dilation[1])
+        # (N, C*kh*kw, L): the row order of the flattened (O, C, kh, kw) weight
+        cols = F.unfold(x, (kh, kw), dilation, padding, stride)
+        # written through a flat view into the map, so what is returned is no view (the ReLU
+        # after fc6 works in place, which autograd forbids on a custom function's view)
+        out = x.new_empty(n, out_channels, out_h, out_w)
+        flat = out.view(n, out_channels, -1)
+        torch.matmul(weight.reshape(out_channels, -1), cols, out=flat)
+        if bias is not None:
+            flat += bias[:, None]
+        ctx.save_for_backward(cols, weight)
+        ctx.geometry, ctx.input_size, ctx.has_bias = geometry, (h, w), bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        cols, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.geometry
+        n, out_channels = grad.shape[:2]
+        grad = grad.reshape(n, out_channels, -1)
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_cols = torch.matmul(weight.reshape(out_channels, -1).t(), grad)
+            grad_x = F.fold(grad_cols, ctx.input_size, weight.shape[-2:], dilation, padding, stride)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.mm(grad[0], cols[0].t())  # written once, not zeroed and added to
+            for i in range(1, n):
+                grad_w.addmm_(grad[i], cols[i].t())
+            grad_w = grad_w.view_as(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2))
+        return grad_x, grad_w, grad_b, None
+
+
+class Im2colConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` (same parameters, same result) that runs on CPU as im2col GEMMs.
+
+    For a large kernel on a small map: FCN's fc6 (7x7, 512 -> 4096) sees a 9x9 window grid at
+    256 px and 16x16 at 500, too few positions for oneDNN's direct kernels to fill their
+    register blocks (30-60 GFLOP/s on AVX2), while the same sums as one GEMM with a
+    25,088-long inner dimension run at 130-170. Forward and both gradients take the GEMMs;
+    traced graphs, GPUs, and maps whose columns would pass ``max_columns_bytes`` see a plain
+    convolution.
+    """
+
+    max_columns_bytes = 128 << 20
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
+            raise ValueError("Im2colConv2d supports groups=1 and explicit zero padding only")
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dim() == 4 and not torch.jit.is_tracing():
+            n, c, h, w = x.shape
+            (kh, kw), s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
+            positions = _output_side(h, kh, s[0], p[0], d[0]) * _output_side(w, kw, s[1], p[1], d[1])
+            if n * c * kh * kw * positions * x.element_size() <= self.max_columns_bytes:
+                return _Im2colConv.apply(x, self.weight, self.bias, (s, p, d))
         return super().forward(x)
 
 
