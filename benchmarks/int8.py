@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from densepred.allocator import retain_freed_memory
 from densepred.build import build_dataset
 from densepred.checkpoint import load_trained
 from densepred.config import EvalConfig
@@ -382,6 +383,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default torch's)")
     parser.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)  # a child of _speed_in_child
     args = parser.parse_args()
+    retain_freed_memory()  # eager runs as under `densepred predict` and `eval`
     checkpoint = None if args.no_checkpoint else args.checkpoint
     if args.threads:
         torch.set_num_threads(args.threads)

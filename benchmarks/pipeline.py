@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from densepred.allocator import retain_freed_memory
 from densepred.build import normalization_for
 from densepred.checkpoint import Trained, load_trained
 from densepred.config import EvalConfig, Experiment
@@ -226,6 +227,7 @@ def main() -> None:
     parser.add_argument("--modes", action="store_true", help="also the per-stage table of every inference mode")
     parser.add_argument("--json", type=Path, default=Path("runs/bench/pipeline.json"))
     args = parser.parse_args()
+    retain_freed_memory()  # as `densepred predict` runs
     results: dict = {"machine": dataclasses.asdict(machine_info()), "repeats": args.repeats, "models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densepred.allocator import retain_freed_memory
 from densepred.backends import accelerate, probe_input
 from densepred.config import OptimConfig
 from densepred.precision import machine_info
@@ -271,6 +272,7 @@ def table(results: dict) -> str:
 
 def run_roofline(path: Path, only: list[str] | None = None) -> dict:
     """Measure what is not in ``path`` yet (results of another machine are measured again)."""
+    retain_freed_memory()  # eager and training run as under `densepred train`, `predict`, `eval`
     info = machine_info().to_dict()
     results = json.loads(path.read_text()) if path.exists() else {}
     if results.get("machine") != info:

@@ -48,8 +48,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+# the commands that run passes over data in a loop; serve budgets its memory by measuring it
+_RETAIN_MEMORY = ("train", "demo", "eval", "predict")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in _RETAIN_MEMORY:  # run as a program: the process is ours
+        from ..allocator import retain_freed_memory
+
+        retain_freed_memory()
     sub = getattr(args, "data_command", None) or getattr(args, "weights_command", None)
     command = " ".join(filter(None, (args.command, sub)))
     try:
