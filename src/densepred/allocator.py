@@ -4,8 +4,9 @@ glibc serves every block over 32 MiB (its highest mmap threshold) with a fresh `
 unmaps it on ``free``; the kernel then zero-fills each page again on first touch. A training
 loop or a folder of predictions allocates the same large activations every pass: on the
 2-core AVX2 EPYC, an FCN-32s forward at 256 px took 120k page faults and 0.28 s of system
-time, a training step 260k and 0.77 s (0 and 0 with this). What it costs: the process stays
-at its peak resident memory, so ``serve``, which budgets memory by measuring it, leaves it off.
+time, a training step 260k and 0.77 s (none with this, once the first passes have grown the
+heap to what the pattern needs). What it costs: the process stays at its peak resident memory,
+so ``serve``, which budgets memory by measuring it, leaves it off.
 """
 
 from __future__ import annotations
