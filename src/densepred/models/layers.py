@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: the backbone contract and FCN's deconvolution."""
+"""Building blocks shared by the model families: the backbone contract, FCN's deconvolution, and
+convolutions that run as explicit GEMMs where oneDNN's direct kernels are slow."""
 
 from __future__ import annotations
 
