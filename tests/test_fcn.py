@@ -154,6 +154,11 @@ def test_im2col_conv_is_a_plain_convolution_where_it_should_be(monkeypatch):
     assert conv(x).grad_fn.name().endswith("_Im2colConvBackward")
     with torch.inference_mode():
         torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 training, where the CPU has it
+        y = conv(x)
+    assert y.dtype == torch.bfloat16 and y.grad_fn.name() == "ConvolutionBackward0"
+    y.float().sum().backward()
+    assert conv.weight.grad.dtype == torch.float32
     with pytest.raises(ValueError, match="groups=1"):
         Im2colConv2d(4, 4, 3, groups=2)
 

@@ -199,8 +199,8 @@ class Im2colConv2d(nn.Conv2d):
     256 px and 16x16 at 500, too few positions for oneDNN's direct kernels to fill their
     register blocks (30-60 GFLOP/s on AVX2), while the same sums as one GEMM with a
     25,088-long inner dimension run at 130-170. Forward and both gradients take the GEMMs;
-    traced graphs, GPUs, and maps whose columns would pass ``max_columns_bytes`` see a plain
-    convolution.
+    traced graphs, GPUs, autocast (whose low-precision convolution is the fast path where it is
+    on) and maps whose columns would pass ``max_columns_bytes`` see a plain convolution.
     """
 
     max_columns_bytes = 128 << 20
@@ -211,7 +211,7 @@ class Im2colConv2d(nn.Conv2d):
             raise ValueError("Im2colConv2d supports groups=1 and explicit zero padding only")
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dim() == 4 and not torch.jit.is_tracing():
+        if x.device.type == "cpu" and x.dim() == 4 and not (torch.jit.is_tracing() or torch.is_autocast_enabled("cpu")):
             n, c, h, w = x.shape
             (kh, kw), s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
             positions = _output_side(h, kh, s[0], p[0], d[0]) * _output_side(w, kw, s[1], p[1], d[1])
