@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .allocator import glibc_function
 from .config import EvalConfig
 from .footprint import peak_bytes, physical_memory
 from .inference import predict_logits
@@ -132,16 +133,7 @@ def available_memory() -> int:
     return physical_memory()
 
 
-def _load_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _load_malloc_trim()
+_MALLOC_TRIM = glibc_function("malloc_trim")
 
 
 def return_free_memory() -> None:

@@ -12,11 +12,20 @@ so ``serve``, which budgets memory by measuring it, leaves it off.
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
-__all__ = ["retain_freed_memory"]
+__all__ = ["glibc_function", "retain_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # malloc.h: free memory above this is returned to the OS
 _M_MMAP_MAX = -4  # malloc.h: how many blocks may be mmapped; 0 puts every block in the heap
+
+
+def glibc_function(name: str) -> Any | None:
+    """glibc's C function ``name`` through ctypes, or None where the C library is another."""
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def retain_freed_memory() -> bool:
@@ -25,9 +34,8 @@ def retain_freed_memory() -> bool:
     Process-wide and for the rest of the process. Returns whether it took effect: False where
     the C library is not glibc (macOS, Windows, musl), which changes nothing there.
     """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = glibc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     # the largest int: trimming off (malloc_trim, which serve calls, still returns memory)

@@ -3,7 +3,7 @@ convolutions that run as explicit GEMMs where oneDNN's direct kernels are slow."
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +94,21 @@ class BilinearDeconv(nn.ConvTranspose2d):
         return super().extra_repr() + f", learnable={self.learnable}"
 
 
+def _weight_grad(grad: Tensor, columns: Callable[[int], Tensor]) -> Tensor:
+    """A convolution's weight gradient as (O, C*kh*kw), the flattened weight's shape: the sum over
+    images ``n`` of ``grad[n]`` (O, L) times ``columns(n)`` (C*kh*kw, L, unfold's row order)
+    transposed, one GEMM each; written by the first, not zeroed and added to."""
+    grad_w = torch.mm(grad[0], columns(0).t())
+    for n in range(1, grad.shape[0]):
+        grad_w.addmm_(grad[n], columns(n).t())
+    return grad_w
+
+
+def _check_plain_geometry(conv: nn.Conv2d) -> None:
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(f"{type(conv).__name__} supports groups=1 and explicit zero padding only")
+
+
 class _GemmWeightGradConv(torch.autograd.Function):
     """A convolution whose weight gradient is one explicit im2col GEMM per image."""
 
@@ -112,13 +127,11 @@ class _GemmWeightGradConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, conv.stride, conv.padding, conv.dilation)
         if ctx.needs_input_grad[1]:
-            # weight (O, C, kh, kw) flattened is (O, C*kh*kw), the row order of unfold's columns
-            out_channels = weight.shape[0]
-            grad_w = weight.new_zeros(out_channels, weight[0].numel())
-            for n in range(x.shape[0]):  # one image's columns at a time bounds the memory
-                cols = F.unfold(x[n : n + 1], weight.shape[-2:], conv.dilation, conv.padding, conv.stride)[0]
-                grad_w.addmm_(grad[n].reshape(out_channels, -1), cols.t())
-            grad_w = grad_w.view_as(weight)
+            # one image's columns at a time bounds the memory
+            def columns(n: int) -> Tensor:
+                return F.unfold(x[n : n + 1], weight.shape[-2:], conv.dilation, conv.padding, conv.stride)[0]
+
+            grad_w = _weight_grad(grad.reshape(*grad.shape[:2], -1), columns).view_as(weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None
@@ -136,8 +149,7 @@ class AtrousConv2d(nn.Conv2d):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
-            raise ValueError("AtrousConv2d supports groups=1 and explicit zero padding only")
+        _check_plain_geometry(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and torch.is_grad_enabled() and x.device.type == "cpu" and self.weight.requires_grad:
@@ -183,10 +195,7 @@ class _Im2colConv(torch.autograd.Function):
             grad_cols = torch.matmul(weight.reshape(out_channels, -1).t(), grad)
             grad_x = F.fold(grad_cols, ctx.input_size, weight.shape[-2:], dilation, padding, stride)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.mm(grad[0], cols[0].t())  # written once, not zeroed and added to
-            for i in range(1, n):
-                grad_w.addmm_(grad[i], cols[i].t())
-            grad_w = grad_w.view_as(weight)
+            grad_w = _weight_grad(grad, cols.__getitem__).view_as(weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2))
         return grad_x, grad_w, grad_b, None
@@ -207,8 +216,7 @@ class Im2colConv2d(nn.Conv2d):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.groups != 1 or self.padding_mode != "zeros" or isinstance(self.padding, str):
-            raise ValueError("Im2colConv2d supports groups=1 and explicit zero padding only")
+        _check_plain_geometry(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and x.dim() == 4 and not (torch.jit.is_tracing() or torch.is_autocast_enabled("cpu")):
