@@ -1,6 +1,7 @@
 """Fully-connected CRF speed and agreement: densepred.crf vs pydensecrf, one thread.
 
     python benchmarks/crf_speed.py [--image PHOTO] [--bilateral-kernel {auto,lattice}] [--rounds N]
+                                   [--save runs/bench/crf.json]
 
 500x375 RGB image, 21 noisy classes, DeepLab v2 preset (10 iterations). The image is synthetic
 (discs of noisy colour) unless ``--image`` names a photo, which is resized to 500x375; its
@@ -13,23 +14,28 @@ AVX-512 CPU, ``ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_M
 approximates an AVX2 one (the first alone leaves FBGEMM's embedding_bag, most of the CRF's time,
 on AVX-512). The two implementations run in alternation, ``--rounds`` times each after a
 warm-up, so that load from other processes on a shared machine slows both alike; the figures
-are each one's best round, wall time and, in brackets, this process's CPU time.
+are each one's best round, wall time and, in brackets, this process's CPU time. ``--save``
+writes the synthetic input's figures with the machine to a results file, which
+``python -m benchmarks report`` shows in a block per vector ISA (an AVX2 and an AVX-512 one).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from densepred.crf import PRESETS, dense_crf
+from densepred.precision import machine_info
 
 # Environment variables that cap the instruction set of PyTorch's own kernels, of FBGEMM (its
 # embedding_bag, which the CRF's filters run on) and of oneDNN: all three make an AVX-512 CPU
@@ -169,9 +175,18 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation (default 5)")
     parser.add_argument("--json", action="store_true", help="print the synthetic input's figures as one JSON line")
+    parser.add_argument("--save", type=Path, help="write the synthetic input's figures and the machine to this file")
     args = parser.parse_args()
     if args.json:
         print(json.dumps(measure(args.rounds)))
+        return
+    if args.save:
+        entry = measure(args.rounds)
+        with one_thread():  # the machine as the CRF ran on it: one thread, as pydensecrf runs
+            info, line = dataclasses.asdict(machine_info()), machine()
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps({"machine": info, "crf": entry}, indent=1))
+        print(f"{line}\n{json.dumps(entry)}\nwrote {args.save}")
         return
     torch.set_num_threads(1)
     print(machine())

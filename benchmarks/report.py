@@ -431,6 +431,8 @@ NOTES = {
     "frames, per frame. Beside a forward of a few tens of milliseconds (LR-ASPP), decoding the frame "
     "(about 5 ms) and writing both PNGs (about 10 ms) still show; beside a forward of a second they do not. "
     "A forward that short also varies by up to a third from run to run here, and its ratio with it.",
+    "crf": "The system section's CRF line, kept per kind of CPU: measured on the CPU itself, not under "
+    "the AVX2 variables (which cap PyTorch's, FBGEMM's and oneDNN's kernels but not the rest of the machine).",
 }
 
 
@@ -454,7 +456,7 @@ def _per_machine(title: str, command: str, results: dict | None, table, notes: s
 
 
 def _speed_limit_sections(out_dir: Path) -> list[str]:
-    """The roofline, int8 and the pipeline around the network."""
+    """The roofline, int8, the pipeline around the network and the CRF, each per vector ISA."""
     from . import int8, pipeline, roofline
 
     return [
@@ -478,6 +480,13 @@ def _speed_limit_sections(out_dir: Path) -> list[str]:
             _load(out_dir / "pipeline.json"),
             pipeline.table,
             NOTES["pipeline"],
+        ),
+        *_per_machine(
+            "CRF against pydensecrf",
+            "python benchmarks/crf_speed.py --save runs/bench/crf.json",
+            _load(out_dir / "crf.json"),
+            lambda results: _crf_line(results["crf"], "Natively"),
+            NOTES["crf"],
         ),
     ]
 

@@ -189,3 +189,19 @@ def test_the_int8_table_names_the_ceiling_and_its_weight_range() -> None:
     text = table({"ceiling": {**ceiling, "int8_over_eager_fp32": 1.5}})
     assert "AMD EPYC (AVX2, 7-bit weights: no VNNI)" in text and "x1.50" in text and "onnxruntime int8 255" in text
     assert "no VNNI" not in table({"ceiling": {**ceiling, "weights_7_bit": False, "int8_over_eager_fp32": 2.5}})
+
+
+def test_the_crf_results_file_gives_a_block_headed_by_its_vector_isa(tmp_path) -> None:
+    import json
+
+    from benchmarks.report import _speed_limit_sections
+
+    entry = {"image": "500x375 synthetic", "classes": 21, "iterations": 10, "rounds": 5, "capability": "AVX2"}
+    entry.update(ours_s=0.96, pydensecrf_s=1.566, agreement=0.99949)
+    (tmp_path / "crf.json").write_text(json.dumps({"machine": {"cpu": "AMD EPYC", "capability": "AVX2"}, "crf": entry}))
+    lines = _speed_limit_sections(tmp_path)
+    block = lines[lines.index("### CRF against pydensecrf — AVX2") :]
+    line = next(text for text in block if text.startswith("- Natively"))
+    assert "densepred 0.960 s, pydensecrf 1.566 s (**1.63x**)" in line and "99.95% of pixels" in line
+    # The other benchmarks, absent here, say how to produce them (and a page keeps their old blocks).
+    assert "No results yet: `python -m benchmarks roofline`." in lines
