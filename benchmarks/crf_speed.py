@@ -22,7 +22,6 @@ writes the synthetic input's figures with the machine to a results file, which
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -183,7 +182,7 @@ def main() -> None:
     if args.save:
         entry = measure(args.rounds)
         with one_thread():  # the machine as the CRF ran on it: one thread, as pydensecrf runs
-            info, line = dataclasses.asdict(machine_info()), machine()
+            info, line = machine_info().to_dict(), machine()
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps({"machine": info, "crf": entry}, indent=1))
         print(f"{line}\n{json.dumps(entry)}\nwrote {args.save}")
