@@ -416,8 +416,11 @@ NOTES = {
     'PyTorch\'s own 3x3 kernel, the reference. "% of roof" (where the peaks include a depthwise one) '
     "holds depthwise convolutions, which read a byte for every few FLOPs and are bound by memory, to the "
     "machine's measured depthwise 3x3 speed and the other layers to the dense peak: it differs from "
-    '"% of conv peak" for the MobileNetV3 nets alone. Run it on a quiet machine: other work running '
-    "during the models halves some of them.",
+    '"% of conv peak" for the MobileNetV3 nets alone. A size\'s variants take turns, round by round, with '
+    "the reference convolution as one more turn, and each keeps its best of two rounds (the median of its "
+    'calls in each): "% of the peak beside" holds a row to the reference convolution timed beside it (in '
+    "brackets, GFLOP/s), which says how fast the machine was while the row ran. Run it on a quiet machine: "
+    "other work running during the models halves some of them.",
     "int8": "int8 runs on ONNX Runtime (`--int8 N` on `predict`, `eval`, `export`), fp32 and int8 in "
     "interleaved rounds. ONNX Runtime picks its int8 kernels by CPUID (VNNI where the CPU has it): the AVX2 "
     'variables change PyTorch\'s fp32 baseline only, so rows "under ATEN_CPU_CAPABILITY=avx2" are not an '

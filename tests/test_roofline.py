@@ -3,6 +3,7 @@ the share of the machine's peaks a measured forward pass reaches."""
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.roofline import Flops, layer_flops, roof_share, table  # noqa: E402
+from benchmarks import roofline  # noqa: E402
+from benchmarks.roofline import Flops, layer_flops, roof_share, table, time_in_turn  # noqa: E402
 from benchmarks.speed import _build  # noqa: E402
 
 
@@ -91,6 +93,36 @@ def test_results_from_before_the_depthwise_peak_keep_their_one_column():
     text = table(_results(old))
     assert "% of roof" not in text and "| mobile | default (openvino) 256 | 3.0 | 0.200 | 15 | 15% |" in text
     assert "depthwise peak" not in text
+
+
+def test_variants_take_turns_and_a_burst_costs_only_its_round(monkeypatch):
+    # A fake clock: each call advances it by its cost. "a" is slowed by a burst in round one.
+    now, log = [0.0], []
+    monkeypatch.setattr(roofline, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def call(name: str, costs: list[float]):
+        def run() -> None:
+            log.append(name)
+            now[0] += costs.pop(0) if len(costs) > 1 else costs[0]
+
+        return run
+
+    seconds = time_in_turn({"a": call("a", [10.0, 10.0, 1.0]), "b": call("b", [2.0])}, rounds=2, budget=8.0)
+    assert seconds == {"a": 1.0, "b": 2.0}  # a's best round, not its burst
+    # warm-ups, then round one (one call each: each passed budget / rounds / 2), then round two
+    assert log == ["a", "b", "a", "b", "a", "a", "b"]
+
+
+def test_rows_timed_beside_the_reference_conv_show_their_share_of_it():
+    results = _results(PEAKS)
+    for rows in results["models"].values():
+        for r in rows.values():
+            r["peak_beside_gflops"] = 80.0  # a slow spell: the reference ran at 80 beside these rows
+    text = table(results)
+    assert "| % of the peak beside |" in text
+    assert "| dense | default (onnxruntime) 256 | 9.0 | 0.090 | 100 | 100% | 100% | 125% (80) |" in text
+    assert "on 1 of 2 model-size pairs" in text  # the run's best peak stays the headline
+    assert "timed beside each row: >= 85% on 1 of 2; below: mobile 256 (19%)." in text
 
 
 def test_flop_counting_runs_on_the_meta_device_and_leaves_the_model_alone():
