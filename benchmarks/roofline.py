@@ -282,6 +282,12 @@ def table(results: dict) -> str:
                 + (f" {100 * roof_share(r, p):.0f}% |" if has_roof else "")
                 + ((f" {100 * r['gflops'] / beside:.0f}% ({beside:.0f}) |" if beside else " - |") if has_beside else "")
             )
+    default_rows = [
+        (name, path, r, rows[f"eager {r['size']}"])
+        for name, rows in results["models"].items()
+        for path, r in rows.items()
+        if path.startswith("default")
+    ]
     # (% of peak, % of roof, model, path, faster than eager at that size) for every default-path row
     defaults = [
         (
@@ -289,11 +295,9 @@ def table(results: dict) -> str:
             100 * roof_share(r, p) if has_roof and r.get("gflop_depthwise") else None,  # depthwise nets only
             name,
             path,
-            r["seconds"] < rows[f"eager {r['size']}"]["seconds"],
+            r["seconds"] < eager["seconds"],
         )
-        for name, rows in results["models"].items()
-        for path, r in rows.items()
-        if path.startswith("default")
+        for name, path, r, eager in default_rows
     ]
     if defaults:
         low = min(defaults, key=lambda d: d[0])  # by share alone: the roof slot holds None for dense nets
@@ -312,9 +316,8 @@ def table(results: dict) -> str:
         if has_beside:
             against_beside = [
                 (100 * r["gflops"] / r["peak_beside_gflops"], name, path)
-                for name, rows in results["models"].items()
-                for path, r in rows.items()
-                if path.startswith("default") and "peak_beside_gflops" in r
+                for name, path, r, _ in default_rows
+                if "peak_beside_gflops" in r
             ]
             short = [
                 f"{name} {path.split()[-1]} ({share:.0f}%)"
