@@ -232,6 +232,72 @@ def test_integer_products_are_the_convolution_with_the_int8_weights():
     assert not y[:, 2].any() or np.allclose(y[:, 2], b[2])  # the zero channel gives its bias
 
 
+def test_a_quantised_hardsigmoid_is_one_requantisation_within_rounding_of_the_float_gate():
+    """DequantizeLinear -> HardSigmoid -> QuantizeLinear becomes one uint8 QLinearAdd: on every
+    one of the 256 input levels its dequantised gate is within half a step (1/510) of the float
+    HardSigmoid, exactly 0 at and below -3 and 1 at and above 3; a per-channel dequantise stays."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from densepred.quantize import _integer_hardsigmoids
+
+    scale, zero = np.float32(0.05), np.uint8(120)  # levels span [-6, 6.75]: both saturations
+    nodes = [
+        helper.make_node("DequantizeLinear", ["x", "s", "z"], ["xf"], name="dq"),
+        helper.make_node("HardSigmoid", ["xf"], ["g"], name="gate", alpha=1 / 6, beta=0.5),
+        helper.make_node("QuantizeLinear", ["g", "gs", "gz"], ["gq"], name="q"),
+        helper.make_node("DequantizeLinear", ["gq", "gs", "gz"], ["y"], name="dq_gate"),
+        helper.make_node("DequantizeLinear", ["x", "cs", "cz"], ["xc"], name="dq_channels", axis=1),
+        helper.make_node("HardSigmoid", ["xc"], ["gc"], name="per_channel", alpha=1 / 6, beta=0.5),
+        helper.make_node("QuantizeLinear", ["gc", "gs", "gz"], ["yc"], name="qc"),
+    ]
+    values = {
+        "s": np.array(scale), "z": np.array(zero), "gs": np.array(1 / 255, np.float32),
+        "gz": np.array(0, np.uint8), "cs": np.full(2, scale, np.float32), "cz": np.full(2, zero, np.uint8),
+    }  # fmt: skip
+    inits = [numpy_helper.from_array(v, n) for n, v in values.items()]
+    io = [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 2, 16, 8])]
+    out = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+        helper.make_tensor_value_info("yc", TensorProto.UINT8, None),
+    ]
+    graph = helper.make_graph(nodes, "g", io, out, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert _integer_hardsigmoids(model.graph) == ["gate"]
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("HardSigmoid") == 1 and ops.count("QLinearAdd") == 1  # the per-channel one stays
+    assert "dq" not in {n.name for n in model.graph.node}  # nothing reads the float input any more
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.arange(256, dtype=np.uint8).reshape(1, 2, 16, 8)
+    gate = session.run(["y"], {"x": x})[0]
+    xf = (x.astype(np.float32) - zero) * scale
+    np.testing.assert_allclose(gate, np.clip(xf / 6 + 0.5, 0, 1), atol=1 / 510 + 1e-6)
+    assert (gate[xf <= -3] == 0).all() and (gate[xf >= 3] == 1).all()
+
+
+def test_lraspps_gates_run_in_uint8_only_where_onnx_runtime_runs_the_graph():
+    """MobileNetV3's hard-swishes and squeeze-excitation gates become requantisations in the graph
+    quantize() runs (ONNX Runtime's operators), not in the portable file export_int8_onnx writes;
+    the logits stay those of the plain int8 graph within its rounding."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = create_model("lraspp_mobilenet_v3_large", num_classes=CLASSES).eval()
+    proto, details = quantized_onnx(model, _noise(2, (64, 96)), onnxruntime_ops=True)
+    portable, plain_details = quantized_onnx(model, _noise(2, (64, 96)))
+    assert len(details["uint8_hardsigmoids"]) > 0 and plain_details["uint8_hardsigmoids"] == []
+    count = {p: [n.op_type for n in g.graph.node].count("HardSigmoid") for p, g in (("ort", proto), ("std", portable))}
+    assert count["ort"] + len(details["uint8_hardsigmoids"]) == count["std"]
+    x = _noise(1, (64, 96), seed=3)[0].numpy()
+    cpu = ["CPUExecutionProvider"]
+    sessions = [onnxruntime.InferenceSession(p.SerializeToString(), providers=cpu) for p in (proto, portable)]
+    logits = [session.run(None, {"image": x})[0] for session in sessions]
+    assert logits[0].shape == (1, CLASSES, 64, 96)
+    spread = np.abs(logits[1]).max()
+    assert np.abs(logits[0] - logits[1]).max() <= 0.05 * spread  # what CamVid's mIoU says is the benchmark's
+
+
 def test_calibration_images_spread_over_the_split():
     dataset = [{"image": torch.full((3, 4, 4), float(i))} for i in range(10)]
     picked = [int(x[0, 0, 0, 0]) for x in calibration_images(dataset, 3)]

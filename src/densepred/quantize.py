@@ -44,6 +44,10 @@ What stays float, because an argmax of rounded values ties and the first maximum
   not int8 products summed in int32. On the AVX2 EPYC this took SegNet's int8 graph at 360x480
   from x1.97 to x2.21 eager fp32, at the same accuracy.
 
+Where ONNX Runtime runs the graph, MobileNetV3's gates (the ``HardSigmoid`` of each hard-swish and
+squeeze-excitation) do not leave uint8 either: each is one requantisation
+(:func:`_integer_hardsigmoids`), exact up to rounding, instead of a float detour.
+
 Int8 is opt-in (``--int8 N``): it computes something close to, not the same as, float32, so it
 fails the argmax-parity rule (:data:`densepred.backends.AGREEMENT`) that the automatic backends
 must meet; its cost in mIoU is what the benchmark measures on CamVid val.
@@ -209,6 +213,15 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in graph.node for out in node.output}
 
 
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """The nodes reading each tensor, by tensor name."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 def _upstream(
     graph: onnx.GraphProto, tensors: list[str], until: Callable[[onnx.NodeProto], bool], *, include_last: bool
 ) -> list[str]:
@@ -265,10 +278,7 @@ def _pool_quantized_values(graph: onnx.GraphProto) -> int:
     dequantise) cost 0.04 s: the int8 SegNet took 0.87 s with it, 0.83 s without.
     """
     producer = _producers(graph)
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
     graph_outputs = {o.name for o in graph.output}
     removed: dict[int, onnx.NodeProto] = {}  # by identity: a dequantise may feed two poolings
     rewritten: set[str] = set()  # the poolings' value outputs, uint8 now
@@ -444,6 +454,80 @@ def _integer_products(graph: onnx.GraphProto, names: Iterable[str], *, reduce_ra
     return rewritten
 
 
+def _integer_hardsigmoids(graph: onnx.GraphProto) -> list[str]:
+    """Let each float ``HardSigmoid`` between a dequantise and a quantise run as one uint8
+    requantisation, ONNX Runtime's ``QLinearAdd`` of a constant; returns the names of those
+    rewritten. MobileNetV3 has 27 in LR-ASPP: its hard-swish (``x * HardSigmoid(x)`` once ONNX
+    Runtime's pre-processing inlines it) and its squeeze-excitation gates.
+
+    ``HardSigmoid(x) = clip(alpha x + beta, 0, 1)`` is affine until it saturates, and so is
+    quantising: requantised to the scale ``1 / (255 alpha)`` after adding ``c``, level ``q`` of
+    ``x`` is ``q / 255`` of the gate, uint8's clamps at 0 and 255 are the clips at 0 and 1, and
+    ``c`` (half a level for ``beta = 1/2``) puts the gate's 0 on a whole level, the zero point
+    ``floor(255 beta)``. The gate is then exact up to rounding, as the quantise it replaces.
+    Three passes over the map, two writing float32 (dequantise, the op, quantise), become one
+    over bytes: int8 LR-ASPP at 360x480 took 24 ms instead of 26.5 on the AVX2 EPYC."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    producer = _producers(graph)
+    readers = _readers(graph)
+    outputs = {o.name for o in graph.output}
+
+    def scalar(name: str) -> bool:
+        return name in inits and numpy_helper.to_array(inits[name]).size == 1
+
+    rewritten, orphans = [], []
+    for gate in [n for n in graph.node if n.op_type == "HardSigmoid"]:
+        attrs = {a.name: helper.get_attribute_value(a) for a in gate.attribute}
+        alpha, beta = float(attrs.get("alpha", 0.2)), float(attrs.get("beta", 0.5))
+        dq, quantise = producer.get(gate.input[0]), readers.get(gate.output[0], [])
+        if dq is None or dq.op_type != "DequantizeLinear" or len(quantise) != 1 or not (alpha > 0 and 0 <= beta <= 1):
+            continue
+        (q,) = quantise
+        if q.op_type != "QuantizeLinear" or len(dq.input) < 3 or len(q.input) < 3 or q.output[0] in outputs:
+            continue
+        if any(r.op_type != "DequantizeLinear" for r in readers.get(q.output[0], [])):
+            continue  # the new scale must reach every reader of the gate's levels
+        if not all(scalar(name) for name in (*dq.input[1:3], *q.input[1:3])):
+            continue  # per-channel parameters: not what QLinearAdd takes
+        if inits[dq.input[2]].data_type != onnx.TensorProto.UINT8:
+            continue
+        scale = 1 / (255 * alpha)
+        zero = int(np.floor(255 * beta))
+        shift = (255 * beta - zero) * scale  # the fraction of a level the zero point cannot hold
+        p = gate.name
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(1 if shift else 0, np.uint8), f"{p}/shift"),
+                numpy_helper.from_array(np.array(shift or 1.0, np.float32), f"{p}/shift_scale"),
+                numpy_helper.from_array(np.array(0, np.uint8), f"{p}/zero"),
+                numpy_helper.from_array(np.array(scale, np.float32), f"{p}/input_scale"),
+                numpy_helper.from_array(np.array(zero, np.uint8), f"{p}/input_zero"),
+                numpy_helper.from_array(np.array(1 / 255, np.float32), f"{p}/gate_scale"),
+            ]
+        )
+        requantise = helper.make_node(
+            "QLinearAdd",
+            [*dq.input[:3], f"{p}/shift", f"{p}/shift_scale", f"{p}/zero", f"{p}/input_scale", f"{p}/input_zero"],
+            [q.output[0]],
+            domain="com.microsoft",
+            name=f"{p}/requantised",
+        )
+        for reader in readers.get(q.output[0], []):  # the gate's levels, read with their new scale
+            orphans += list(reader.input[1:3])
+            reader.input[1:3] = [f"{p}/gate_scale", f"{p}/zero"]
+        graph.node.insert(list(graph.node).index(gate), requantise)
+        graph.node.remove(gate)
+        graph.node.remove(q)
+        orphans += [dq.output[0], *q.input[1:3]]
+        rewritten.append(p)
+    _drop_unused(graph, orphans)
+    return rewritten
+
+
 def _drop_unused(graph: onnx.GraphProto, names: Iterable[str]) -> None:
     """Remove the tensors ``names`` where nothing reads them any more: their initializers, or the
     constant-only nodes computing them (a dequantised bias), and what those read in turn."""
@@ -523,10 +607,12 @@ def quantized_onnx(
         )
         proto = onnx.load(folder / "int8.onnx")
     _pool_quantized_values(proto.graph)
-    integer = []
+    integer: list[str] = []
+    gates: list[str] = []
     if onnxruntime_ops:
         integer = _integer_products(proto.graph, _switch_nodes(prepared.graph), reduce_range=reduce_range)
-    if integer and not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        gates = _integer_hardsigmoids(proto.graph)
+    if (integer or gates) and not any(o.domain == "com.microsoft" for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     details = {
         "runtime": RUNTIME,
@@ -539,6 +625,7 @@ def quantized_onnx(
         "calibration_sizes": sorted({tuple(x.shape[-2:]) for x in images}),
         "float_nodes": kept,
         "int8_products_float_outputs": integer,
+        "uint8_hardsigmoids": gates,
     }
     return proto, details
 
