@@ -13,6 +13,7 @@ from densepred.config import EvalConfig
 from densepred.export import export_onnx, onnx_session, read_metadata
 from densepred.inference import predict_logits
 from densepred.quantize import (
+    Quantized,
     calibration_images,
     export_int8_onnx,
     int8_options,
@@ -294,6 +295,8 @@ def test_lraspps_gates_run_in_uint8_only_where_onnx_runtime_runs_the_graph():
     sessions = [onnxruntime.InferenceSession(p.SerializeToString(), providers=cpu) for p in (proto, portable)]
     logits = [session.run(None, {"image": x})[0] for session in sessions]
     assert logits[0].shape == (1, CLASSES, 64, 96)
+    said = Quantized(model, sessions[0], details).describe()
+    assert f"{len(details['uint8_hardsigmoids'])} hard-sigmoid gates requantised in uint8" in said
     spread = np.abs(logits[1]).max()
     assert np.abs(logits[0] - logits[1]).max() <= 0.05 * spread  # what CamVid's mIoU says is the benchmark's
 

@@ -120,11 +120,14 @@ class Quantized(Accelerated):
     def describe(self) -> str:
         d = self.details
         integer = len(d["int8_products_float_outputs"])
+        gates = len(d.get("uint8_hardsigmoids", []))
         return (
             f"int8 on {d['runtime']} {d['runtime_version']} ({d['format']}, per-channel int8 weights, "
             f"uint8 activations, {d['calibration']} ranges from {d['calibration_images']} images; "
             f"{len(d['float_nodes'])} nodes kept float"
-            + (f", {integer} of them convolutions with int8 products and float outputs)" if integer else ")")
+            + (f", {integer} of them convolutions with int8 products and float outputs" if integer else "")
+            + (f"; {gates} hard-sigmoid gates requantised in uint8" if gates else "")
+            + ")"
         )
 
 
