@@ -328,6 +328,18 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def forget_measured(results: dict, checkpoint: Path | None, images: int) -> None:
+    """Drop from ``results`` what a run with ``checkpoint`` measures (its accuracy and speed rows,
+    the 256x256 rows, the one-layer ceiling), so that it is measured again; another checkpoint's
+    rows stay."""
+    results.get("accuracy", {}).pop(f"{checkpoint}|{images}", None)
+    results.pop("ceiling", None)
+    for key in ("speed", "speed_avx2", "speed_1_thread"):
+        rows = results.get(key, {}).get("rows", {})
+        for row in [str(checkpoint), *(f"{name} 256x256" for name in SPEED_MODELS_256)]:
+            rows.pop(row, None)
+
+
 def run_int8(
     data_root: Path | None,
     out: Path,
@@ -338,11 +350,14 @@ def run_int8(
     force: bool = False,
     avx2: bool = True,
 ) -> dict:
-    """Measure what is not in ``out`` yet (``force``: everything again), write it, print the table."""
+    """Measure what is not in ``out`` yet (``force``: what this call measures, again), write it,
+    print the table."""
     info = machine_info().to_dict()
     results = json.loads(out.read_text()) if out.exists() else {}
-    if results.get("machine") != info or force:
+    if results.get("machine") != info:
         results = {"machine": info, "accuracy": {}}  # a figure holds for the machine it was measured on
+    elif force:
+        forget_measured(results, checkpoint, images)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -378,7 +393,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32, help="calibration images (train split)")
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (best kept)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/int8.json"))
-    parser.add_argument("--force", action="store_true", help="remeasure results that exist")
+    parser.add_argument(
+        "--force", action="store_true", help="measure again what this run measures (other checkpoints' rows stay)"
+    )
     parser.add_argument("--no-avx2", action="store_true", help="skip the speed table under AVX2 kernels")
     parser.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default torch's)")
     parser.add_argument("--speed-only", action="store_true", help=argparse.SUPPRESS)  # a child of _speed_in_child

@@ -205,3 +205,21 @@ def test_the_crf_results_file_gives_a_block_headed_by_its_vector_isa(tmp_path) -
     assert "densepred 0.960 s, pydensecrf 1.566 s (**1.63x**)" in line and "99.95% of pixels" in line
     # The other benchmarks, absent here, say how to produce them (and a page keeps their old blocks).
     assert "No results yet: `python -m benchmarks roofline`." in lines
+
+
+def test_int8_force_measures_again_only_what_the_run_measures() -> None:
+    """``--force`` with one checkpoint re-measures its rows, the 256x256 rows and the ceiling, and
+    keeps another checkpoint's rows and accuracy."""
+    from benchmarks.int8 import SPEED_MODELS_256, forget_measured
+
+    mine, other = Path("runs/a/best.pt"), "runs/b/best.pt"
+    rows = {str(mine): {}, other: {}, **{f"{name} 256x256": {} for name in SPEED_MODELS_256}}
+    results = {
+        "accuracy": {f"{mine}|32": {}, f"{other}|32": {}, f"{mine}|8": {}},
+        "ceiling": {},
+        "speed": {"rows": dict(rows)},
+        "speed_1_thread": {"rows": dict(rows)},
+    }
+    forget_measured(results, mine, 32)
+    assert set(results["accuracy"]) == {f"{other}|32", f"{mine}|8"} and "ceiling" not in results
+    assert set(results["speed"]["rows"]) == set(results["speed_1_thread"]["rows"]) == {other}
