@@ -334,9 +334,10 @@ def forget_measured(results: dict, checkpoint: Path | None, images: int) -> None
     rows stay."""
     results.get("accuracy", {}).pop(f"{checkpoint}|{images}", None)
     results.pop("ceiling", None)
+    measured = [str(checkpoint), *(f"{name} 256x256" for name in SPEED_MODELS_256)]
     for key in ("speed", "speed_avx2", "speed_1_thread"):
         rows = results.get(key, {}).get("rows", {})
-        for row in [str(checkpoint), *(f"{name} 256x256" for name in SPEED_MODELS_256)]:
+        for row in measured:
             rows.pop(row, None)
 
 

@@ -120,7 +120,7 @@ class Quantized(Accelerated):
     def describe(self) -> str:
         d = self.details
         integer = len(d["int8_products_float_outputs"])
-        gates = len(d.get("uint8_hardsigmoids", []))
+        gates = len(d["uint8_hardsigmoids"])
         return (
             f"int8 on {d['runtime']} {d['runtime_version']} ({d['format']}, per-channel int8 weights, "
             f"uint8 activations, {d['calibration']} ranges from {d['calibration_images']} images; "
