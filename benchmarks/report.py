@@ -189,8 +189,9 @@ def _accuracy_section(out_dir: Path, figures: Path) -> list[str]:
     results = {k: v for k, v in results.items() if v}
     for name, r in results.items():  # the log is the source; older results stored no curve
         r["curve"] = _curve(out_dir / name) or r.get("curve", [])
+    recipes = _recipe_block(out_dir.parent)  # trained by `densepred train`, not by this benchmark
     if not results:
-        return ["No accuracy results yet: `python -m benchmarks accuracy --data-root ../shared/data`.", ""]
+        return ["No accuracy results yet: `python -m benchmarks accuracy --data-root ../shared/data`.", "", *recipes]
     out: list[str] = []
     for dataset, block in (("isbi2012", _isbi_block), ("camvid", _camvid_block)):
         names = [run.name for run in RUNS if run.dataset == dataset]
@@ -202,7 +203,7 @@ def _accuracy_section(out_dir: Path, figures: Path) -> list[str]:
             out += [f"### {title}", "", f"No complete {dataset} results yet: `{command}`.", ""]
     if len(results) == len(RUNS) and _curves(results, figures / "accuracy_vs_time.png"):
         out += ["![validation mIoU over training time](benchmarks/accuracy_vs_time.png)", ""]
-    return out + _recipe_block(out_dir.parent)
+    return out + recipes
 
 
 ACCURACY_TITLES = {

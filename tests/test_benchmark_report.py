@@ -119,27 +119,51 @@ def test_a_dataset_whose_runs_are_not_all_here_keeps_its_previous_table(tmp_path
     assert "old camvid" in kept and "No complete camvid" not in kept and "isbi_unet_padded" in kept
 
 
-def test_the_recipe_table_reads_the_run_folders_and_says_when_they_are_absent(tmp_path) -> None:
+def _recipe_run(runs: Path, iterations: int, seconds: float, miou: float, pixel_acc: float, isa: str) -> str:
+    """The first CamVid recipe's run folder under ``runs`` (final metrics, the log's start line); its name."""
     import json
 
+    from benchmarks.report import CAMVID_RECIPE_RUNS
+
+    recipe, folder, _ = CAMVID_RECIPE_RUNS[0]
+    run = runs / folder
+    run.mkdir()
+    metrics = {"iterations": iterations, "train_seconds": seconds, "miou": miou, "pixel_acc": pixel_acc}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    machine = {"cpu": "Some CPU", "capability": isa, "native_bf16": isa != "AVX2", "cores": 2, "threads": 2}
+    start = {"iter": 0, "event": "start", "machine": {**machine, "torch": "2.13.0+cpu", "gpu": None}}
+    (run / "log.jsonl").write_text(json.dumps(start) + "\n")
+    return recipe
+
+
+def test_the_recipe_table_reads_the_run_folders_and_says_when_they_are_absent(tmp_path) -> None:
     from benchmarks.report import CAMVID_RECIPE_RUNS, MISSING, _recipe_block
 
     absent = _recipe_block(tmp_path)
     assert any(MISSING in line for line in absent)  # so the page keeps its previous table
-    recipe, folder, _ = CAMVID_RECIPE_RUNS[0]
-    run = tmp_path / folder
-    run.mkdir()
-    metrics = {"iterations": 345, "train_seconds": 492.0, "miou": 0.1581, "pixel_acc": 0.3967}
-    (run / "metrics.json").write_text(json.dumps(metrics))
-    machine = {"cpu": "Some CPU", "capability": "AVX2", "native_bf16": False, "cores": 2, "threads": 2}
-    start = {"iter": 0, "event": "start", "machine": {**machine, "torch": "2.13.0+cpu", "gpu": None}}
-    (run / "log.jsonl").write_text(json.dumps(start) + "\n")
+    recipe = _recipe_run(tmp_path, 345, 492.0, 0.1581, 0.3967, "AVX2")
     block = _recipe_block(tmp_path)
     assert not any(MISSING in line for line in block)
     row = next(line for line in block if line.startswith(f"| {recipe} |"))
     assert row.endswith("| 345 | 8.2 | 15.8 | 39.7 |")
     assert any("Some CPU" in line and "AVX2" in line for line in block)
     assert not any(line.startswith(f"| {CAMVID_RECIPE_RUNS[1][0]} |") for line in block)  # its folder is absent
+
+
+def test_recipe_runs_render_without_the_accuracy_benchmark_and_its_old_tables_stay(tmp_path) -> None:
+    from benchmarks.report import _accuracy_section
+
+    recipe = _recipe_run(tmp_path, 1007, 605.0, 0.4932, 0.7682, "AVX512")
+    bench = tmp_path / "bench"  # no accuracy results in it
+    bench.mkdir()
+    section = _accuracy_section(bench, tmp_path / "figures")
+    assert any(line.startswith(f"| {recipe} |") and "| 1007 |" in line for line in section)
+    old = OLD + "\n### CamVid: the successors' CPU recipes\n\nold recipe table\n"
+    new = ["# Benchmarks", "", "## Accuracy on real data", "", *section]
+    page = "\n".join(keep_previous(new, old.splitlines()))
+    assert "old isbi table" in page and "No accuracy results yet" not in page
+    assert "| 1007 |" in page and "old recipe table" not in page
+    assert page.index("### ISBI") < page.index("### CamVid: the successors' CPU recipes")
 
 
 def test_the_crf_lines_name_the_kernels_and_the_ratio() -> None:
