@@ -336,6 +336,10 @@ def test_cli_export_int8_writes_an_int8_onnx_file(checkpoint, capsys):
     written = checkpoint.with_name(checkpoint.stem + ".int8.onnx")
     assert str(written) in capsys.readouterr().out
     assert read_metadata(written)["quantization"]["calibration_images"] == 2
+    assert read_metadata(written)["quantization"]["calibration"] == "minmax"
+    again = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--int8", "2", "--calibrate", "percentile"]
+    assert main(again) == 0
+    assert read_metadata(written)["quantization"]["calibration"] == "percentile"
 
 
 def test_cli_int8_usage_errors_name_the_option(checkpoint, tmp_path, capsys):
@@ -344,6 +348,8 @@ def test_cli_int8_usage_errors_name_the_option(checkpoint, tmp_path, capsys):
     assert "--int8 writes ONNX" in capsys.readouterr().err
     assert main([*base, "--format", "onnx", "--calibration-data", str(tmp_path)]) == 2
     assert "--calibration-data applies with --int8 only" in capsys.readouterr().err
+    assert main([*base, "--format", "onnx", "--calibrate", "entropy"]) == 2
+    assert "--calibrate applies with --int8 only" in capsys.readouterr().err
     assert main(["export", "--weights", "fcn8s.voc_caffe", "--int8", "2"]) == 2
     assert "--weights fcn8s.voc_caffe has none" in capsys.readouterr().err
 

@@ -191,12 +191,14 @@ def int8_model(
     *,
     experiment: Experiment | None = None,
     root: str | Path | None = None,
+    calibrate: str | None = None,
 ) -> tuple[Quantized, EvalConfig]:
-    """The CLI's ``--int8 N``: ``trained``'s model calibrated on ``count`` training images, and
-    the inference options it runs with (:func:`int8_options`)."""
+    """The CLI's ``--int8 N``: ``trained``'s model calibrated on ``count`` training images (ranges
+    by ``calibrate``, one of :data:`CALIBRATIONS`; default minmax), and the inference options it
+    runs with (:func:`int8_options`)."""
     options = int8_options(options)
     images = training_images(trained, count, experiment=experiment, root=root)
-    return quantize(trained.model, images), options
+    return quantize(trained.model, images, calibrate=calibrate or "minmax"), options
 
 
 def _reduce_range() -> bool:

@@ -39,7 +39,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if int8:  # opt-in: it fails the argmax-parity rule that the automatic backends meet
         from ..quantize import int8_model
 
-        model, exp.eval = int8_model(trained, args.int8, exp.eval, experiment=exp, root=args.calibration_data)
+        model, exp.eval = int8_model(
+            trained, args.int8, exp.eval, experiment=exp, root=args.calibration_data, calibrate=args.calibrate
+        )
         print(model.describe())
     else:
         from ..backends import accelerate, probe_input

@@ -50,7 +50,7 @@ def _export_int8(args: argparse.Namespace, opset: int) -> Path:
         raise ValueError(f"the output {out} would overwrite the checkpoint; choose another file name")
     trained = load_source(args, "cpu")
     images = training_images(trained, args.int8, root=args.calibration_data)
-    written = export_int8_onnx(trained, out, images, opset=opset)
+    written = export_int8_onnx(trained, out, images, opset=opset, calibrate=args.calibrate or "minmax")
     print(f"int8: calibrated on {len(images)} images of {trained.experiment.data.dataset}'s training split")
     return written
 

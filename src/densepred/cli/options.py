@@ -141,9 +141,10 @@ def load_source(args: argparse.Namespace, device) -> Trained:  # noqa: ANN001 - 
 
 
 def add_int8_options(parser: argparse.ArgumentParser) -> None:
-    """``--int8 [N] --calibration-data ROOT``: int8 static quantisation (densepred.quantize),
-    calibrated on N training images of the recipe's dataset; one spelling for every command."""
-    from ..quantize import DEFAULT_CALIBRATION_IMAGES
+    """``--int8 [N] --calibration-data ROOT --calibrate METHOD``: int8 static quantisation
+    (densepred.quantize), calibrated on N training images of the recipe's dataset; one spelling
+    for every command."""
+    from ..quantize import CALIBRATIONS, DEFAULT_CALIBRATION_IMAGES
 
     group = parser.add_argument_group("int8 (densepred.quantize; opt-in: close to fp32, not equal)")
     group.add_argument(
@@ -160,14 +161,21 @@ def add_int8_options(parser: argparse.ArgumentParser) -> None:
         metavar="ROOT",
         help="with --int8: the dataset folder to calibrate on (default: the recipe's data.root)",
     )
+    group.add_argument(
+        "--calibrate",
+        choices=CALIBRATIONS,
+        help="with --int8: how activation ranges come from the images: minmax (the default) the extremes "
+        "seen, percentile clips at the 99.999th, entropy minimises the KL divergence",
+    )
 
 
 def int8_requested(args: argparse.Namespace, *, data_named: bool = False) -> bool:
     """Whether ``--int8`` was given. ``--calibration-data`` without it is a usage error, and so is
     ``--weights`` unless the command names their dataset (``data_named``): released weights carry
     no recipe whose training images could calibrate them."""
-    if args.calibration_data is not None and args.int8 is None:
-        raise ValueError("--calibration-data applies with --int8 only; add --int8 N")
+    for option, value in (("--calibration-data", args.calibration_data), ("--calibrate", args.calibrate)):
+        if value is not None and args.int8 is None:
+            raise ValueError(f"{option} applies with --int8 only; add --int8 N")
     if args.int8 is not None and args.weights and not data_named:
         raise ValueError(f"--int8 calibrates on a recipe's training images; --weights {args.weights} has none")
     return args.int8 is not None

@@ -30,7 +30,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         from ..quantize import int8_model
 
-        model, options = int8_model(trained, args.int8, options, root=args.calibration_data)
+        model, options = int8_model(trained, args.int8, options, root=args.calibration_data, calibrate=args.calibrate)
         trained = dataclasses.replace(trained, model=model)
     inputs = collect_inputs(args.inputs)
     # The backend is chosen at the size of the first image's forward passes.
