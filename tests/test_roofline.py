@@ -130,3 +130,16 @@ def test_flop_counting_runs_on_the_meta_device_and_leaves_the_model_alone():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     layer_flops(model, (1, 1, 64, 64))
     assert all(v.device.type == "cpu" and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_zero_initialised_score_layers_get_weights_so_the_parity_rule_means_something():
+    model = _build("fcn32s")
+    kept = {k: v.clone() for k, v in model.state_dict().items() if v.any()}
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x).std() == 0  # zero scores: every backend's labels would agree with eager's
+        roofline.untrivial(model)
+        assert model(x).std() > 0
+    assert not model.score_fr.weight.eq(0).all()
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in kept.items())  # nothing that was set moves
