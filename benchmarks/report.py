@@ -432,8 +432,10 @@ NOTES = {
     "pipeline": "Random weights of each model, 11 classes, through `Predictor` with `backend=auto`. "
     "`predict` is `predict_files` on one CamVid val frame: read the PNG, normalise, the network, class "
     "ids, the index PNG and the overlay PNG, into a new folder each run; then on a folder of consecutive "
-    "frames, per frame. Beside a forward of a few tens of milliseconds (LR-ASPP), decoding the frame "
-    "(about 5 ms) and writing both PNGs (about 10 ms) still show; beside a forward of a second they do not. "
+    "frames, per frame. Beside a forward of a few tens of milliseconds (LR-ASPP), reading the frame and "
+    "writing both PNGs still show; beside a forward of a second they do not. Where reading the frame and "
+    "writing its mask alone (decoding the PNG, which OpenCV does no faster than PIL here, and the 8-bit "
+    "index PNG) take over 15% of the forward, no `predict` comes within 1.15x of it. "
     "A forward that short also varies by up to a third from run to run here, and its ratio with it.",
     "crf": "The system section's CRF line, kept per kind of CPU: measured on the CPU itself, not under "
     "the AVX2 variables (which cap PyTorch's, FBGEMM's and oneDNN's kernels but not the rest of the machine).",

@@ -252,3 +252,20 @@ def test_int8_force_measures_again_only_what_the_run_measures() -> None:
     forget_measured(results, mine, 32)
     assert set(results["accuracy"]) == {f"{other}|32", f"{mine}|8"} and not {"ceiling", "ceiling_avx2"} & set(results)
     assert set(results["speed"]["rows"]) == set(results["speed_1_thread"]["rows"]) == {other}
+
+
+def test_the_pipeline_table_shows_what_reading_the_frame_and_writing_its_mask_cost() -> None:
+    """Reading the frame and writing its mask are the floor no predict avoids: their share of the forward is printed
+    beside the file I/O (an older results file without it still renders)."""
+    from benchmarks.pipeline import table
+
+    machine = {"cpu": "AMD EPYC", "capability": "AVX512", "native_bf16": True, "cores": 2, "threads": 2}
+    row = {"backend": "openvino", "forward": 0.020, "file_io": 0.013, "predict": 0.034, "ratio": 1.7}
+    row["slide"] = {"tiles": 4, "tile_forward": 0.01, "slide": 0.04, "ratio": 1.0}
+    results = {"machine": {**machine, "torch": "2.13.0+cpu", "gpu": None}, "frame": "f", "repeats": 5}
+    line = next(
+        s for s in table({**results, "models": {"m": {**row, "read_and_mask": 0.004}}}).splitlines() if "| m |" in s
+    )
+    assert "| 0.013 (65%; reading + mask 20%) |" in line and "1.700x" in line
+    old = next(s for s in table({**results, "models": {"m": row}}).splitlines() if "| m |" in s)
+    assert "| 0.013 (65%) |" in old
