@@ -5,6 +5,8 @@
     python -m benchmarks system                                 # loader, trainer overhead, CRF, large image
     python -m benchmarks roofline                               # fp32 peaks, FLOPs, % of peak per model
     python -m benchmarks int8 --data-root ../shared/data        # int8 speed-up and CamVid mIoU cost
+    python -m benchmarks.pipeline --data-root ../shared/data    # predict's stages against the forward
+    python -m benchmarks.train_layout                           # CPU recipes' step, channels-first / -last
     python -m benchmarks report                                 # docs/benchmarks.md from the results
     python -m benchmarks all --data-root ../shared/data         # all of the above, in that order
 

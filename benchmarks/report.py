@@ -437,6 +437,10 @@ NOTES = {
     "writing its mask alone (decoding the PNG, which OpenCV does no faster than PIL here, and the 8-bit "
     "index PNG) take over 15% of the forward, no `predict` comes within 1.15x of it. "
     "A forward that short also varies by up to a third from run to run here, and its ratio with it.",
+    "train_layout": "Random data at each recipe's batch and crop, its model, optimiser and the precision its "
+    "`train.amp` resolves to here (bf16 where the CPU computes it natively). A recipe trains channels-last "
+    "(`model.channels_last: true`) where that won on both kinds of kernel; SegNet, whose max-unpooling "
+    "loses in that layout under AVX2 kernels, stays channels-first.",
     "crf": "The system section's CRF line, kept per kind of CPU: measured on the CPU itself, not under "
     "the AVX2 variables (which cap PyTorch's, FBGEMM's and oneDNN's kernels but not the rest of the machine).",
 }
@@ -463,7 +467,7 @@ def _per_machine(title: str, command: str, results: dict | None, table, notes: s
 
 def _speed_limit_sections(out_dir: Path) -> list[str]:
     """The roofline, int8, the pipeline around the network and the CRF, each per vector ISA."""
-    from . import int8, pipeline, roofline
+    from . import int8, pipeline, roofline, train_layout
 
     return [
         *_per_machine(
@@ -486,6 +490,13 @@ def _speed_limit_sections(out_dir: Path) -> list[str]:
             _load(out_dir / "pipeline.json"),
             pipeline.table,
             NOTES["pipeline"],
+        ),
+        *_per_machine(
+            "Training step, channels-first against channels-last, per CPU recipe",
+            "python -m benchmarks.train_layout",
+            _load(out_dir / "train_layout.json"),
+            train_layout.table,
+            NOTES["train_layout"],
         ),
         *_per_machine(
             "CRF against pydensecrf",

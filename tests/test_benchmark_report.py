@@ -269,3 +269,28 @@ def test_the_pipeline_table_shows_what_reading_the_frame_and_writing_its_mask_co
     assert "| 0.013 (65%; reading + mask 20%) |" in line and "1.700x" in line
     old = next(s for s in table({**results, "models": {"m": row}}).splitlines() if "| m |" in s)
     assert "| 0.013 (65%) |" in old
+
+
+def test_the_train_layout_table_gives_each_recipe_its_speed_up_and_setting() -> None:
+    from benchmarks.train_layout import table
+
+    machine = {"cpu": "AMD EPYC", "capability": "AVX512", "threads": 2, "torch": "2.13.0+cpu"}
+    row = {"model": "segnet", "batch": 4, "crop": 160, "amp": "bf16", "recipe_channels_last": False}
+    row["seconds"] = {"channels-first": 1.0, "channels-last": 1.25}
+    results = {"machine": machine, "recipes": {"camvid_segnet_cpu": {**row, "speedup": 0.8}}}
+    text = table({**results, "avx2": {**results, "recipes": {"camvid_segnet_cpu": {**row, "speedup": 0.8}}}})
+    line = "| camvid_segnet_cpu | segnet | 4 x 160 | bf16 | 1.000 | 1.250 | **x0.80** | channels-first |"
+    assert text.count(line) == 2 and "ONEDNN_MAX_CPU_ISA=AVX2" in text
+
+
+def test_the_train_layout_benchmark_times_every_cpu_recipe_that_trains_channels_last() -> None:
+    """Every shipped recipe that sets ``model.channels_last`` is among those the benchmark times
+    (its figures are the setting's reason), and each of those builds without its dataset's files."""
+    from benchmarks.train_layout import DATASETS, RECIPES
+
+    from densepred.config import CONFIG_DIR, load_experiment
+
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        if load_experiment(path.stem, []).model.channels_last:
+            assert path.stem in RECIPES, path.name
+    assert all(load_experiment(name, []).data.dataset in DATASETS for name in RECIPES)

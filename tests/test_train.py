@@ -115,6 +115,39 @@ def test_resume_after_kill_gives_the_uninterrupted_weights(tmp_path):
         assert torch.equal(clean[key], resumed[key]), key
 
 
+def test_a_channels_last_run_resumes_exactly_and_its_checkpoint_predicts(tmp_path):
+    """The CPU recipes train channels-last: the weights are kept in that layout, a run resumed
+    from a checkpoint ends with the uninterrupted run's weights, and the checkpoint segments as
+    any other (its model is built channels-first)."""
+    import shutil
+
+    exp = _tiny(
+        "train.iterations=6",
+        "train.checkpoint_every=3",
+        "train.deterministic=true",
+        "model.channels_last=true",
+        "model.options={base_channels: 4, depth: 2, batch_norm: true, dropout: 0.0}",
+    )
+    clean = train(exp, tmp_path / "clean", progress=False)
+    weights = _final_weights(tmp_path / "clean")
+    convs = [w for w in weights.values() if w.dim() == 4 and w.shape[-1] > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+
+    shutil.copytree(tmp_path / "clean", tmp_path / "cut")  # as if stopped after iteration 3
+    (tmp_path / "cut" / "checkpoints" / "iter_0000006.pt").unlink()
+    (tmp_path / "cut" / "metrics.json").unlink()
+    resumed = train(exp, tmp_path / "cut", resume=True, progress=False)
+    assert resumed.iterations == 6
+    again = _final_weights(tmp_path / "cut")
+    assert all(torch.equal(weights[key], again[key]) for key in weights)
+
+    from densepred.prediction import predict
+
+    image = (torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy()
+    (labels,) = predict(clean.checkpoint, [image])
+    assert labels.shape == (32, 32) and int(labels.max()) < 6
+
+
 def _write_recipe(tmp_path: Path) -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text("name: tiny\n")
