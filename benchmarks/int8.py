@@ -53,7 +53,7 @@ from densepred.precision import autocast, machine_info, resolve_amp
 from densepred.quantize import int8_options, quantize, training_images
 from densepred.registry import create_model
 
-DEFAULT_CHECKPOINT = Path("runs/camvid_lraspp_cpu/checkpoints/best.pt")  # LR-ASPP, 15.8 mIoU on val
+DEFAULT_CHECKPOINT = Path("runs/camvid_lraspp_cpu/checkpoints/best.pt")  # `densepred train --config camvid_lraspp_cpu`
 SPEED_MODELS_256 = ("segnet", "fcn8s")
 SPEED_CALIBRATION = 4  # images: the int8 graph's speed does not depend on its ranges
 AGREEMENT_IMAGES = 8

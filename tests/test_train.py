@@ -141,6 +141,8 @@ def test_a_channels_last_run_resumes_exactly_and_its_checkpoint_predicts(tmp_pat
     again = _final_weights(tmp_path / "cut")
     assert all(torch.equal(weights[key], again[key]) for key in weights)
 
+    loaded = [w for w in load_trained(clean.checkpoint).model.parameters() if w.dim() == 4 and w.shape[-1] > 1]
+    assert all(w.is_contiguous() for w in loaded)  # inference runs channels-first, as any checkpoint
     from densepred.prediction import predict
 
     image = (torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy()

@@ -401,7 +401,9 @@ def load_trained(path: str | Path, device: torch.device | str = "cpu") -> Traine
             f"{_misfit(model.state_dict(), state['model'])}. The file was edited or damaged; "
             "use a checkpoint as training wrote it"
         ) from None
-    model = model.to(device).eval()
+    # Channels-first, however the recipe trained (model.channels_last keeps the weights in that
+    # layout): inference, and the eager reference of the backends' parity rule, do not depend on it.
+    model = model.to(device, memory_format=torch.contiguous_format).eval()
     return Trained(
         model,
         exp,
