@@ -31,9 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 import warnings
@@ -53,11 +50,12 @@ from densepred.precision import autocast, machine_info, resolve_amp
 from densepred.quantize import int8_options, quantize, training_images
 from densepred.registry import create_model
 
+from .children import AVX2, json_from_child
+
 DEFAULT_CHECKPOINT = Path("runs/camvid_lraspp_cpu/checkpoints/best.pt")  # `densepred train --config camvid_lraspp_cpu`
 SPEED_MODELS_256 = ("segnet", "fcn8s")
 SPEED_CALIBRATION = 4  # images: the int8 graph's speed does not depend on its ranges
 AGREEMENT_IMAGES = 8
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def _best_of(candidates: dict[str, Callable[[], object]], rounds: int, seconds: float = 10.0) -> dict[str, float]:
@@ -274,27 +272,18 @@ def run_accuracy(checkpoint: Path, data_root: Path | None, images: int) -> dict:
 
 
 def _ceiling_in_child(rounds: int, env: dict[str, str]) -> dict:
-    """:func:`run_ceiling` measured by a fresh process under ``env`` (the ISA variables act at import)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "ceiling.json"
-        cmd = [sys.executable, "-m", "benchmarks.int8", "--ceiling-only", "--rounds", str(rounds), "--out", str(out)]
-        subprocess.run(cmd, check=True, env={**os.environ, **env})
-        return json.loads(out.read_text())
+    """:func:`run_ceiling` measured by a fresh process under ``env``."""
+    return json_from_child("benchmarks.int8", ["--ceiling-only", "--rounds", str(rounds)], env)
 
 
 def _speed_in_child(
     checkpoint: Path | None, data_root: Path | None, rounds: int, env: dict[str, str], table: dict, threads: int
 ) -> dict:
-    """``table`` completed by a fresh process under ``env`` (the ISA variables act at import)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "speed.json"
-        out.write_text(json.dumps(table))
-        cmd = [sys.executable, "-m", "benchmarks.int8", "--speed-only", "--rounds", str(rounds), "--out", str(out)]
-        cmd += ["--threads", str(threads)]
-        cmd += ["--checkpoint", str(checkpoint)] if checkpoint else ["--no-checkpoint"]
-        cmd += ["--data-root", str(data_root)] if data_root else []
-        subprocess.run(cmd, check=True, env={**os.environ, **env})
-        return json.loads(out.read_text())
+    """``table`` completed by a fresh process under ``env``."""
+    args = ["--speed-only", "--rounds", str(rounds), "--threads", str(threads)]
+    args += ["--checkpoint", str(checkpoint)] if checkpoint else ["--no-checkpoint"]
+    args += ["--data-root", str(data_root)] if data_root else []
+    return json_from_child("benchmarks.int8", args, env, start=table)
 
 
 def table(results: dict) -> str:

@@ -202,9 +202,9 @@ def table(results: dict) -> str:
             if "frames" in r
             else "- | -"
         )
-        io = f"{r['file_io']:.3f} ({100 * r['file_io'] / r['forward']:.0f}%" if "file_io" in r else "-"
-        if "file_io" in r:  # reading the frame and writing its mask: what no predict can do without
-            io += f"; reading + mask {100 * r['read_and_mask'] / r['forward']:.0f}%)" if "read_and_mask" in r else ")"
+        # Reading the frame and writing its mask: what no predict can do without (older results lack it).
+        floor = f"; reading + mask {100 * r['read_and_mask'] / r['forward']:.0f}%" if "read_and_mask" in r else ""
+        io = f"{r['file_io']:.3f} ({100 * r['file_io'] / r['forward']:.0f}%{floor})" if "file_io" in r else "-"
         run = f"{r['predict']:.3f} | {r['ratio']:.3f}x"
         lines.append(f"| {name} | {r['backend']} | {r['forward']:.3f} | {io} | {run} | {folder} |")
     lines += ["", "Sliding windows of 321 against their area (the slide over tiles x one tile's forward):", ""]

@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,13 +27,15 @@ import torch.nn.functional as F
 from densepred.allocator import retain_freed_memory
 from densepred.build import build_model
 from densepred.config import Experiment, load_experiment
+from densepred.models.layers import center_crop
 from densepred.precision import autocast, machine_info, resolve_amp
 from densepred.trainer import build_optimizer
+
+from .children import AVX2, json_from_child
 
 RECIPES = ("synthetic_unet", "camvid_unet_cpu", "isbi_unet_cpu", "camvid_lraspp_cpu", "camvid_segnet_cpu")
 # (classes, channels) of each dataset, so that no recipe needs its files to be timed.
 DATASETS = {"synthetic": (6, 3), "camvid": (11, 3), "isbi2012": (2, 1)}
-AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
 
 def _crop(exp: Experiment) -> int:
@@ -60,11 +58,7 @@ def _stepper(exp: Experiment, channels_last: bool, amp: str):  # noqa: ANN202 - 
         with autocast(amp, "cpu"):
             out = model(x)
         out = out["out"] if isinstance(out, dict) else out
-        if out.shape[-2:] != y.shape[-2:]:  # U-Net's valid convolutions: the centre's labels
-            top, left = (y.shape[-2] - out.shape[-2]) // 2, (y.shape[-1] - out.shape[-1]) // 2
-            target = y[:, top : top + out.shape[-2], left : left + out.shape[-1]]
-        else:
-            target = y
+        target = center_crop(y[:, None], *out.shape[-2:])[:, 0]  # valid convolutions: the centre's labels
         loss = F.cross_entropy(out.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -109,13 +103,9 @@ def run(recipes: list[str], rounds: int, steps: int) -> dict:
 
 
 def _in_child(recipes: list[str], rounds: int, steps: int, env: dict[str, str]) -> dict:
-    """:func:`run` by a fresh process under ``env`` (the ISA variables act at import)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "layout.json"
-        cmd = [sys.executable, "-m", "benchmarks.train_layout", "--child", "--out", str(out)]
-        cmd += ["--recipes", ",".join(recipes), "--rounds", str(rounds), "--steps", str(steps)]
-        subprocess.run(cmd, check=True, env={**os.environ, **env})
-        return json.loads(out.read_text())
+    """:func:`run` by a fresh process under ``env``."""
+    args = ["--child", "--recipes", ",".join(recipes), "--rounds", str(rounds), "--steps", str(steps)]
+    return json_from_child("benchmarks.train_layout", args, env)
 
 
 def _rows(results: dict) -> list[str]:
