@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 
 from densepred.crf import PRESETS, dense_crf
-from densepred.precision import machine_info
+from densepred.precision import cpu_flags, machine_info
 
 # Environment variables that cap the instruction set of PyTorch's own kernels, of FBGEMM (its
 # embedding_bag, which the CRF's filters run on) and of oneDNN: all three make an AVX-512 CPU
@@ -127,15 +126,7 @@ def measure(rounds: int = 7) -> dict:
 def machine() -> str:
     """CPU model and whether it has AVX-512, the CPU kernels PyTorch dispatches to, any
     environment override of the kernels' instruction sets, and the threads, as one line."""
-    model, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            # The first processor's block, up to its blank line: "key<tabs>: value" lines.
-            pairs = (line.split(":", 1) for line in iter(cpuinfo.readline, "\n") if ":" in line)
-            fields = {key.strip(): value.strip() for key, value in pairs}
-        model, flags = fields.get("model name", model), fields.get("flags", "").split()
-    except OSError:
-        pass
+    model, flags = machine_info().cpu_name, cpu_flags() or []
     avx512 = "AVX-512" if "avx512f" in flags else "no AVX-512" if flags else "AVX-512 unknown"
     overrides = " ".join(f"{k}={os.environ[k]}" for k in ISA_OVERRIDES if k in os.environ) or "no ISA overrides"
     return (

@@ -46,7 +46,7 @@ from densepred.checkpoint import load_trained
 from densepred.config import EvalConfig
 from densepred.evaluation import evaluate
 from densepred.inference import predict_logits
-from densepred.precision import autocast, machine_info, resolve_amp
+from densepred.precision import autocast, cpu_name, machine_info, resolve_amp
 from densepred.quantize import int8_options, quantize, training_images
 from densepred.registry import create_model
 
@@ -298,7 +298,7 @@ def table(results: dict) -> str:
             continue
         m = results[key]["machine"]
         lines += [
-            f"Speed{label}: {m['cpu']}, torch capability {m['capability']}, {m['threads']} threads, "
+            f"Speed{label}: {cpu_name(m)}, torch capability {m['capability']}, {m['threads']} threads, "
             f"torch {m['torch']}. Seconds per forward pass, batch 1, best of interleaved rounds "
             "(x = speed-up over eager fp32).",
             "",
@@ -314,7 +314,7 @@ def table(results: dict) -> str:
         c = results["ceiling"]
         rates = ", ".join(f"{k} {v:.0f}" for k, v in c["gops"].items())
         lines += [
-            f"One dense layer in int8 on {c['machine']['cpu']} ({c['machine']['capability']}"
+            f"One dense layer in int8 on {cpu_name(c['machine'])} ({c['machine']['capability']}"
             f"{', 7-bit weights: no VNNI' if c['weights_7_bit'] else ''}), a {c['shape']}, GOP/s: {rates}: "
             f"int8 runs it at **x{c['int8_over_eager_fp32']:.2f}** eager fp32's speed "
             f"(x{c['gops']['onnxruntime int8'] / c['gops']['onnxruntime fp32']:.2f} ONNX Runtime fp32's): what the "

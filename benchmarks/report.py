@@ -460,8 +460,10 @@ def _per_machine(title: str, command: str, results: dict | None, table, notes: s
     """:func:`_rendered` with the vector ISA its results were measured on in the heading, so that
     the page keeps each kind of CPU's block (an AVX2 and an AVX-512 one): a figure of one says
     little of the other (bf16, VNNI, the runtimes' kernels)."""
-    if results:
-        title += MACHINE_TAG + results["machine"]["capability"]
+    if results:  # "AVX512, Zen 5": two AVX-512 EPYCs differ twofold in fp32 width
+        machine = results["machine"]
+        core = machine.get("microarchitecture")
+        title += MACHINE_TAG + machine["capability"] + (f", {core}" if core else "")
     return _rendered(title, command, results, table, notes)
 
 

@@ -53,7 +53,7 @@ from torch import nn
 from densepred.allocator import retain_freed_memory
 from densepred.backends import accelerate, probe_input
 from densepred.config import OptimConfig
-from densepred.precision import machine_info
+from densepred.precision import cpu_name, machine_info
 from densepred.registry import list_models
 from densepred.trainer import build_optimizer
 
@@ -274,7 +274,7 @@ def table(results: dict) -> str:
     has_beside = any("peak_beside_gflops" in r for rows in results["models"].values() for r in rows.values())
     c, side = DEPTHWISE_SHAPE
     lines = [
-        f"Machine: {m['cpu']}, {m['capability']}, native bf16 {m['native_bf16']}, {m['threads']} threads, "
+        f"Machine: {cpu_name(m)}, {m['capability']}, native bf16 {m['native_bf16']}, {m['threads']} threads, "
         f"torch {m['torch']}. Measured fp32 peaks: GEMM 4096^2 {p['gemm_gflops']:.0f} GFLOP/s, 3x3 conv "
         f"256ch@128^2 {p['conv3x3_gflops']:.0f} GFLOP/s (the reference for % of peak)"
         + (f", depthwise 3x3 {c}ch@{side}^2 {p['depthwise3x3_gflops']:.0f} GFLOP/s" if has_roof else "")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from densepred.inference import sliding_window
 from densepred.models.base import loss_weights_of
-from densepred.precision import machine_info
+from densepred.precision import cpu_name, machine_info
 from densepred.registry import create_model, model_entry
 
 from .speed import peak_memory_mib, reset_peak_memory, timed
@@ -99,7 +99,7 @@ def measure(name: str) -> dict:
 def table(results: dict) -> str:
     m = results["machine"]
     lines = [
-        f"Machine: {m['cpu']}, {m['capability']}, native bf16 {m['native_bf16']}, {m['threads']} threads, "
+        f"Machine: {cpu_name(m)}, {m['capability']}, native bf16 {m['native_bf16']}, {m['threads']} threads, "
         f"torch {m['torch']}. Eager fp32. Cell: seconds / peak resident MiB of the process.",
         "",
         "| model | params | 512x512, b1 | 1024x2048 by 512 slide | train step, crop, b2 |",

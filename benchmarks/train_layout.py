@@ -28,7 +28,7 @@ from densepred.allocator import retain_freed_memory
 from densepred.build import build_model
 from densepred.config import Experiment, load_experiment
 from densepred.models.layers import center_crop
-from densepred.precision import autocast, machine_info, resolve_amp
+from densepred.precision import autocast, cpu_name, machine_info, resolve_amp
 from densepred.trainer import build_optimizer
 
 from .children import AVX2, json_from_child
@@ -126,7 +126,7 @@ def _rows(results: dict) -> list[str]:
 def table(results: dict) -> str:
     m = results["machine"]
     lines = [
-        f"{m['cpu']}, torch capability {m['capability']}, {m['threads']} threads, torch {m['torch']}: seconds per "
+        f"{cpu_name(m)}, torch capability {m['capability']}, {m['threads']} threads, torch {m['torch']}: seconds per "
         "training step, each layout's best round (the median of its steps), the recipe's precision on this CPU.",
         "",
         *_rows(results),

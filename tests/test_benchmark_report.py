@@ -199,6 +199,12 @@ def test_each_kind_of_cpu_keeps_its_own_block_of_a_per_machine_benchmark() -> No
     own = ["## Speed and memory", "", "No speed results yet: `x`.", "", *avx2]
     page = "\n".join(keep_previous(own, ["## Speed and memory", "", "Machine A.", "", *old[2:]]))
     assert page.count(f"{title} — AVX512") == 1 and page.count(f"{title} — AVX2") == 1 and "Machine A." in page
+    # Another AVX-512 core design gets a block of its own beside the untagged AVX-512 one.
+    zen5 = _per_machine(
+        "The fp32 limit on record", "cmd", {"machine": {"capability": "AVX512", "microarchitecture": "Zen 5"}}, table
+    )
+    page = "\n".join(keep_previous(["## Speed and memory", "", *zen5], old))
+    assert f"{title} — AVX512, Zen 5" in page and "avx512 table" in page and "old avx2 table" in page
     # Nothing measured anywhere yet: the block says how to measure it.
     page = "\n".join(keep_previous(["## Speed and memory", "", *absent], ["## Speed and memory", ""]))
     assert "No results yet: `cmd`." in page

@@ -2,12 +2,14 @@
 
 import json
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
 from densepred import precision
+from densepred.cli.train import run_summary
 from densepred.precision import machine_info, native_bf16, resolve_amp, resolve_inference_amp
 from densepred.trainer import train
 from tiny import tiny_experiment
@@ -109,6 +111,30 @@ def test_machine_line_names_cpu_capability_threads_and_torch():
     line = info.line()
     assert info.capability in line and f"{info.threads} threads" in line and info.torch in line
     assert ("native bf16" in line) and (info.cpu in line)
+
+
+@pytest.mark.parametrize(
+    ("vendor", "family", "model", "core"),
+    [
+        ("AuthenticAMD", "26", "2", "Zen 5"),  # both are "AMD EPYC" on a cloud VM, yet differ twofold in fp32
+        ("AuthenticAMD", "25", "17", "Zen 4"),  # Genoa, 0x11
+        ("AuthenticAMD", "25", "1", "Zen 3"),  # Milan
+        ("AuthenticAMD", "23", "49", "Zen 2"),  # Rome, 0x31
+        ("AuthenticAMD", "27", "0", "AMD family 27 model 0"),  # a family this table has not met
+        ("GenuineIntel", "6", "143", None),  # Intel's model names already say which core
+    ],
+)
+def test_the_machine_names_the_core_design_that_a_generic_model_name_hides(monkeypatch, vendor, family, model, core):
+    fields = {"vendor_id": vendor, "cpu family": family, "model": model, "model name": "AMD EPYC"}
+    monkeypatch.setattr(precision, "_cpuinfo", lambda: fields)
+    info = machine_info()
+    assert info.microarchitecture == core
+    assert info.line().startswith(f"AMD EPYC ({core})," if core else "AMD EPYC,")
+    # A training run's last line names it too.
+    result = SimpleNamespace(resolved={"amp": "bf16", "machine": info.to_dict()}, iterations=3, train_seconds=1.0)
+    assert f"on {info.line().split(',')[0]}, {info.capability}, " in run_summary(result)
+    # Results stored before the field existed still name their CPU.
+    assert precision.cpu_name({"cpu": "AMD EPYC", "capability": "AVX2"}) == "AMD EPYC"
 
 
 @pytest.mark.parametrize("native", [True, False])

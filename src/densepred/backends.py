@@ -233,7 +233,7 @@ def _cache_key(model: nn.Module, example: Tensor) -> str:
     shapes = ";".join(f"{k}:{tuple(v.shape)}" for k, v in model.state_dict().items())
     arch = hashlib.sha256(f"{type(model).__name__}|{shapes}".encode()).hexdigest()[:16]
     m = machine_info()
-    machine = f"{m.cpu}|{m.capability}|{m.threads}|{m.torch}|{_runtime_versions()}"
+    machine = f"{m.cpu_name}|{m.capability}|{m.threads}|{m.torch}|{_runtime_versions()}"
     return f"{arch}|{tuple(example.shape)}|{machine}|probe {PROBE_METHOD}"
 
 

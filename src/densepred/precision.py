@@ -14,7 +14,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Literal
@@ -24,6 +24,7 @@ import torch
 __all__ = [
     "Amp",
     "MachineInfo",
+    "cpu_name",
     "machine_info",
     "native_bf16",
     "resolve_amp",
@@ -61,6 +62,29 @@ def cpu_flags() -> set[str] | None:
 def cpu_model() -> str:
     info = _cpuinfo()
     return info.get("model name") or info.get("Model") or platform.processor() or platform.machine() or "unknown CPU"
+
+
+# AMD's x86 family -> (model ranges, core) for the families that hold two cores. Cloud VMs often
+# name every one of them "AMD EPYC", yet a Zen 5 core has twice a Zen 4's fp32 width.
+_ZEN4_MODELS = (range(0x10, 0x20), range(0x60, 0x80), range(0xA0, 0xB0))
+
+
+def cpu_microarchitecture() -> str | None:
+    """The CPU's core design where the model name may hide it (AMD: "Zen 4", "Zen 5"), else None."""
+    info = _cpuinfo()
+    if info.get("vendor_id") != "AuthenticAMD":
+        return None
+    try:
+        family, model = int(info["cpu family"]), int(info["model"])
+    except (KeyError, ValueError):
+        return None
+    if family == 0x17:
+        return "Zen 2" if model >= 0x30 else "Zen/Zen+"
+    if family == 0x19:
+        return "Zen 4" if any(model in r for r in _ZEN4_MODELS) else "Zen 3"
+    if family == 0x1A:
+        return "Zen 5"
+    return f"AMD family {family} model {model}"
 
 
 @lru_cache(maxsize=1)
@@ -166,18 +190,29 @@ class MachineInfo:
     threads: int  # torch's intra-op threads
     torch: str
     gpu: str | None
+    microarchitecture: str | None = None  # "Zen 5": results of older versions do not say
+
+    @property
+    def cpu_name(self) -> str:
+        return cpu_name(self.to_dict())
 
     def line(self) -> str:
-        """One line for a table header or a log, e.g. ``AMD EPYC, AVX512 (native bf16), 2 cores, 2 threads, ...``."""
+        """One line for a table header or a log, e.g. ``AMD EPYC (Zen 5), AVX512 (native bf16), 2 cores, ...``."""
         bf16 = "native bf16" if self.native_bf16 else "no native bf16"
         gpu = f", GPU {self.gpu}" if self.gpu else ""
         return (
-            f"{self.cpu}, {self.capability} ({bf16}), {self.cores} cores, "
+            f"{self.cpu_name}, {self.capability} ({bf16}), {self.cores} cores, "
             f"{self.threads} threads, torch {self.torch}{gpu}"
         )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def cpu_name(machine: Mapping[str, object]) -> str:
+    """A (stored) machine's CPU with its core design where known, e.g. ``AMD EPYC (Zen 5)``."""
+    core = machine.get("microarchitecture")
+    return f"{machine['cpu']} ({core})" if core else str(machine["cpu"])
 
 
 def machine_info() -> MachineInfo:
@@ -190,4 +225,5 @@ def machine_info() -> MachineInfo:
         threads=torch.get_num_threads(),
         torch=str(torch.__version__),
         gpu=gpu,
+        microarchitecture=cpu_microarchitecture(),
     )

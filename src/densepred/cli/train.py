@@ -32,11 +32,13 @@ def run_summary(result) -> str:
     fit = r.get("budget_fit")
     cut = fit and fit["iterations"] < fit["requested"]
     fitted = f" (of {fit['requested']}, fitted to train.max_minutes={fit['budget_minutes']})" if cut else ""
+    from ..precision import cpu_name
+
     m = r.get("machine", {})
     return (
         f"trained {result.iterations} iterations{fitted} in {result.train_seconds:.0f} s, precision "
-        f"{r.get('amp', '?')}, on {m.get('cpu', '?')} ({m.get('capability', '?')}, "
-        f"{'native' if m.get('native_bf16') else 'no native'} bf16, {m.get('threads', '?')} threads)"
+        f"{r.get('amp', '?')}, on {cpu_name(m) if 'cpu' in m else '?'}, {m.get('capability', '?')}, "
+        f"{'native' if m.get('native_bf16') else 'no native'} bf16, {m.get('threads', '?')} threads"
     )
 
 
