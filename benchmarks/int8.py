@@ -47,7 +47,7 @@ from densepred.config import EvalConfig
 from densepred.evaluation import evaluate
 from densepred.inference import predict_logits
 from densepred.precision import autocast, cpu_name, machine_info, resolve_amp
-from densepred.quantize import int8_options, quantize, training_images
+from densepred.quantize import CALIBRATIONS, DEFAULT_CALIBRATION, int8_options, quantize, training_images
 from densepred.registry import create_model
 
 from .children import AVX2, json_from_child
@@ -238,7 +238,7 @@ def _agreement(fp32: nn.Module, int8: nn.Module, dataset, options: EvalConfig, c
     return same / total
 
 
-def run_accuracy(checkpoint: Path, data_root: Path | None, images: int) -> dict:
+def run_accuracy(checkpoint: Path, data_root: Path | None, images: int, calibrate: str = DEFAULT_CALIBRATION) -> dict:
     """mIoU of the checkpoint at fp32 and at int8 on its val split, and the quantisation's cost."""
     trained = load_trained(checkpoint, "cpu")
     exp = trained.experiment
@@ -248,7 +248,7 @@ def run_accuracy(checkpoint: Path, data_root: Path | None, images: int) -> dict:
     fp32_options = dataclasses.replace(exp.eval, amp="none", backend="eager", max_images=None)
     start = time.perf_counter()
     calibration = training_images(trained, images, experiment=exp)
-    int8 = quantize(trained.model, calibration)
+    int8 = quantize(trained.model, calibration, calibrate=calibrate)
     quantise_s = time.perf_counter() - start
     print(f"accuracy: {checkpoint}: {int8.describe()} in {quantise_s:.0f} s", flush=True)
     fp32_metrics = evaluate(trained.model, val, fp32_options, progress=False)
@@ -336,7 +336,7 @@ def table(results: dict) -> str:
         agree = r[f"argmax_agreement_first_{AGREEMENT_IMAGES}_val"]
         lines.append(
             f"Accuracy, {r['model']} ({r['checkpoint']}), CamVid val ({r['val_images']} images), int8 calibrated on "
-            f"{r['calibration_images']} train images: mIoU fp32 {100 * r['miou_fp32']:.2f}, int8 "
+            f"{r['calibration_images']} train images{_ranges(r)}: mIoU fp32 {100 * r['miou_fp32']:.2f}, int8 "
             f"{100 * r['miou_int8']:.2f}, {r['miou_points_lost']:+.2f} points lost; argmax agreement {100 * agree:.2f}%"
             # 7-bit weights on a CPU without VNNI: the figure holds for that range
             + (f"; weights {r['quantization']['weights']}" if "quantization" in r else "")
@@ -344,11 +344,22 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def forget_measured(results: dict, checkpoint: Path | None, images: int) -> None:
+def _ranges(r: dict) -> str:
+    """ ", percentile ranges": how the activation ranges were taken (results before it was recorded say nothing)."""
+    method = r.get("quantization", {}).get("calibration")
+    return f", {method} ranges" if method else ""
+
+
+def accuracy_key(checkpoint: Path | None, images: int, calibrate: str = DEFAULT_CALIBRATION) -> str:
+    """The accuracy row of a checkpoint calibrated on ``images`` by ``calibrate`` (minmax rows keep their old key)."""
+    return f"{checkpoint}|{images}" + ("" if calibrate == "minmax" else f"|{calibrate}")
+
+
+def forget_measured(results: dict, checkpoint: Path | None, images: int, calibrate: str = DEFAULT_CALIBRATION) -> None:
     """Drop from ``results`` what a run with ``checkpoint`` measures (its accuracy and speed rows,
     the 256x256 rows, the one-layer ceilings), so that it is measured again; another checkpoint's
     rows stay."""
-    results.get("accuracy", {}).pop(f"{checkpoint}|{images}", None)
+    results.get("accuracy", {}).pop(accuracy_key(checkpoint, images, calibrate), None)
     results.pop("ceiling", None)
     results.pop("ceiling_avx2", None)
     measured = [str(checkpoint), *(f"{name} 256x256" for name in SPEED_MODELS_256)]
@@ -364,6 +375,7 @@ def run_int8(
     *,
     checkpoint: Path | None = DEFAULT_CHECKPOINT,
     images: int = 32,
+    calibrate: str = DEFAULT_CALIBRATION,
     rounds: int = 5,
     force: bool = False,
     avx2: bool = True,
@@ -375,14 +387,15 @@ def run_int8(
     if results.get("machine") != info:
         results = {"machine": info, "accuracy": {}}  # a figure holds for the machine it was measured on
     elif force:
-        forget_measured(results, checkpoint, images)
+        forget_measured(results, checkpoint, images, calibrate)
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         out.write_text(json.dumps(results, indent=2))
 
-    if checkpoint is not None and f"{checkpoint}|{images}" not in results["accuracy"]:
-        results["accuracy"][f"{checkpoint}|{images}"] = run_accuracy(checkpoint, data_root, images)
+    key = accuracy_key(checkpoint, images, calibrate)
+    if checkpoint is not None and key not in results["accuracy"]:
+        results["accuracy"][key] = run_accuracy(checkpoint, data_root, images, calibrate)
         save()
     if "ceiling" not in results:
         results["ceiling"] = run_ceiling(rounds)
@@ -412,6 +425,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     parser.add_argument("--no-checkpoint", action="store_true", help="speed of the 256x256 VGG-type nets only")
     parser.add_argument("--images", type=int, default=32, help="calibration images (train split)")
+    parser.add_argument(
+        "--calibrate", choices=CALIBRATIONS, default=DEFAULT_CALIBRATION, help="activation ranges (as --calibrate)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (best kept)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/int8.json"))
     parser.add_argument(
@@ -445,6 +461,7 @@ def main() -> None:
         args.out,
         checkpoint=checkpoint,
         images=args.images,
+        calibrate=args.calibrate,
         rounds=args.rounds,
         force=args.force,
         avx2=not args.no_avx2,

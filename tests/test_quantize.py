@@ -3,16 +3,19 @@ to fp32's, an exported file with the float export's metadata, and the CLI's --in
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from densepred import create_model
+from densepred import quantize as quantize_module
 from densepred.checkpoint import load_checkpoint, save_atomic
 from densepred.cli import main
 from densepred.config import EvalConfig
 from densepred.export import export_onnx, onnx_session, read_metadata
 from densepred.inference import predict_logits
 from densepred.quantize import (
+    DEFAULT_CALIBRATION,
     Quantized,
     calibration_images,
     export_int8_onnx,
@@ -301,6 +304,29 @@ def test_lraspps_gates_run_in_uint8_only_where_onnx_runtime_runs_the_graph():
     assert np.abs(logits[0] - logits[1]).max() <= 0.05 * spread  # what CamVid's mIoU says is the benchmark's
 
 
+def test_calibration_reads_every_image_a_chunk_at_a_time_and_keeps_every_chunks_ranges(slim_deeplab, monkeypatch):
+    images = _noise(6, (64, 64))
+    images[0] = images[0] * 10  # the widest ranges come from the first chunk
+    read = []
+    get_next = quantize_module._Reader.get_next
+    monkeypatch.setattr(quantize_module._Reader, "get_next", lambda self: read.append(1) or get_next(self))
+
+    def scales(chunk: int) -> dict[str, np.ndarray]:
+        monkeypatch.setattr(quantize_module, "CALIBRATION_CHUNK", chunk)
+        read.clear()
+        proto, _ = quantized_onnx(slim_deeplab, images, calibrate="minmax")
+        return {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name.endswith("_scale")}
+
+    whole, chunked = scales(6), scales(2)
+    assert sum(read) == 6 + 3  # each image once, and one empty read closing each of the 3 chunks
+    # Minmax ranges merge exactly: chunks change nothing (ONNX Runtime's own bounded mode kept the last chunk's alone).
+    assert whole.keys() == chunked.keys() and len(whole) > 5
+    assert all(np.array_equal(whole[k], chunked[k]) for k in whole)
+    # The strided calibration needs a chunk that divides the count.
+    monkeypatch.setattr(quantize_module, "CALIBRATION_CHUNK", 4)
+    assert [quantize_module._chunk(n) for n in (1, 2, 6, 31, 32)] == [1, 2, 3, 1, 4]
+
+
 def test_calibration_images_spread_over_the_split():
     dataset = [{"image": torch.full((3, 4, 4), float(i))} for i in range(10)]
     picked = [int(x[0, 0, 0, 0]) for x in calibration_images(dataset, 3)]
@@ -336,7 +362,7 @@ def test_cli_export_int8_writes_an_int8_onnx_file(checkpoint, capsys):
     written = checkpoint.with_name(checkpoint.stem + ".int8.onnx")
     assert str(written) in capsys.readouterr().out
     assert read_metadata(written)["quantization"]["calibration_images"] == 2
-    assert read_metadata(written)["quantization"]["calibration"] == "minmax"
+    assert read_metadata(written)["quantization"]["calibration"] == DEFAULT_CALIBRATION == "minmax"
     again = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--int8", "2", "--calibrate", "percentile"]
     assert main(again) == 0
     assert read_metadata(written)["quantization"]["calibration"] == "percentile"

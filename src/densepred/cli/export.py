@@ -43,14 +43,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _export_int8(args: argparse.Namespace, opset: int) -> Path:
     """``--int8 N``: the model calibrated on N training images of its recipe, as an int8 ONNX file."""
     from ..export import default_export_path
-    from ..quantize import export_int8_onnx, training_images
+    from ..quantize import DEFAULT_CALIBRATION, export_int8_onnx, training_images
 
     out = Path(args.out) if args.out else default_export_path(args.checkpoint, "onnx").with_suffix(".int8.onnx")
     if out.resolve() == Path(args.checkpoint).resolve():
         raise ValueError(f"the output {out} would overwrite the checkpoint; choose another file name")
     trained = load_source(args, "cpu")
     images = training_images(trained, args.int8, root=args.calibration_data)
-    written = export_int8_onnx(trained, out, images, opset=opset, calibrate=args.calibrate or "minmax")
+    written = export_int8_onnx(trained, out, images, opset=opset, calibrate=args.calibrate or DEFAULT_CALIBRATION)
     print(f"int8: calibrated on {len(images)} images of {trained.experiment.data.dataset}'s training split")
     return written
 

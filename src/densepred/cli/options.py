@@ -165,8 +165,8 @@ def add_int8_options(parser: argparse.ArgumentParser) -> None:
         "--calibrate",
         choices=CALIBRATIONS,
         help="with --int8: how activation ranges come from the images: minmax (the default) the extremes "
-        "seen, percentile clips at the 99.999th, entropy minimises the KL divergence; these two hold every "
-        "image's intermediate tensors in memory at once (32 SegNet frames of 360x480 took over 24 GiB)",
+        "seen, percentile clips at the 99.999th (it lost fewer mIoU points on CamVid's trained models), "
+        "entropy minimises the KL divergence",
     )
 
 
