@@ -64,8 +64,8 @@ def cpu_model() -> str:
     return info.get("model name") or info.get("Model") or platform.processor() or platform.machine() or "unknown CPU"
 
 
-# AMD's x86 family -> (model ranges, core) for the families that hold two cores. Cloud VMs often
-# name every one of them "AMD EPYC", yet a Zen 5 core has twice a Zen 4's fp32 width.
+# Family 0x19's Zen 4 models (its others are Zen 3). Cloud VMs often name every AMD server CPU
+# "AMD EPYC", yet a Zen 5 core has twice a Zen 4's fp32 width.
 _ZEN4_MODELS = (range(0x10, 0x20), range(0x60, 0x80), range(0xA0, 0xB0))
 
 

@@ -562,7 +562,9 @@ class _Reader:
     range at a time (:data:`CALIBRATION_CHUNK`)."""
 
     def __init__(self, images: Sequence[Tensor]) -> None:
-        self._images, self._next, self._end = images, 0, len(images)
+        from .export import INPUT_NAME
+
+        self._input, self._images, self._next, self._end = INPUT_NAME, images, 0, len(images)
 
     def __len__(self) -> int:
         return len(self._images)
@@ -571,13 +573,11 @@ class _Reader:
         self._next, self._end = start_index, min(end_index, len(self._images))
 
     def get_next(self) -> dict | None:
-        from .export import INPUT_NAME
-
         if self._next >= self._end:
             return None
         x = self._images[self._next]
         self._next += 1
-        return {INPUT_NAME: (x if x.dim() == 4 else x[None]).float().cpu().numpy()}
+        return {self._input: (x if x.dim() == 4 else x[None]).float().cpu().numpy()}
 
 
 # ONNX Runtime's calibrators hold every image's intermediate tensors until they compute ranges

@@ -28,12 +28,12 @@ def _cmd_configs(args: argparse.Namespace) -> int:
 
 def run_summary(result) -> str:
     """Iterations, time, precision and the machine: a figure holds for the CPU it was taken on."""
+    from ..precision import cpu_name
+
     r = result.resolved
     fit = r.get("budget_fit")
     cut = fit and fit["iterations"] < fit["requested"]
     fitted = f" (of {fit['requested']}, fitted to train.max_minutes={fit['budget_minutes']})" if cut else ""
-    from ..precision import cpu_name
-
     m = r.get("machine", {})
     return (
         f"trained {result.iterations} iterations{fitted} in {result.train_seconds:.0f} s, precision "
