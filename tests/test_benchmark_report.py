@@ -255,7 +255,7 @@ def test_int8_force_measures_again_only_what_the_run_measures() -> None:
         "speed": {"rows": dict(rows)},
         "speed_1_thread": {"rows": dict(rows)},
     }
-    forget_measured(results, mine, 32)
+    forget_measured(results, mine, 32, "minmax")
     kept = {f"{other}|32", f"{mine}|8", f"{mine}|32|percentile"}  # another calibration's row is another row
     assert set(results["accuracy"]) == kept and not {"ceiling", "ceiling_avx2"} & set(results)
     assert set(results["speed"]["rows"]) == set(results["speed_1_thread"]["rows"]) == {other}

@@ -14,6 +14,7 @@ from densepred.cli import main
 from densepred.config import EvalConfig
 from densepred.export import export_onnx, onnx_session, read_metadata
 from densepred.inference import predict_logits
+from densepred.models.base import SegmentationModel
 from densepred.quantize import (
     DEFAULT_CALIBRATION,
     Quantized,
@@ -362,10 +363,41 @@ def test_cli_export_int8_writes_an_int8_onnx_file(checkpoint, capsys):
     written = checkpoint.with_name(checkpoint.stem + ".int8.onnx")
     assert str(written) in capsys.readouterr().out
     assert read_metadata(written)["quantization"]["calibration_images"] == 2
-    assert read_metadata(written)["quantization"]["calibration"] == DEFAULT_CALIBRATION == "minmax"
-    again = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--int8", "2", "--calibrate", "percentile"]
+    assert read_metadata(written)["quantization"]["calibration"] == DEFAULT_CALIBRATION == "percentile"
+    again = ["export", "--checkpoint", str(checkpoint), "--format", "onnx", "--int8", "2", "--calibrate", "minmax"]
     assert main(again) == 0
-    assert read_metadata(written)["quantization"]["calibration"] == "percentile"
+    assert read_metadata(written)["quantization"]["calibration"] == "minmax"
+
+
+class _Saturated(SegmentationModel):
+    """A convolution whose output is 1 within a few float32 steps, as a saturated gate's: too narrow
+    a range for a histogram of 2,048 bins."""
+
+    in_channels, num_classes = 3, CLASSES
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = torch.nn.Conv2d(3, 4, 1)
+        self.classifier = torch.nn.Conv2d(4, CLASSES, 1)
+        with torch.no_grad():
+            self.gate.weight.fill_(1e-8)
+            self.gate.bias.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.relu(self.gate(x)))
+
+
+def test_histogram_ranges_fall_back_to_minmax_on_a_near_constant_tensor_and_say_so():
+    model, images = _Saturated().eval(), _noise(2, (16, 16))
+    with pytest.raises(ValueError, match="bins"):
+        np.histogram(np.abs(model.gate(images[0]).detach().numpy()), bins=2048)  # what ONNX Runtime's calibrator does
+    int8 = quantize(model, images)  # the default, percentile
+    assert int8.details["calibration"] == "minmax"
+    assert "percentile's histograms failed" in int8.details["calibration_fallback"]
+    assert "minmax ranges from 2 images (percentile's histograms failed" in int8.describe()
+    assert int8(images[0]).shape == (1, CLASSES, 16, 16)
+    _, details = quantized_onnx(slim(create_model("deeplab_v1_largefov", num_classes=CLASSES)).eval(), images[:1])
+    assert details["calibration"] == "percentile" and details["calibration_fallback"] is None
 
 
 def test_cli_int8_usage_errors_name_the_option(checkpoint, tmp_path, capsys):

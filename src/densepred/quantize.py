@@ -94,10 +94,12 @@ DEFAULT_CALIBRATION_IMAGES = 32
 # extremes seen; percentile clips at the 99.999th; entropy minimises the KL divergence (TensorRT's).
 CALIBRATIONS = ("minmax", "percentile", "entropy")
 # Percentile lost fewer mIoU points than minmax on every trained model measured (CamVid val,
-# LR-ASPP: 0.49 against 0.94 and 0.35 against 0.49; SegNet gained 1.61 against 1.18), but ONNX
+# LR-ASPP: 0.49 against 0.94 and 0.35 against 0.49; SegNet gained 1.61 against 1.18). ONNX
 # Runtime's histograms fail on a tensor of near-constant values ("Too many bins for data range",
-# e.g. a random-weight LR-ASPP's gates): minmax, which always works, stays the default.
-DEFAULT_CALIBRATION = "minmax"
+# e.g. a random-weight LR-ASPP's saturated gates): such a calibration falls back to minmax, which
+# always works, and says so (``details["calibration_fallback"]``).
+DEFAULT_CALIBRATION = "percentile"
+_HISTOGRAMS = ("percentile", "entropy")
 RUNTIME = "onnxruntime"
 # Ops past which a logit is no longer a linear function of the features before it; the float
 # head ends there. Shape is here because a size carries no rounding error.
@@ -131,7 +133,9 @@ class Quantized(Accelerated):
         gates = len(d["uint8_hardsigmoids"])
         return (
             f"int8 on {d['runtime']} {d['runtime_version']} ({d['format']}, per-channel int8 weights, "
-            f"uint8 activations, {d['calibration']} ranges from {d['calibration_images']} images; "
+            f"uint8 activations, {d['calibration']} ranges from {d['calibration_images']} images"
+            + (f" ({d['calibration_fallback']})" if d.get("calibration_fallback") else "")
+            + "; "
             f"{len(d['float_nodes'])} nodes kept float"
             + (f", {integer} of them convolutions with int8 products and float outputs" if integer else "")
             + (f"; {gates} hard-sigmoid gates requantised in uint8" if gates else "")
@@ -629,21 +633,33 @@ def quantized_onnx(
             node.name = node.name or f"{node.op_type}_{i}"  # exclusion goes by node name
         onnx.save(prepared, folder / "prepared.onnx")
         kept = _float_nodes(prepared.graph)
-        # Its histogram calibrators print their progress: the CLI's output stays ours.
-        with contextlib.redirect_stdout(io.StringIO()):
-            quantize_static(
-                folder / "prepared.onnx",
-                folder / "int8.onnx",
-                _Reader(images),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                reduce_range=reduce_range,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=kept,
-                calibrate_method=getattr(CalibrationMethod, methods[calibrate]),
-                extra_options={"CalibStridedMinMax": _chunk(len(images))},
-            )
+
+        def quantise(method: str) -> None:
+            # Its histogram calibrators print their progress: the CLI's output stays ours.
+            with contextlib.redirect_stdout(io.StringIO()):
+                quantize_static(
+                    folder / "prepared.onnx",
+                    folder / "int8.onnx",
+                    _Reader(images),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    reduce_range=reduce_range,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=kept,
+                    calibrate_method=getattr(CalibrationMethod, methods[method]),
+                    extra_options={"CalibStridedMinMax": _chunk(len(images))},
+                )
+
+        fallback = None
+        try:
+            quantise(calibrate)
+        except ValueError as exc:  # numpy's histogram of a near-constant tensor
+            if calibrate not in _HISTOGRAMS or "bins" not in str(exc):
+                raise
+            fallback = f"{calibrate}'s histograms failed ({exc}): minmax ranges instead"
+            calibrate = "minmax"
+            quantise(calibrate)
         proto = onnx.load(folder / "int8.onnx")
     _pool_quantized_values(proto.graph)
     integer: list[str] = []
@@ -660,6 +676,7 @@ def quantized_onnx(
         "weights": "int8, symmetric, per output channel" + (" (7-bit range: no VNNI)" if reduce_range else ""),
         "activations": "uint8, asymmetric, per tensor",
         "calibration": calibrate,
+        "calibration_fallback": fallback,
         "calibration_images": len(images),
         "calibration_sizes": sorted({tuple(x.shape[-2:]) for x in images}),
         "float_nodes": kept,
