@@ -70,6 +70,13 @@ def test_the_quantised_module_gives_float_logits_of_the_models_shape(slim_deepla
     assert "int8 on onnxruntime" in quantized.describe()
 
 
+def test_without_vnni_the_description_says_int8_may_be_no_faster(slim_deeplab, quantized):
+    details = dict(quantized.details, weights="int8, symmetric, per output channel (7-bit range: no VNNI)")
+    assert "no VNNI: int8 may run no faster than float32" in Quantized(slim_deeplab, None, details).describe()
+    details["weights"] = "int8, symmetric, per output channel"
+    assert "VNNI" not in Quantized(slim_deeplab, None, details).describe()
+
+
 def test_int8_argmax_agrees_with_fp32_on_most_pixels(slim_deeplab, quantized):
     x = _noise(2, (80, 96), seed=2)
     with torch.inference_mode():
