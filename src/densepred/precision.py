@@ -38,8 +38,10 @@ Amp = Literal["auto", "none", "bf16", "fp16"]
 _BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
 
 
+@lru_cache(maxsize=1)
 def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    """The first processor's fields of /proc/cpuinfo (empty where there is none), read once: the
+    model, flags and core design of one process's CPU do not change."""
     try:
         text = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
     except OSError:

@@ -101,6 +101,8 @@ CALIBRATIONS = ("minmax", "percentile", "entropy")
 DEFAULT_CALIBRATION = "percentile"
 _HISTOGRAMS = ("percentile", "entropy")
 RUNTIME = "onnxruntime"
+# Weights take 7 bits where x86 lacks VNNI (_reduce_range); the description then warns of the speed.
+_SEVEN_BIT = " (7-bit range: no VNNI)"
 NO_VNNI = "; this CPU has no VNNI: int8 may run no faster than float32 here (python -m benchmarks.int8 measures it)"
 # Ops past which a logit is no longer a linear function of the features before it; the float
 # head ends there. Shape is here because a size carries no rounding error.
@@ -132,18 +134,17 @@ class Quantized(Accelerated):
         d = self.details
         integer = len(d["int8_products_float_outputs"])
         gates = len(d["uint8_hardsigmoids"])
+        fallback = f" ({d['calibration_fallback']})" if d.get("calibration_fallback") else ""
         return (
             f"int8 on {d['runtime']} {d['runtime_version']} ({d['format']}, per-channel int8 weights, "
-            f"uint8 activations, {d['calibration']} ranges from {d['calibration_images']} images"
-            + (f" ({d['calibration_fallback']})" if d.get("calibration_fallback") else "")
-            + "; "
+            f"uint8 activations, {d['calibration']} ranges from {d['calibration_images']} images{fallback}; "
             f"{len(d['float_nodes'])} nodes kept float"
             + (f", {integer} of them convolutions with int8 products and float outputs" if integer else "")
             + (f"; {gates} hard-sigmoid gates requantised in uint8" if gates else "")
             + ")"
             # Without VNNI every 32 int8 products take two integer multiply-adds: a Zen 2 core,
             # with one integer multiply pipe against two FMAs, ran a dense layer at 0.92x float32.
-            + (NO_VNNI if "no VNNI" in d["weights"] else "")
+            + (NO_VNNI if d["weights"].endswith(_SEVEN_BIT) else "")
         )
 
 
@@ -655,15 +656,14 @@ def quantized_onnx(
                     extra_options={"CalibStridedMinMax": _chunk(len(images))},
                 )
 
-        fallback = None
+        method, fallback = calibrate, None
         try:
-            quantise(calibrate)
+            quantise(method)
         except ValueError as exc:  # numpy's histogram of a near-constant tensor
-            if calibrate not in _HISTOGRAMS or "bins" not in str(exc):
+            if method not in _HISTOGRAMS or "bins" not in str(exc):
                 raise
-            fallback = f"{calibrate}'s histograms failed ({exc}): minmax ranges instead"
-            calibrate = "minmax"
-            quantise(calibrate)
+            method, fallback = "minmax", f"{calibrate}'s histograms failed ({exc}): minmax ranges instead"
+            quantise(method)
         proto = onnx.load(folder / "int8.onnx")
     _pool_quantized_values(proto.graph)
     integer: list[str] = []
@@ -677,9 +677,9 @@ def quantized_onnx(
         "runtime": RUNTIME,
         "runtime_version": onnxruntime.__version__,
         "format": "QDQ",
-        "weights": "int8, symmetric, per output channel" + (" (7-bit range: no VNNI)" if reduce_range else ""),
+        "weights": "int8, symmetric, per output channel" + (_SEVEN_BIT if reduce_range else ""),
         "activations": "uint8, asymmetric, per tensor",
-        "calibration": calibrate,
+        "calibration": method,
         "calibration_fallback": fallback,
         "calibration_images": len(images),
         "calibration_sizes": sorted({tuple(x.shape[-2:]) for x in images}),
