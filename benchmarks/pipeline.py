@@ -12,9 +12,9 @@ the inference backend ``predict`` would choose.
 
 1. Per stage, for each inference mode: decode (``read_image``), normalise, the network
    (``predict_logits`` with the mode's options), softmax (only where the CRF needs it), the
-   CRF, argmax, and writing the index PNG and the overlay. Each the median of ``--repeats``
-   after a warm-up.
-2. ``predict`` end to end (``predict_files`` on the frame: read, network, argmax, both PNGs),
+   CRF, argmax, and writing the index PNG and the overlay (``--overlay``: JPEG, as ``predict``
+   writes by default, or PNG). Each the median of ``--repeats`` after a warm-up.
+2. ``predict`` end to end (``predict_files`` on the frame: read, network, argmax, both files),
    against the forward pass alone on the same normalised tensor: the ratio is what the
    pipeline adds to the network (target <= 1.15). Then ``predict`` on a folder of ``--frames``
    consecutive frames, per frame.
@@ -47,7 +47,7 @@ from densepred.data.labels import IGNORE_INDEX, bitwise_palette
 from densepred.inference import predict_logits, tile_starts
 from densepred.metrics import class_map
 from densepred.precision import MachineInfo, machine_info
-from densepred.prediction import Predictor, image_size_of, predict_files, save_index_png, save_overlay_png
+from densepred.prediction import OVERLAY_FORMATS, Predictor, image_size_of, predict_files, save_index_png, save_overlay
 from densepred.registry import create_model
 
 MODES: dict[str, EvalConfig] = {
@@ -77,23 +77,25 @@ def random_trained(name: str, classes: int = 11) -> Trained:
     return Trained(model, experiment, classes, names, bitwise_palette(classes), 3, IGNORE_INDEX, "imagenet", 0)
 
 
-def _png_writer(
-    trained: Trained, image: np.ndarray, labels: np.ndarray, out: Path, *, overlay: bool = True
+def _file_writer(
+    trained: Trained, image: np.ndarray, labels: np.ndarray, out: Path, overlay: str
 ) -> Callable[[], None]:
-    """Writes the two PNGs predict writes for a frame (the mask alone without ``overlay``), to
-    new files each call (see end_to_end)."""
+    """Writes the files predict writes for a frame: the index PNG and the ``overlay`` ("jpg",
+    "png" or "none"), to new files each call (see end_to_end)."""
     folder, names = Path(tempfile.mkdtemp(dir=out)), itertools.count()
 
     def write() -> None:
         k = next(names)
         save_index_png(labels, trained.palette, folder / f"mask{k}.png")
-        if overlay:
-            save_overlay_png(image, labels, trained.palette, folder / f"overlay{k}.png")
+        if overlay != "none":
+            save_overlay(image, labels, trained.palette, folder / f"overlay{k}.{overlay}")
 
     return write
 
 
-def stages(predictor: Predictor, file: Path, options: EvalConfig, out: Path, repeats: int) -> dict[str, float]:
+def stages(
+    predictor: Predictor, file: Path, options: EvalConfig, out: Path, repeats: int, overlay: str
+) -> dict[str, float]:
     """Seconds per stage of one image through ``predictor`` with inference ``options``."""
     trained = predictor.trained
     norm = normalization_for(trained.normalization, trained.in_channels)
@@ -109,13 +111,13 @@ def stages(predictor: Predictor, file: Path, options: EvalConfig, out: Path, rep
             row["argmax"], labels = _median(lambda: refined.argmax(0).astype(np.uint8), repeats)
         else:
             row["argmax"], labels = _median(lambda: class_map(logits)[0].numpy(), repeats)
-    row["write PNGs"], _ = _median(_png_writer(trained, image, labels, out), repeats)
+    row["write files"], _ = _median(_file_writer(trained, image, labels, out, overlay), repeats)
     return row
 
 
-def end_to_end(predictor: Predictor, frames: list[Path], out: Path, repeats: int) -> dict[str, float]:
+def end_to_end(predictor: Predictor, frames: list[Path], out: Path, repeats: int, overlay: str) -> dict[str, float]:
     """``predict_files`` on the first frame, and on all ``frames`` per frame, against the forward
-    pass alone (medians, seconds)."""
+    pass alone (medians, seconds), writing ``overlay`` files as ``predict --overlay`` does."""
     trained = predictor.trained
     norm = normalization_for(trained.normalization, trained.in_channels)
     decode, image = _median(lambda: read_image(frames[0], channels=trained.in_channels), repeats)
@@ -123,18 +125,21 @@ def end_to_end(predictor: Predictor, frames: list[Path], out: Path, repeats: int
     with torch.inference_mode():
         forward, _ = _median(lambda: predictor.model(x), repeats)
     labels = predictor.labels(image)
-    encode, _ = _median(_png_writer(trained, image, labels, out), repeats)
-    mask, _ = _median(_png_writer(trained, image, labels, out, overlay=False), repeats)
+    encode, _ = _median(_file_writer(trained, image, labels, out, overlay), repeats)
+    mask, _ = _median(_file_writer(trained, image, labels, out, "none"), repeats)
     # A fresh folder per run, as predict writes new files: rewriting a file in place makes ext4
     # flush it on close (auto_da_alloc), ~30 ms a file here, which a first run never pays.
     folders = (out / f"run{k}" for k in itertools.count())
-    total, _ = _median(lambda: predict_files(predictor, [str(frames[0])], next(folders), progress=False), repeats)
-    names = [str(f) for f in frames]
-    folder, _ = _median(lambda: predict_files(predictor, names, next(folders), progress=False), max(1, repeats // 2))
+
+    def run(names: list[str]) -> object:
+        return predict_files(predictor, names, next(folders), progress=False, overlay=overlay)
+
+    total, _ = _median(lambda: run([str(frames[0])]), repeats)
+    folder, _ = _median(lambda: run([str(f) for f in frames]), max(1, repeats // 2))
     per_frame = folder / len(frames)
     return {
         "forward": forward,
-        # Reading the file and writing both PNGs, which no backend speeds up: over 15% of the
+        # Reading the file and writing its mask and overlay, which no backend speeds up: over 15% of the
         # forward, predict cannot come within 1.15x of it on one frame. Reading it and writing the
         # mask alone is the floor of any predict.
         "file_io": decode + encode,
@@ -186,12 +191,14 @@ def camvid_frames(data_root: Path | None, folder: Path, count: int) -> tuple[lis
 
 def table(results: dict) -> str:
     """The benchmark's tables in Markdown, from its results."""
+    # Results from before predict wrote JPEG overlays by default hold no "overlay": theirs were PNGs.
+    written = {"jpg": "mask PNG + overlay JPEG", "png": "both PNGs", "none": "mask PNG"}[results.get("overlay", "png")]
     lines = [
         f"Machine: {MachineInfo(**results['machine']).line()}. Frame: {results['frame']}. Seconds, median of "
         f"{results['repeats']} after a warm-up; the backend is the one `predict` chose.",
         "",
-        "| model | backend | forward alone | file I/O alone: reading + both PNGs (% of forward; reading + mask PNG) "
-        "| predict, one frame (file to both PNGs) "
+        f"| model | backend | forward alone | file I/O alone: reading + {written} (% of forward; reading + mask PNG) "
+        f"| predict, one frame (file to {written}) "
         "| ratio | predict, per frame of a folder | ratio |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -236,10 +243,12 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="eval.backend: auto (what predict uses) or one backend")
     parser.add_argument("--amp", default="auto", help="eval.amp: auto (what predict uses), none, bf16")
     parser.add_argument("--modes", action="store_true", help="also the per-stage table of every inference mode")
+    parser.add_argument("--overlay", choices=OVERLAY_FORMATS, default="jpg", help="as predict --overlay")
     parser.add_argument("--json", type=Path, default=Path("runs/bench/pipeline.json"))
     args = parser.parse_args()
     retain_freed_memory()  # as `densepred predict` runs
-    results: dict = {"machine": dataclasses.asdict(machine_info()), "repeats": args.repeats, "models": {}}
+    results: dict = {"machine": dataclasses.asdict(machine_info()), "repeats": args.repeats, "overlay": args.overlay}
+    results["models"] = {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         frames, what = camvid_frames(args.data_root if args.data_root.is_dir() else None, out, args.frames)
@@ -250,10 +259,13 @@ def main() -> None:
             trained = load_trained(source) if isinstance(source, Path) else random_trained(source)
             options = EvalConfig(backend=args.backend, amp=args.amp)
             predictor = Predictor(trained, options=options, image_size=image_size_of(frame))  # as predict does
-            row = {"backend": predictor.backend.backend, **end_to_end(predictor, frames, out, args.repeats)}
+            timings = end_to_end(predictor, frames, out, args.repeats, args.overlay)
+            row = {"backend": predictor.backend.backend, **timings}
             row["slide"] = slide_cost(predictor, frame, 321, args.repeats)
             if args.modes:
-                row["modes"] = {name: stages(predictor, frame, o, out, args.repeats) for name, o in MODES.items()}
+                row["modes"] = {
+                    name: stages(predictor, frame, o, out, args.repeats, args.overlay) for name, o in MODES.items()
+                }
             results["models"][trained.experiment.model.name] = row
             print(
                 f"{trained.experiment.model.name}: predict / forward {row['ratio']:.3f} (one frame), "

@@ -431,9 +431,11 @@ NOTES = {
     "lines): the accuracy cost is measured on weak models.",
     "pipeline": "Random weights of each model, 11 classes, through `Predictor` with `backend=auto`. "
     "`predict` is `predict_files` on one CamVid val frame: read the PNG, normalise, the network, class "
-    "ids, the index PNG and the overlay PNG, into a new folder each run; then on a folder of consecutive "
-    "frames, per frame. Beside a forward of a few tens of milliseconds (LR-ASPP), reading the frame and "
-    "writing both PNGs still show; beside a forward of a second they do not. Where reading the frame and "
+    "ids, the index PNG and the overlay, into a new folder each run; then on a folder of consecutive "
+    "frames, per frame. The overlay is the JPEG `predict` writes by default where the table's header "
+    "says so, a PNG in blocks measured before that default. Beside a forward of a few tens of "
+    "milliseconds (LR-ASPP), reading the frame and writing its files still show; beside a forward of a "
+    "second they do not. Where reading the frame and "
     "writing its mask alone (decoding the PNG, which OpenCV does no faster than PIL here, and the 8-bit "
     "index PNG) take over 15% of the forward, no `predict` comes within 1.15x of it. "
     "A forward that short also varies by up to a third from run to run here, and its ratio with it.",

@@ -276,6 +276,9 @@ def test_the_pipeline_table_shows_what_reading_the_frame_and_writing_its_mask_co
     assert "| 0.013 (65%; reading + mask 20%) |" in line and "1.700x" in line
     old = next(s for s in table({**results, "models": {"m": row}}).splitlines() if "| m |" in s)
     assert "| 0.013 (65%) |" in old
+    # The header names the files predict wrote: both PNGs in results from before the JPEG overlay.
+    assert "reading + both PNGs" in table({**results, "models": {"m": row}})
+    assert "reading + mask PNG + overlay JPEG" in table({**results, "overlay": "jpg", "models": {"m": row}})
 
 
 def test_the_train_layout_table_gives_each_recipe_its_speed_up_and_setting() -> None:

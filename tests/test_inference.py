@@ -181,7 +181,27 @@ def test_predict_command_writes_masks_overlays_and_probabilities(checkpoint, tmp
     assert len(probs) == 6 and probs[0].name == "00_background.png"
     total = sum(np.asarray(Image.open(p), dtype=np.float64) for p in probs)
     assert np.abs(total - 255).max() <= 6  # per-pixel probabilities sum to 1 (8-bit rounding)
-    assert (out / "img0_overlay.png").is_file()
+    assert (out / "img0_overlay.jpg").is_file() and not list(out.glob("*_overlay.png"))  # JPEG by default
+
+
+@pytest.mark.parametrize("overlay", ["png", "none"])
+def test_predict_command_writes_the_overlay_format_asked_for_or_none(checkpoint, tmp_path, capsys, overlay):
+    from densepred.cli import main
+
+    images = _images(tmp_path / "in", n=2)
+    out = tmp_path / "out"
+    args = ["predict", "--checkpoint", str(checkpoint), str(images), "--out", str(out), "--no-progress"]
+    assert main([*args, "--overlay", overlay]) == 0
+    assert sorted(p.name for p in out.iterdir()) == (
+        ["img0.png", "img0_overlay.png", "img1.png", "img1_overlay.png"]
+        if overlay == "png"
+        else ["img0.png", "img1.png"]
+    )
+    said = capsys.readouterr().out
+    assert ("PNG overlays" in said) == (overlay == "png") and "wrote 2 masks" in said
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main([*args, "--overlay", "gif"])
+    assert "invalid choice: 'gif'" in capsys.readouterr().err
 
 
 def test_predict_chooses_the_backend_at_its_first_images_size(checkpoint, tmp_path, monkeypatch):

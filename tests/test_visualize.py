@@ -244,13 +244,14 @@ def test_vgg16_classifier_weights_mapping(tmp_path):
         load_vgg16_classifier(backbone_only)
 
 
-def test_colorize_and_the_overlay_png_keep_each_class_colour(tmp_path):
+def test_colorize_and_the_overlay_files_keep_each_class_colour(tmp_path):
     """Class ids of any integer dtype map to their palette colour, 255 (ignore) to the ignore
-    colour, out-of-range ids to the nearest table end; the overlay PNG decodes to the blend."""
+    colour, out-of-range ids to the nearest table end; the overlay PNG decodes to the blend, the
+    JPEG to within JPEG's loss, and any other suffix is refused."""
     import cv2
 
     from densepred.data.labels import IGNORE_INDEX, colorize
-    from densepred.prediction import overlay, save_overlay_png
+    from densepred.prediction import overlay, save_overlay
 
     palette = [(10, 20, 30), (200, 100, 50), (0, 255, 0)]
     mask = np.array([[0, 1, 2], [IGNORE_INDEX, 1, 0]], dtype=np.uint8)
@@ -260,7 +261,18 @@ def test_colorize_and_the_overlay_png_keep_each_class_colour(tmp_path):
     np.testing.assert_array_equal(colorize(mask.astype(np.int64), palette), expected)
     np.testing.assert_array_equal(colorize(np.array([[-3, 300]]), palette)[0, 0], palette[0])  # clipped to 0
     image = np.random.default_rng(0).integers(0, 256, (2, 3, 3), dtype=np.uint8)
-    written = cv2.cvtColor(
-        cv2.imread(str(save_overlay_png(image, mask, palette, tmp_path / "o.png"))), cv2.COLOR_BGR2RGB
-    )
-    np.testing.assert_array_equal(written, overlay(image, mask, palette))  # PNG is lossless
+
+    def written(name: str) -> np.ndarray:
+        return cv2.cvtColor(cv2.imread(str(save_overlay(image, mask, palette, tmp_path / name))), cv2.COLOR_BGR2RGB)
+
+    np.testing.assert_array_equal(written("o.png"), overlay(image, mask, palette))  # PNG is lossless
+    # A larger frame for JPEG, whose loss is per 8x8 block: class regions over a smooth photo.
+    rng = np.random.default_rng(1)
+    image = cv2.resize(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8), (64, 48), interpolation=cv2.INTER_LINEAR)
+    mask = np.repeat(np.repeat(rng.integers(0, 3, (3, 4), dtype=np.uint8), 16, 0), 16, 1)
+    blend = overlay(image, mask, palette).astype(int)
+    error = np.abs(written("o.jpg").astype(int) - blend)
+    assert error.mean() < 3 and np.percentile(error, 99) < 24, (error.mean(), error.max())
+    assert (written("o.JPEG") == written("o.jpg")).all()
+    with pytest.raises(ValueError, match=r"o\.gif: an overlay is written as \.jpg, \.jpeg or \.png"):
+        save_overlay(image, mask, palette, tmp_path / "o.gif")

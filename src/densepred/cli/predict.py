@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..prediction import OVERLAY_FORMATS
 from .options import (
     add_inference_options,
     add_int8_options,
@@ -43,8 +44,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         probabilities=args.probs,
         progress=not args.no_progress,
         fail_fast=args.fail_fast,
+        overlay=args.overlay,
     )
-    print(f"wrote {len(written)} masks (+ overlays{' and probability maps' if args.probs else ''}) to {args.out}")
+    extras = [f"{args.overlay.upper()} overlays"] * (args.overlay != "none") + ["probability maps"] * args.probs
+    also = f" (+ {' and '.join(extras)})" if extras else ""
+    print(f"wrote {len(written)} masks{also} to {args.out}")
     for path, reason in failed:  # the reader's errors name the file; others get it in front
         named = reason if str(path) in reason else f"{path}: {reason}"
         print(f"densepred predict: error: {named}", file=sys.stderr)
@@ -60,6 +64,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="image files, folders, or glob patterns ('photos/*.jpg')")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--probs", action="store_true", help="also write one probability map per class")
+    p.add_argument(
+        "--overlay",
+        choices=OVERLAY_FORMATS,
+        default="jpg",
+        help="NAME_overlay.jpg (default: 1 ms a frame), .png (lossless, 4-10 ms), or none; the mask is always a PNG",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first input that cannot be read")
