@@ -25,15 +25,13 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from densepred.crf import PRESETS, dense_crf
-from densepred.precision import cpu_flags, machine_info
+from densepred.precision import cpu_flags, machine_info, torch_threads
 
 # Environment variables that cap the instruction set of PyTorch's own kernels, of FBGEMM (its
 # embedding_bag, which the CRF's filters run on) and of oneDNN: all three make an AVX-512 CPU
@@ -87,21 +85,10 @@ def best_of_alternating(runs: list, rounds: int) -> tuple[list, list[float], lis
     return results, wall, cpu
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """One thread, as pydensecrf runs; the previous count is restored."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def measure(rounds: int = 7) -> dict:
     """The benchmark's figures as a results entry: ours and pydensecrf in alternation on the
     synthetic input, one thread, best of ``rounds``; the kernels PyTorch ran and any overrides."""
-    with one_thread():
+    with torch_threads(1):
         params = PRESETS["deeplab_v2"]
         image, probs = make_input()
         runs = [lambda: dense_crf(image, probs, params)]
@@ -172,7 +159,7 @@ def main() -> None:
         return
     if args.save:
         entry = measure(args.rounds)
-        with one_thread():  # the machine as the CRF ran on it: one thread, as pydensecrf runs
+        with torch_threads(1):  # the machine as the CRF ran on it: one thread, as pydensecrf runs
             info, line = machine_info().to_dict(), machine()
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps({"machine": info, "crf": entry}, indent=1))

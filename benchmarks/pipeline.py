@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -38,6 +39,7 @@ import torch
 from PIL import Image
 
 from densepred.allocator import retain_freed_memory
+from densepred.backends import torch_beside
 from densepred.build import normalization_for
 from densepred.checkpoint import Trained, load_trained
 from densepred.config import EvalConfig, Experiment
@@ -102,15 +104,19 @@ def stages(
     row: dict[str, float] = {}
     row["decode"], image = _median(lambda: read_image(file, channels=3), repeats)
     row["normalise"], x = _median(lambda: norm(image)[None], repeats)
+    beside = functools.partial(torch_beside, predictor.model)  # torch's threads as Predictor sets them
     with torch.inference_mode():
-        row["network"], logits = _median(lambda: predict_logits(predictor.model, x, options), repeats)
+        with beside():
+            row["network"], logits = _median(lambda: predict_logits(predictor.model, x, options), repeats)
         if options.crf:
             params = crf_params(options.crf, options.crf_params)
-            row["softmax"], probs = _median(lambda: torch.softmax(logits, 1)[0].numpy(), repeats)
+            with beside():
+                row["softmax"], probs = _median(lambda: torch.softmax(logits, 1)[0].numpy(), repeats)
             row["CRF"], refined = _median(lambda: dense_crf_any_channels(image, probs, params), repeats)
             row["argmax"], labels = _median(lambda: refined.argmax(0).astype(np.uint8), repeats)
         else:
-            row["argmax"], labels = _median(lambda: class_map(logits)[0].numpy(), repeats)
+            with beside():
+                row["argmax"], labels = _median(lambda: class_map(logits)[0].numpy(), repeats)
     row["write files"], _ = _median(_file_writer(trained, image, labels, out, overlay), repeats)
     return row
 
@@ -164,7 +170,7 @@ def slide_cost(predictor: Predictor, file: Path, tile: int, repeats: int) -> dic
     count = len(tile_starts(h, th, math.ceil(th * (1 - options.overlap)))) * len(
         tile_starts(w, tw, math.ceil(tw * (1 - options.overlap)))
     )
-    with torch.inference_mode():
+    with torch.inference_mode(), torch_beside(predictor.model):  # as Predictor runs it
         one, _ = _median(lambda: predictor.model(x[:, :, :th, :tw]), repeats)
         slide, _ = _median(lambda: predict_logits(predictor.model, x, options), repeats)
     return {"tiles": count, "tile_forward": one, "slide": slide, "ratio": slide / (count * one)}

@@ -140,10 +140,11 @@ def run_system(path: Path, data_root: Path, *, force: bool = False) -> dict:
         results["crf_avx2"] = _crf_in_child(AVX2_VARIABLES)
         save()
     if "crf_agreement" not in results:
-        from .crf_agreement import agreement_table
-        from .crf_speed import one_thread
+        from densepred.precision import torch_threads
 
-        with one_thread():
+        from .crf_agreement import agreement_table
+
+        with torch_threads(1):
             results["crf_agreement"] = {"markdown": agreement_table()}
         save()
     return results

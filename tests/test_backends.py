@@ -19,6 +19,7 @@ from densepred import backends
 from densepred.backends import BACKENDS, Accelerated, MissingRuntimeError, accelerate, choose_backend, prepare_backend
 from densepred.config import EvalConfig
 from densepred.inference import predict_logits
+from densepred.precision import torch_threads
 from slim import HEAVY, slim
 from tiny import tiny_checkpoint
 
@@ -405,3 +406,69 @@ def test_an_accelerated_model_stays_in_eval_mode_when_a_caller_restores_training
     wrapped = Accelerated(model, lambda x: backends._eager_output(model, x), "eager")
     wrapped.train()  # what evaluate() does on the way out for a model it found in training mode
     assert not wrapped.training and not any(m.training for m in model.modules())
+
+
+@pytest.fixture
+def two_torch_threads():
+    with torch_threads(2):
+        yield
+
+
+@pytest.mark.usefixtures("two_torch_threads")
+def test_beside_a_runtimes_own_threads_torch_runs_on_one_thread_and_gets_its_count_back(monkeypatch):
+    """While ONNX Runtime or OpenVINO runs the forward, Predictor and evaluate run torch's own
+    operations on the calling thread (its OpenMP workers would spin on the runtime's cores), the
+    CRF on every thread; the count comes back after, an error included. Eager backends keep every thread."""
+    from densepred import prediction
+    from densepred.checkpoint import Trained
+    from densepred.config import Experiment
+    from densepred.evaluation import evaluate
+    from densepred.prediction import Predictor
+
+    model, seen = small("unet_padded"), []
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return backends._eager_output(model, x)
+
+    exp = Experiment()
+    exp.model.name = "unet_padded"
+    trained = Trained(model, exp, 3, ["a", "b", "c"], [(0, 0, 0)] * 3, 3, 255, "imagenet", 0)
+    image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    sample = {"image": torch.randn(3, 40, 48), "mask": torch.zeros(40, 48, dtype=torch.long)}
+    dataset = type("Two", (list,), {"num_classes": 3, "ignore_index": 255})([sample, sample])
+
+    def predictor(wrapped: Accelerated, **options) -> Predictor:
+        chosen = (wrapped, backends.BackendChoice(wrapped.backend))
+        monkeypatch.setattr(prediction, "accelerate", lambda *args: chosen)
+        return Predictor(trained, options=EvalConfig(**options))
+
+    cases = {"openvino": 1, "onnxruntime": 1, "onnxruntime int8": 1, "torchscript": 2, "channels_last": 2}
+    for backend, threads in cases.items():
+        wrapped = Accelerated(model, run, backend)
+        assert wrapped.own_threads == (threads == 1)
+        p = predictor(wrapped, mode="slide", tile=32, flip=True)  # several forwards, resizes and sums
+        seen.clear()
+        assert p.labels(image).shape == image.shape[:2]
+        assert set(seen) == {threads} and len(seen) > 2 and torch.get_num_threads() == 2, backend
+        seen.clear()
+        evaluate(wrapped, dataset, EvalConfig(), progress=False)
+        assert seen == [threads, threads] and torch.get_num_threads() == 2, backend
+
+    crf_threads = []
+
+    def crf(image, probs, params):  # noqa: ANN001, ANN202
+        crf_threads.append(torch.get_num_threads())
+        return probs
+
+    monkeypatch.setattr(prediction, "dense_crf_any_channels", crf)
+    seen.clear()
+    labels, probs = predictor(Accelerated(model, run, "openvino"), crf="deeplab_v2")(image)
+    assert seen == [1] and crf_threads == [2] and probs.shape == (3, *image.shape[:2])
+
+    def failing(x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("the runtime failed")
+
+    with pytest.raises(RuntimeError, match="the runtime failed"):
+        predictor(Accelerated(model, failing, "openvino")).labels(image)
+    assert torch.get_num_threads() == 2

@@ -27,6 +27,7 @@ from densepred.atomic import WriteError
 from densepred.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
 from densepred.config import load_experiment
 from densepred.data.errors import DataError
+from densepred.precision import torch_threads
 from densepred.sampling import SeededSamples
 from densepred.trainer import DataLoaderWorkerError, NonFiniteLossError, train
 
@@ -58,10 +59,8 @@ TINY += [
 def _one_thread():
     """One intra-op thread: the subprocesses use one too (bit-identical comparisons), and on a busy
     machine OpenMP threads that wait on each other make these tiny runs 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 def _tiny(*extra: str):

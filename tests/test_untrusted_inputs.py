@@ -24,6 +24,7 @@ from densepred.data import DataError, DownloadError, create_dataset
 from densepred.data import extract as extract_module
 from densepred.data.extract import safe_extract
 from densepred.data.io import read_image, read_image_stack, read_mask, read_mask_stack
+from densepred.precision import torch_threads
 from densepred.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent / "data"))
@@ -36,10 +37,8 @@ TINY = [*TINY_RECIPE, "data.options={num_images: 4, size: 32}", "data.batch_size
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------

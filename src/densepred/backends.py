@@ -21,6 +21,7 @@ environment variable ``DENSEPRED_BACKEND`` replaces ``auto`` (the test suite pin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib
@@ -39,10 +40,11 @@ from torch import Tensor, nn
 
 from .atomic import write_atomic
 from .models.base import SegmentationModel, input_rule_of
-from .precision import autocast, machine_info, resolve_amp, resolve_inference_amp
+from .precision import autocast, machine_info, resolve_amp, resolve_inference_amp, torch_threads
 
 __all__ = [
     "BACKENDS",
+    "torch_beside",
     "AGREEMENT",
     "Accelerated",
     "BackendChoice",
@@ -93,6 +95,25 @@ class Accelerated(SegmentationModel):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._run(x)
+
+    @property
+    def own_threads(self) -> bool:
+        """Whether the forward runs on a runtime's own thread pool (ONNX Runtime, OpenVINO, int8)."""
+        return self.backend.split()[0] in CPU_ONLY
+
+
+def torch_beside(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Torch's own operations on the calling thread alone while ``model``'s forward runs on a
+    runtime's thread pool (:attr:`Accelerated.own_threads`); unchanged otherwise.
+
+    After a parallel operation (an argmax, a resize) torch's OpenMP workers spin for milliseconds
+    before they sleep (libgomp's default wait), on the cores the runtime's next forward needs.
+    Measured on a 2-core Zen 2 (OpenVINO): an LR-ASPP CamVid frame's labels 35.3 -> 31.9 ms
+    against a 29 ms forward, its sliding windows 97.6 -> 86.6 ms; DeepLab-LargeFOV (ONNX Runtime)
+    1-2% faster.
+    """
+    own = isinstance(model, Accelerated) and model.own_threads
+    return torch_threads(1) if own else contextlib.nullcontext()
 
 
 def _eager_output(model: nn.Module, x: Tensor) -> Tensor:

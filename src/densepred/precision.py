@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "torch_threads",
     "Amp",
     "MachineInfo",
     "cpu_name",
@@ -229,3 +230,15 @@ def machine_info() -> MachineInfo:
         gpu=gpu,
         microarchitecture=cpu_microarchitecture(),
     )
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``count`` inside, the previous count restored after, an
+    error included. The count is OpenMP's, per thread: other threads keep theirs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .backends import accelerate, probe_input
+from .backends import accelerate, probe_input, torch_beside
 from .build import build_dataset, normalization_for
 from .checkpoint import Trained, load_released_trained, load_trained
 from .config import EvalConfig
@@ -97,22 +97,27 @@ class Predictor:
         if image.shape[-1] != channels:
             raise ValueError(f"the model takes {channels}-channel images, got shape {image.shape}")
         norm = normalization_for(self.trained.normalization, channels)
-        x = norm(np.ascontiguousarray(image))[None].to(self.device)
-        return predict_logits(self.model, x, options or self.options)
+        # Beside a runtime's own thread pool, torch's operations run on this thread (torch_beside).
+        with torch_beside(self.model):
+            x = norm(np.ascontiguousarray(image))[None].to(self.device)
+            return predict_logits(self.model, x, options or self.options)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits = self.logits(image)
-        probs = torch.softmax(logits, 1)[0].cpu().numpy()
-        if self.crf is not None:
-            probs = dense_crf_any_channels(image, probs, self.crf)
-            return probs.argmax(0).astype(np.uint8), probs
-        return class_map(logits)[0].to(torch.uint8).cpu().numpy(), probs  # as labels(): ties never differ
+        with torch_beside(self.model):
+            logits = self.logits(image)
+            probs = torch.softmax(logits, 1)[0].cpu().numpy()
+            if self.crf is None:  # as labels(): ties never differ
+                return class_map(logits)[0].to(torch.uint8).cpu().numpy(), probs
+        probs = dense_crf_any_channels(image, probs, self.crf)  # on every thread: the CRF is the work here
+        return probs.argmax(0).astype(np.uint8), probs
 
     def labels(self, image: np.ndarray, options: EvalConfig | None = None) -> np.ndarray:
         """Class ids only: the logits' argmax, without keeping probabilities (unless the CRF needs them)."""
         if self.crf is not None:
             return self(image)[0]
-        return class_map(self.logits(image, options))[0].to(torch.uint8).cpu().numpy()
+        with torch_beside(self.model):
+            return class_map(self.logits(image, options))[0].to(torch.uint8).cpu().numpy()
+
 
 def predict(
     checkpoint: str | Path,
