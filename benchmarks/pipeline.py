@@ -17,7 +17,8 @@ the inference backend ``predict`` would choose.
 2. ``predict`` end to end (``predict_files`` on the frame: read, network, argmax, both files),
    against the forward pass alone on the same normalised tensor: the ratio is what the
    pipeline adds to the network (target <= 1.15). Then ``predict`` on a folder of ``--frames``
-   consecutive frames, per frame.
+   consecutive frames, per frame. The forward and both predicts take turns, round by round, as
+   do a sliding window's tile and the whole slide: each ratio compares runs made side by side.
 """
 
 from __future__ import annotations
@@ -68,6 +69,19 @@ def _median(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
         out = fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
+
+
+def _interleaved(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Each function's median seconds over ``repeats`` rounds that call them in turn, after a warm-up."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        fn()
+    for _ in range(repeats):
+        for fn, kept in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            kept.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def random_trained(name: str, classes: int = 11) -> Trained:
@@ -128,8 +142,6 @@ def end_to_end(predictor: Predictor, frames: list[Path], out: Path, repeats: int
     norm = normalization_for(trained.normalization, trained.in_channels)
     decode, image = _median(lambda: read_image(frames[0], channels=trained.in_channels), repeats)
     x = norm(image)[None]
-    with torch.inference_mode():
-        forward, _ = _median(lambda: predictor.model(x), repeats)
     labels = predictor.labels(image)
     encode, _ = _median(_file_writer(trained, image, labels, out, overlay), repeats)
     mask, _ = _median(_file_writer(trained, image, labels, out, "none"), repeats)
@@ -140,8 +152,14 @@ def end_to_end(predictor: Predictor, frames: list[Path], out: Path, repeats: int
     def run(names: list[str]) -> object:
         return predict_files(predictor, names, next(folders), progress=False, overlay=overlay)
 
-    total, _ = _median(lambda: run([str(frames[0])]), repeats)
-    folder, _ = _median(lambda: run([str(f) for f in frames]), max(1, repeats // 2))
+    def forward_alone() -> object:
+        with torch.inference_mode():
+            return predictor.model(x)
+
+    # The forward and both predicts in turns: the ratios compare runs made side by side.
+    forward, total, folder = _interleaved(
+        [forward_alone, lambda: run([str(frames[0])]), lambda: run([str(f) for f in frames])], repeats
+    )
     per_frame = folder / len(frames)
     return {
         "forward": forward,
@@ -171,8 +189,12 @@ def slide_cost(predictor: Predictor, file: Path, tile: int, repeats: int) -> dic
         tile_starts(w, tw, math.ceil(tw * (1 - options.overlap)))
     )
     with torch.inference_mode(), torch_beside(predictor.model):  # as Predictor runs it
-        one, _ = _median(lambda: predictor.model(x[:, :, :th, :tw]), repeats)
-        slide, _ = _median(lambda: predict_logits(predictor.model, x, options), repeats)
+        # In turns, so that a change in the machine's speed between them (a noisy neighbour)
+        # moves both: the ratio compares a tile and the slide measured side by side.
+        one, slide = _interleaved(
+            [lambda: predictor.model(x[:, :, :th, :tw]), lambda: predict_logits(predictor.model, x, options)],
+            repeats,
+        )
     return {"tiles": count, "tile_forward": one, "slide": slide, "ratio": slide / (count * one)}
 
 
