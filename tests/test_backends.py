@@ -267,7 +267,8 @@ def test_a_clearly_slower_candidate_is_dropped_and_the_rounds_decide_between_the
 
 def test_the_rounds_call_every_candidate_in_turn_and_keep_each_ones_best(monkeypatch):
     clock, calls = [0.0], []
-    costs = {"a": iter([5.0, 1.0, 5.0]), "b": iter([2.0, 3.0, 2.5])}  # "a" suffers a burst in rounds 1 and 3
+    # "a" suffers a burst in rounds 1 and 3; its first call, untimed, follows whatever ran before.
+    costs = {"a": iter([9.0, 5.0, 1.0, 5.0]), "b": iter([2.0, 3.0, 2.5])}
 
     def run(name):
         def call(x):
@@ -278,7 +279,28 @@ def test_the_rounds_call_every_candidate_in_turn_and_keep_each_ones_best(monkeyp
 
     monkeypatch.setattr(backends.time, "perf_counter", lambda: clock[0])
     best = backends._interleaved_seconds({"a": run("a"), "b": run("b")}, torch.zeros(1), rounds=3)
-    assert calls == ["a", "b"] * 3 and best == {"a": 1.0, "b": 2.0}
+    assert calls == ["a"] + ["a", "b"] * 3 and best == {"a": 1.0, "b": 2.0}
+
+
+def test_the_rounds_time_a_runtime_after_a_call_on_its_own_thread_pool(monkeypatch):
+    """Right after another thread pool's call, that pool's spinning workers slow a runtime's:
+    where the pool changes, an untimed call comes first. Torch's backends share one pool."""
+    clock, calls = [0.0], []
+    names = ("eager", "torchscript", "onnxruntime", "openvino")
+
+    def run(name):
+        def call(x):
+            switched = not calls or (calls[-1] in backends.CPU_ONLY or name in backends.CPU_ONLY) and calls[-1] != name
+            calls.append(name)
+            clock[0] += 100.0 if switched else 1.0  # what a pool switch would cost a timed call
+
+        return call
+
+    monkeypatch.setattr(backends.time, "perf_counter", lambda: clock[0])
+    best = backends._interleaved_seconds({n: run(n) for n in names}, torch.zeros(1), rounds=2)
+    assert best == dict.fromkeys(names, 1.0)
+    one_round = ["eager", "torchscript", "onnxruntime", "onnxruntime", "openvino", "openvino"]
+    assert calls == ["eager", *one_round, "eager", *one_round]
 
 
 def test_auto_skips_a_runtime_that_is_not_installed(monkeypatch):
