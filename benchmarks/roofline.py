@@ -286,7 +286,7 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|---|" + ("---|" if has_roof else "") + ("---|" if has_beside else ""),
     ]
     peak = p["conv3x3_gflops"]
-    for name, rows in results["models"].items():
+    for name, rows in sorted(results["models"].items()):  # by name, as the registry lists them, however measured
         for path, r in rows.items():
             beside = r.get("peak_beside_gflops")  # the training step has none
             lines.append(
