@@ -107,11 +107,12 @@ def torch_beside(model: nn.Module) -> contextlib.AbstractContextManager:
     """Torch's own operations on the calling thread alone while ``model``'s forward runs on a
     runtime's thread pool (:attr:`Accelerated.own_threads`); unchanged otherwise.
 
-    After a parallel operation (an argmax, a resize) torch's OpenMP workers spin for milliseconds
-    before they sleep (libgomp's default wait), on the cores the runtime's next forward needs.
-    Measured on a 2-core Zen 2 (OpenVINO): an LR-ASPP CamVid frame's labels 35.3 -> 31.9 ms
-    against a 29 ms forward, its sliding windows 97.6 -> 86.6 ms; DeepLab-LargeFOV (ONNX Runtime)
-    1-2% faster.
+    After a parallel operation (a tile's copy, a slide's sums, a resize) torch's OpenMP workers
+    spin for milliseconds before they sleep (libgomp's default wait), on the cores the runtime's
+    next forward needs. Around the forward passes, then, not after them: an argmax on one thread
+    costs about what the spin does. Measured on a 2-core Zen 2, LR-ASPP on CamVid frames, runs
+    in alternation: sliding windows of 321 x1.16 (ONNX Runtime; OpenVINO 97.6 -> 86.6 ms a
+    frame), whole frames through ``predict_files``, ``evaluate`` or a loop of ``labels`` as before.
     """
     own = isinstance(model, Accelerated) and model.own_threads
     return torch_threads(1) if own else contextlib.nullcontext()

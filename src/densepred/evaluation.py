@@ -45,16 +45,15 @@ def evaluate(
     indices = range(info.rank, count, info.world_size)
     crf = crf_params(cfg.crf, cfg.crf_params) if cfg.crf else None
     for i in tqdm(indices, desc="eval", unit="img", disable=not (progress and info.is_main), leave=False):
+        sample = dataset[i]
+        image = sample["image"][None].to(device)
+        target = sample["mask"][None].to(device)
         with torch_beside(model):  # beside a runtime's own thread pool, torch's operations on this thread
-            sample = dataset[i]
-            image = sample["image"][None].to(device)
-            target = sample["mask"][None].to(device)
             logits = predict_logits(model, image, cfg)
         if crf is not None:  # DeepLab's CRF post-processing on the raw RGB pixels
             probs = dense_crf_any_channels(dataset.load(i).image, torch.softmax(logits, 1)[0].cpu().numpy(), crf)
             logits = torch.from_numpy(probs)[None].to(device)
-        with torch_beside(model):
-            cm.update(class_map(logits), target)
+        cm.update(class_map(logits), target)
     if info.enabled and dist.is_initialized():
         cm.all_reduce()
     model.train(was_training)

@@ -103,20 +103,18 @@ class Predictor:
             return predict_logits(self.model, x, options or self.options)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        with torch_beside(self.model):
-            logits = self.logits(image)
-            probs = torch.softmax(logits, 1)[0].cpu().numpy()
-            if self.crf is None:  # as labels(): ties never differ
-                return class_map(logits)[0].to(torch.uint8).cpu().numpy(), probs
-        probs = dense_crf_any_channels(image, probs, self.crf)  # on every thread: the CRF is the work here
-        return probs.argmax(0).astype(np.uint8), probs
+        logits = self.logits(image)
+        probs = torch.softmax(logits, 1)[0].cpu().numpy()
+        if self.crf is not None:
+            probs = dense_crf_any_channels(image, probs, self.crf)
+            return probs.argmax(0).astype(np.uint8), probs
+        return class_map(logits)[0].to(torch.uint8).cpu().numpy(), probs  # as labels(): ties never differ
 
     def labels(self, image: np.ndarray, options: EvalConfig | None = None) -> np.ndarray:
         """Class ids only: the logits' argmax, without keeping probabilities (unless the CRF needs them)."""
         if self.crf is not None:
             return self(image)[0]
-        with torch_beside(self.model):
-            return class_map(self.logits(image, options))[0].to(torch.uint8).cpu().numpy()
+        return class_map(self.logits(image, options))[0].to(torch.uint8).cpu().numpy()
 
 
 def predict(
