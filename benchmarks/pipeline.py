@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import itertools
 import json
 import math
@@ -118,19 +117,16 @@ def stages(
     row: dict[str, float] = {}
     row["decode"], image = _median(lambda: read_image(file, channels=3), repeats)
     row["normalise"], x = _median(lambda: norm(image)[None], repeats)
-    beside = functools.partial(torch_beside, predictor.model)  # torch's threads as Predictor sets them
     with torch.inference_mode():
-        with beside():
+        with torch_beside(predictor.model):  # torch's threads as Predictor sets them
             row["network"], logits = _median(lambda: predict_logits(predictor.model, x, options), repeats)
         if options.crf:
             params = crf_params(options.crf, options.crf_params)
-            with beside():
-                row["softmax"], probs = _median(lambda: torch.softmax(logits, 1)[0].numpy(), repeats)
+            row["softmax"], probs = _median(lambda: torch.softmax(logits, 1)[0].numpy(), repeats)
             row["CRF"], refined = _median(lambda: dense_crf_any_channels(image, probs, params), repeats)
             row["argmax"], labels = _median(lambda: refined.argmax(0).astype(np.uint8), repeats)
         else:
-            with beside():
-                row["argmax"], labels = _median(lambda: class_map(logits)[0].numpy(), repeats)
+            row["argmax"], labels = _median(lambda: class_map(logits)[0].numpy(), repeats)
     row["write files"], _ = _median(_file_writer(trained, image, labels, out, overlay), repeats)
     return row
 
