@@ -152,7 +152,7 @@ def _images(folder, n=3, size=(30, 41)):
     return folder
 
 
-def test_predict_command_writes_masks_overlays_and_probabilities(checkpoint, tmp_path):
+def test_predict_command_writes_masks_overlays_and_probabilities(checkpoint, tmp_path, capsys):
     from densepred.cli import main
 
     images = _images(tmp_path / "in")
@@ -182,6 +182,7 @@ def test_predict_command_writes_masks_overlays_and_probabilities(checkpoint, tmp
     total = sum(np.asarray(Image.open(p), dtype=np.float64) for p in probs)
     assert np.abs(total - 255).max() <= 6  # per-pixel probabilities sum to 1 (8-bit rounding)
     assert (out / "img0_overlay.jpg").is_file() and not list(out.glob("*_overlay.png"))  # JPEG by default
+    assert "wrote 3 masks (+ JPEG overlays and probability maps)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overlay", ["png", "none"])
@@ -198,7 +199,7 @@ def test_predict_command_writes_the_overlay_format_asked_for_or_none(checkpoint,
         else ["img0.png", "img1.png"]
     )
     said = capsys.readouterr().out
-    assert ("PNG overlays" in said) == (overlay == "png") and "wrote 2 masks" in said
+    assert ("PNG overlays" in said) == (overlay == "png") and "wrote 2 masks" in said and "JPEG" not in said
     with pytest.raises(SystemExit):  # argparse names the choices
         main([*args, "--overlay", "gif"])
     assert "invalid choice: 'gif'" in capsys.readouterr().err

@@ -46,7 +46,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         fail_fast=args.fail_fast,
         overlay=args.overlay,
     )
-    extras = [f"{args.overlay.upper()} overlays"] * (args.overlay != "none") + ["probability maps"] * args.probs
+    overlays = {"jpg": ["JPEG overlays"], "png": ["PNG overlays"], "none": []}[args.overlay]
+    extras = overlays + ["probability maps"] * args.probs
     also = f" (+ {' and '.join(extras)})" if extras else ""
     print(f"wrote {len(written)} masks{also} to {args.out}")
     for path, reason in failed:  # the reader's errors name the file; others get it in front
