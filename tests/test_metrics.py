@@ -96,7 +96,16 @@ def test_out_of_range_target_values_raise_and_are_listed():
         cm.update(torch.tensor([[[5, 0]]]), torch.tensor([[[1, 0]]]))
     with pytest.raises(TypeError, match="integer class ids"):
         cm.update(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2))
+    with pytest.raises(ValueError, match=r"prediction has values.*\[-1\]"):
+        cm.update(torch.tensor([[[-1, 9]]]), torch.tensor([[[1, 255]]]))
     assert int(cm.matrix.sum()) == 0  # nothing was counted
+    # Under an ignored pixel a prediction may hold anything: neither checked nor counted.
+    cm.update(torch.tensor([[[2, 9, -4]]], dtype=torch.int16), torch.tensor([[[2, 255, 255]]], dtype=torch.uint8))
+    assert int(cm.matrix.sum()) == 1 and int(cm.matrix[2, 2]) == 1
+    scores = torch.zeros(1, 3, 1, 3)
+    scores[0, 1] = 1.0  # class 1 everywhere
+    cm.update(scores, torch.tensor([[[1, 255, 0]]]))
+    assert int(cm.matrix.sum()) == 3 and int(cm.matrix[1, 1]) == 1 and int(cm.matrix[0, 1]) == 1
 
 
 def test_shape_errors_name_both_shapes():
