@@ -118,8 +118,7 @@ def stages(
     row["decode"], image = _median(lambda: read_image(file, channels=3), repeats)
     row["normalise"], x = _median(lambda: norm(image)[None], repeats)
     with torch.inference_mode():
-        with torch_beside(predictor.model):  # torch's threads as Predictor sets them
-            row["network"], logits = _median(lambda: predict_logits(predictor.model, x, options), repeats)
+        row["network"], logits = _median(lambda: predict_logits(predictor.model, x, options), repeats)
         if options.crf:
             params = crf_params(options.crf, options.crf_params)
             row["softmax"], probs = _median(lambda: torch.softmax(logits, 1)[0].numpy(), repeats)
@@ -184,7 +183,7 @@ def slide_cost(predictor: Predictor, file: Path, tile: int, repeats: int) -> dic
     count = len(tile_starts(h, th, math.ceil(th * (1 - options.overlap)))) * len(
         tile_starts(w, tw, math.ceil(tw * (1 - options.overlap)))
     )
-    with torch.inference_mode(), torch_beside(predictor.model):  # as Predictor runs it
+    with torch.inference_mode(), torch_beside(predictor.model):  # as predict_logits runs the model
         # In turns, so that a change in the machine's speed between them (a noisy neighbour)
         # moves both: the ratio compares a tile and the slide measured side by side.
         one, slide = _interleaved(

@@ -44,7 +44,6 @@ from .precision import autocast, machine_info, resolve_amp, resolve_inference_am
 
 __all__ = [
     "BACKENDS",
-    "torch_beside",
     "AGREEMENT",
     "Accelerated",
     "BackendChoice",
@@ -53,6 +52,7 @@ __all__ = [
     "choose_backend",
     "accelerate",
     "probe_input",
+    "torch_beside",
 ]
 
 BACKENDS = ("eager", "channels_last", "torchscript", "onnxruntime", "openvino")
@@ -105,7 +105,8 @@ class Accelerated(SegmentationModel):
 
 def torch_beside(model: nn.Module) -> contextlib.AbstractContextManager:
     """Torch's own operations on the calling thread alone while ``model``'s forward runs on a
-    runtime's thread pool (:attr:`Accelerated.own_threads`); unchanged otherwise.
+    runtime's thread pool (:attr:`Accelerated.own_threads`); unchanged otherwise. Every inference
+    mode enters it in :func:`~densepred.inference.predict_logits`.
 
     After a parallel operation (a tile's copy, a slide's sums, a resize) torch's OpenMP workers
     spin for milliseconds before they sleep (libgomp's default wait), on the cores the runtime's

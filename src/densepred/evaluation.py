@@ -9,7 +9,6 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .backends import torch_beside
 from .config import EvalConfig
 from .crf import crf_params, dense_crf_any_channels
 from .distributed import DistInfo
@@ -48,8 +47,7 @@ def evaluate(
         sample = dataset[i]
         image = sample["image"][None].to(device)
         target = sample["mask"][None].to(device)
-        with torch_beside(model):  # beside a runtime's own thread pool, torch's operations on this thread
-            logits = predict_logits(model, image, cfg)
+        logits = predict_logits(model, image, cfg)
         if crf is not None:  # DeepLab's CRF post-processing on the raw RGB pixels
             probs = dense_crf_any_channels(dataset.load(i).image, torch.softmax(logits, 1)[0].cpu().numpy(), crf)
             logits = torch.from_numpy(probs)[None].to(device)

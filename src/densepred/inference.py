@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .backends import torch_beside
 from .config import EvalConfig
 from .models.base import input_rule_of
 from .precision import autocast, resolve_inference_amp
@@ -254,7 +255,8 @@ def predict_logits(model: nn.Module, image: Tensor, options: EvalConfig | None =
     def single(x: Tensor) -> Tensor:
         return _single_scale(model, x, o)
 
-    with autocast(resolve_inference_amp(o.amp, image.device), image.device):
+    # Beside a runtime's own thread pool, torch's operations between its forwards on this thread.
+    with torch_beside(model), autocast(resolve_inference_amp(o.amp, image.device), image.device):
         if tuple(o.scales) == (1.0,) and not o.flip:
             return single(image).float()
         return multi_scale_flip(single, image, o.scales, flip=o.flip, fusion=o.fusion).float()

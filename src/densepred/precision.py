@@ -22,7 +22,6 @@ from typing import Literal
 import torch
 
 __all__ = [
-    "torch_threads",
     "Amp",
     "MachineInfo",
     "cpu_name",
@@ -31,6 +30,7 @@ __all__ = [
     "resolve_amp",
     "autocast",
     "bf16_slowdown",
+    "torch_threads",
 ]
 
 Amp = Literal["auto", "none", "bf16", "fp16"]

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .backends import accelerate, probe_input, torch_beside
+from .backends import accelerate, probe_input
 from .build import build_dataset, normalization_for
 from .checkpoint import Trained, load_released_trained, load_trained
 from .config import EvalConfig
@@ -97,10 +97,8 @@ class Predictor:
         if image.shape[-1] != channels:
             raise ValueError(f"the model takes {channels}-channel images, got shape {image.shape}")
         norm = normalization_for(self.trained.normalization, channels)
-        # Beside a runtime's own thread pool, torch's operations run on this thread (torch_beside).
-        with torch_beside(self.model):
-            x = norm(np.ascontiguousarray(image))[None].to(self.device)
-            return predict_logits(self.model, x, options or self.options)
+        x = norm(np.ascontiguousarray(image))[None].to(self.device)
+        return predict_logits(self.model, x, options or self.options)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         logits = self.logits(image)
