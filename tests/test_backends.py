@@ -469,7 +469,7 @@ def test_beside_a_runtimes_own_threads_torch_runs_on_one_thread_and_gets_its_cou
     for backend, threads in cases.items():
         wrapped = Accelerated(model, run, backend)
         assert wrapped.own_threads == (threads == 1)
-        p = predictor(wrapped, mode="slide", tile=32, flip=True)  # several forwards, resizes and sums
+        p = predictor(wrapped, mode="slide", tile=32, flip=True, batch_size=1)  # several forwards, resizes, sums
         seen.clear()
         assert p.labels(image).shape == image.shape[:2]
         assert set(seen) == {threads} and len(seen) > 2 and torch.get_num_threads() == 2, backend

@@ -211,7 +211,10 @@ class EvalConfig:
     fusion: Literal["mean", "max"] = "mean"  # how scales/flips are fused (DeepLab v2: max)
     crf: str | None = None  # fully-connected CRF preset (deeplab_v2, deeplab_v1_largefov) or null
     crf_params: dict[str, float] = field(default_factory=dict)  # overrides, e.g. {w1: 5}
-    batch_size: int = 1
+    # Tiles per forward pass (slide, overlap-tile). Four at once run a CamVid frame's 4 tiles of 321 in
+    # 0.91x the time of 4 single tiles with LR-ASPP on ONNX Runtime (1.09x one by one), 0.99x on the
+    # large nets (2-core Zen 2): small layers keep the cores busier on a batch.
+    batch_size: int = 4
     max_images: int | None = None  # evaluate on a prefix of the split (quick checks)
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # precision of the forward passes, as train.amp
     # Where the forward passes run (densepred.backends): auto = the fastest that matches eager here.
