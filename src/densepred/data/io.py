@@ -8,8 +8,10 @@ one and explicitly: nothing is converted silently in a way that could change a l
 
 from __future__ import annotations
 
+import struct
 import warnings
-from collections.abc import Iterator, Mapping
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +31,7 @@ __all__ = [
     "image_size",
     "colours_to_index",
     "check_same_size",
+    "PNG_DECODER",
 ]
 
 # 64 Mpx: ~30x a Cityscapes frame, far above any dataset here, far below what exhausts memory.
@@ -116,26 +119,67 @@ def _drop_opaque_alpha(arr: np.ndarray, path: Path) -> np.ndarray:
     return arr[..., :-1]
 
 
-def _fast_decode(im: Image.Image, path: Path) -> np.ndarray | None:
-    """8-bit RGB / gray PNG and JPEG decoded by OpenCV (~25 % faster than PIL); None: use PIL.
+def _png_decoder() -> Callable[[bytes], np.ndarray] | None:
+    """libspng's PNG decoder (the ``pyspng`` wheel), or None where it is not installed."""
+    try:
+        import pyspng
+    except ImportError:
+        return None
+    return pyspng.load
 
-    ``IMREAD_UNCHANGED`` ignores EXIF orientation, as PIL does, so masks stay aligned. Anything
+
+_DECODE_PNG = _png_decoder()
+PNG_DECODER = "libspng" if _DECODE_PNG is not None else "OpenCV"  # what read_image decodes 8-bit PNGs with
+
+
+def _png_chunks_intact(data: bytes) -> bool:
+    """Whether every chunk of a PNG up to IEND is whole and matches its CRC-32.
+
+    pyspng has libspng skip these checks (and the zlib stream's Adler-32), so a damaged file
+    would decode into wrong pixels without an error; libpng and PIL refuse it. 0.08 ms for a
+    CamVid frame (276 KB).
+    """
+    view, pos, end = memoryview(data), 8, len(data)
+    while pos + 12 <= end:
+        (length,) = struct.unpack_from(">I", data, pos)
+        stop = pos + 8 + length
+        if stop + 4 > end or zlib.crc32(view[pos + 4 : stop]) != struct.unpack_from(">I", data, stop)[0]:
+            return False
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return True
+        pos = stop + 4
+    return False
+
+
+def _fast_decode(im: Image.Image, path: Path) -> np.ndarray | None:
+    """8-bit RGB / gray PNG (libspng, else OpenCV) and JPEG (OpenCV); None: use PIL.
+
+    A CamVid frame's PNG: libspng 3.1 ms, OpenCV's libpng 4.6 ms, PIL 5.7 ms (2-core Zen 2).
+    Neither applies EXIF orientation or gamma, as PIL does not, so masks stay aligned. Anything
     unexpected (a failed decode, 16 bits, an alpha channel) falls back to PIL, whose errors are precise.
     """
     if im.format not in {"PNG", "JPEG"} or im.mode not in {"RGB", "L"} or "transparency" in im.info:
         return None
-    arr = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    data = path.read_bytes()
+    if im.format == "PNG" and _DECODE_PNG is not None:
+        if not _png_chunks_intact(data):
+            return None  # PIL names the fault
+        try:
+            arr = _DECODE_PNG(data)  # RGB order already
+        except Exception:  # noqa: BLE001 - libspng's error text is terse: PIL says what is wrong
+            return None
+    else:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if arr is not None and arr.ndim == 3 and arr.shape[2] == 3:
+            arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
     if (
         arr is None
         or arr.dtype != np.uint8
         or arr.ndim != (3 if im.mode == "RGB" else 2)
         or arr.shape[:2] != im.size[::-1]
+        or (arr.ndim == 3 and arr.shape[2] != 3)
     ):
         return None
-    if arr.ndim == 3:
-        if arr.shape[2] != 3:
-            return None
-        arr = cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
     return arr
 
 
