@@ -279,6 +279,12 @@ def test_the_pipeline_table_shows_what_reading_the_frame_and_writing_its_mask_co
     # The header names the files predict wrote: both PNGs in results from before the JPEG overlay.
     assert "reading + both PNGs" in table({**results, "models": {"m": row}})
     assert "reading + mask PNG + overlay JPEG" in table({**results, "overlay": "jpg", "models": {"m": row}})
+    # How the frame was decoded, the tiles batched and the forward timed: older results say what they did.
+    before = table({**results, "models": {"m": row}})
+    assert "decoded by OpenCV" in before and "1 tile per forward pass" in before and "timed straight after" in before
+    now = {"png_decoder": "libspng", "tiles_per_forward": 4, "forward_settled": True}
+    after = table({**results, **now, "models": {"m": row}})
+    assert "decoded by libspng" in after and "4 tiles per forward pass" in after and "timed straight after" not in after
 
 
 def test_the_train_layout_table_gives_each_recipe_its_speed_up_and_setting() -> None:
