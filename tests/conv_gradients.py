@@ -15,7 +15,7 @@ def assert_is_the_convolution(conv: nn.Conv2d, x: Tensor, grad_fn_suffix: str) -
     y = conv(x)
     assert y.grad_fn.name().endswith(grad_fn_suffix)
     y = y.relu_()
-    reference = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation).relu()
+    reference = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups).relu()
     torch.testing.assert_close(y, reference)
     upstream = torch.randn_like(y)
     ours = torch.autograd.grad(y, (x, conv.weight, conv.bias), upstream)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...catalogue import imagenet_trunk, register_weights
-from ..layers import Backbone, FeatureSpec, check_input
+from ..layers import Backbone, DilatedDepthwiseConv2d, FeatureSpec, check_input
 
 __all__ = ["MobileNetV3Large", "InvertedResidual", "SqueezeExcitation", "FeatureTaps", "Bneck", "BNECKS_LARGE"]
 
@@ -86,10 +86,11 @@ def conv_bn(
     """Convolution (no bias) -> batch norm -> activation: ``.0``/``.1``/``.2`` as torchvision's
     ``Conv2dNormActivation``. Padding keeps the size ("same"), so every map's cell ``j`` is centred
     on input pixel ``stride * j``."""
-    layers: list[nn.Module] = [
-        nn.Conv2d(in_ch, out_ch, kernel, stride, (kernel - 1) // 2 * dilation, dilation, groups, bias=False),
-        nn.BatchNorm2d(out_ch, eps=_BN_EPS, momentum=_BN_MOMENTUM),
-    ]
+    if dilation > 1 and stride == 1 and groups == in_ch == out_ch:  # the dilated stage's depthwise layers
+        conv: nn.Conv2d = DilatedDepthwiseConv2d(out_ch, kernel, dilation)
+    else:
+        conv = nn.Conv2d(in_ch, out_ch, kernel, stride, (kernel - 1) // 2 * dilation, dilation, groups, bias=False)
+    layers: list[nn.Module] = [conv, nn.BatchNorm2d(out_ch, eps=_BN_EPS, momentum=_BN_MOMENTUM)]
     if act is not None:
         layers.append(act)
     return nn.Sequential(*layers)
