@@ -11,7 +11,9 @@ import torch.nn.functional as F
 
 import densepred
 import densepred.models.lraspp  # noqa: F401  (registers lraspp_mobilenet_v3_large)
+from conv_gradients import assert_is_the_convolution
 from densepred.models.backbones.mobilenetv3 import FeatureTaps, MobileNetV3Large, SqueezeExcitation
+from densepred.models.layers import DilatedDepthwiseConv2d
 from receptive_field import measure_receptive_field, theoretical_copy
 
 NAME = "lraspp_mobilenet_v3_large"
@@ -271,3 +273,66 @@ def test_bad_inputs_and_taps_are_clear_errors():
         MobileNetV3Large().classify(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="stage indices"):
         FeatureTaps(MobileNetV3Large(), {"low": 5})
+
+
+@pytest.mark.parametrize("dilation,size,bias", [(2, (11, 9), False), (2, (8, 8), True), (3, (10, 13), False)])
+def test_dilated_depthwise_conv_is_the_convolution_forward_and_backward(dilation, size, bias):
+    # The polyphase weight gradient and the flipped-kernel input gradient must be the convolution's,
+    # on maps whose sides are and are not multiples of the dilation.
+    torch.manual_seed(0)
+    conv = DilatedDepthwiseConv2d(6, 5, dilation, bias=bias).double()
+    x = torch.randn(3, 6, *size, dtype=torch.float64, requires_grad=True)
+    if bias:
+        assert_is_the_convolution(conv, x, "_PolyphaseDepthwiseConvBackward")
+        return
+    y = conv(x)
+    assert y.grad_fn.name().endswith("_PolyphaseDepthwiseConvBackward")
+    reference = F.conv2d(x, conv.weight, None, 1, conv.padding, conv.dilation, conv.groups)
+    torch.testing.assert_close(y, reference)
+    upstream = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, conv.weight), upstream)
+    theirs = torch.autograd.grad(reference, (x, conv.weight), upstream)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_dilated_depthwise_conv_is_a_plain_convolution_where_it_should_be():
+    conv = DilatedDepthwiseConv2d(4, 5, 2)
+    assert set(conv.state_dict()) == {"weight"} and conv.padding == (4, 4) and conv.groups == 4
+    x = torch.randn(1, 4, 9, 9, requires_grad=True)
+    assert "aten::_convolution" in str(torch.jit.trace(conv, x).graph)  # what exports record
+    with torch.no_grad():
+        assert conv(x).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.grad_fn.name() == "ConvolutionBackward0"
+    with pytest.raises(ValueError, match="odd kernel"):
+        DilatedDepthwiseConv2d(4, 4, 2)
+    # The backbone's dilated stage (LR-ASPP, DeepLab v3) trains through it; the rest is nn.Conv2d.
+    net = MobileNetV3Large(dilated=True)
+    dilated = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.dilation[0] > 1]
+    assert len(dilated) == 3 and all(isinstance(m, DilatedDepthwiseConv2d) for m in dilated)
+    assert not any(isinstance(m, DilatedDepthwiseConv2d) for m in MobileNetV3Large().modules())
+
+
+def test_the_heads_keep_channels_last_forward_and_backward():
+    """Global pooling upsampled from 1x1 comes out channels-first, and autograd's sum of gradients
+    takes the layout of the first to arrive: LR-ASPP, ASPP and the pyramid pooling keep a
+    channels-last model channels-last both ways (mixed layouts made a batch norm's backward 4x slower)."""
+    from densepred.models.deeplabv3 import ASPP
+    from densepred.models.lraspp import LRASPPHead
+    from densepred.models.pspnet import PyramidPooling
+
+    cl = torch.channels_last
+    low = torch.randn(2, 8, 16, 16).contiguous(memory_format=cl)
+    heads = {
+        "LR-ASPP": (LRASPPHead(8, 16, 3, 8), lambda head, x: head(low, x)),
+        "ASPP": (ASPP(16, [2, 3], 8), lambda head, x: head(x)),
+        "pyramid pooling": (PyramidPooling(16, (1, 2)), lambda head, x: head(x)),
+    }
+    for name, (head, run) in heads.items():
+        head = head.train().to(memory_format=cl)
+        x = torch.randn(2, 16, 8, 8).contiguous(memory_format=cl).requires_grad_()
+        y = run(head, x)
+        (grad,) = torch.autograd.grad(y, x, torch.randn_like(y))
+        assert y.is_contiguous(memory_format=cl) and grad.is_contiguous(memory_format=cl), name

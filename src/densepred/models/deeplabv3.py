@@ -37,6 +37,7 @@ from ..weights import with_pretrained
 from .backbones.mobilenetv3 import FeatureTaps, MobileNetV3Large
 from .backbones.resnet import ResNet
 from .fcn_resnet import AuxiliaryHeadModel, FCNHead
+from .layers import in_layout_of
 
 __all__ = ["ASPP", "ImagePooling", "DeepLabV3", "DeepLabV3Plus", "aspp_rates", "ASPP_RATES_OS16"]
 
@@ -69,7 +70,7 @@ class ImagePooling(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]
-        return F.interpolate(super().forward(x), size=size, mode="bilinear", align_corners=False)
+        return in_layout_of(F.interpolate(super().forward(x), size=size, mode="bilinear", align_corners=False), x)
 
 
 class ASPP(nn.Module):
@@ -87,7 +88,10 @@ class ASPP(nn.Module):
         self.project = nn.Sequential(*project, *([nn.Dropout(dropout)] if dropout else []))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.project(torch.cat([branch(x) for branch in self.convs], 1))
+        # The pooling first, so that autograd adds its gradient to the others' and not the reverse
+        # (the sum keeps the others' channels-last layout in training; see LRASPPHead.forward).
+        pooled = self.convs[-1](x)
+        return self.project(torch.cat([branch(x) for branch in self.convs[:-1]] + [pooled], 1))
 
 
 class DeepLabV3(AuxiliaryHeadModel):

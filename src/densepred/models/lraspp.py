@@ -51,7 +51,11 @@ class LRASPPHead(nn.Module):
 
     def forward(self, low: Tensor, high: Tensor) -> Tensor:
         """The stride-8 class scores (at ``low``'s size)."""
-        x = self.cbr(high) * self.scale(high)
+        # The pooled branch first, so that autograd adds its gradient to the 1x1 branch's, not the
+        # reverse: the sum then keeps the channels-last layout in training, where the batch norm
+        # before ran its backward on mixed layouts at 6.5 ms against 1.5 (960 x 16 x 16, batch 8).
+        scale = self.scale(high)
+        x = self.cbr(high) * scale
         x = F.interpolate(x, size=low.shape[-2:], mode="bilinear", align_corners=False)
         return self.low_classifier(low) + self.high_classifier(x)
 

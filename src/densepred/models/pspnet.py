@@ -27,6 +27,7 @@ from ..registry import register_model
 from ..weights import with_pretrained
 from .backbones.resnet import ResNet
 from .fcn_resnet import AuxiliaryHeadModel, FCNHead
+from .layers import in_layout_of
 
 __all__ = ["PyramidPooling", "PSPNet", "PSP_BINS", "AUX_WEIGHT"]
 
@@ -75,7 +76,10 @@ class PyramidPooling(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]
-        pooled = [F.interpolate(stage(x), size=size, mode="bilinear", align_corners=True) for stage in self.stages]
+        pooled = [
+            in_layout_of(F.interpolate(stage(x), size=size, mode="bilinear", align_corners=True), x)
+            for stage in self.stages
+        ]
         return torch.cat([x, *pooled], 1)
 
 
