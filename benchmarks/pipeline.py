@@ -227,7 +227,11 @@ def table(results: dict) -> str:
     # Results from before predict wrote JPEG overlays by default hold no "overlay": theirs were PNGs.
     written = {"jpg": "mask PNG + overlay JPEG", "png": "both PNGs", "none": "mask PNG"}[results.get("overlay", "png")]
     decoder = results.get("png_decoder", "OpenCV")
-    settled = "" if results.get("forward_settled") else " (timed straight after a predict, before 2026-12-07)"
+    settled = (
+        " timed after an untimed call of its own"
+        if results.get("forward_settled")
+        else " timed straight after a predict (before 2026-12-07)"
+    )
     lines = [
         f"Machine: {MachineInfo(**results['machine']).line()}. Frame: {results['frame']}, PNG decoded by {decoder}. "
         f"Seconds, median of {results['repeats']} after a warm-up; the backend is the one `predict` chose; "

@@ -1,5 +1,5 @@
 """Building blocks shared by the model families: the backbone contract, FCN's deconvolution, and
-convolutions that run as explicit GEMMs where oneDNN's direct kernels are slow."""
+convolutions that run as explicit GEMMs or on polyphase sub-grids where oneDNN's kernels are slow."""
 
 from __future__ import annotations
 
