@@ -6,7 +6,7 @@ import torch
 import densepred
 from conv_gradients import assert_is_the_convolution
 from densepred.models.deeplab import ASPP_RATES, MultiScaleInputs, caffe_resize
-from densepred.models.layers import AtrousConv2d
+from densepred.models.layers import AtrousConv2d, RateClippedConv2d
 from slim import slim
 
 
@@ -134,3 +134,38 @@ def test_deeplab_fc6_is_atrous_and_the_7x7_trains_at_a_small_size():
     assert isinstance(model.head.fc6, AtrousConv2d)
     model(model.example_input()).sum().backward()
     assert model.head.fc6.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("size,rate", [((5, 7), 6), ((10, 3), 3), ((4, 13), 4), ((9, 9), 2)])
+def test_rate_clipped_conv_is_the_convolution_forward_and_backward(size, rate):
+    # Taps that only read padding are left out (all, some along one axis, or none): the output and
+    # all three gradients must still be the whole filter's, those taps' weight gradient zero.
+    torch.manual_seed(0)
+    conv = RateClippedConv2d(3, 5, 3, rate).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    assert_is_the_convolution(conv, x, "ConvolutionBackward0")
+    if min(size) <= rate:  # a tap outside on some axis: its column or row gets no gradient
+        conv.weight.grad = None
+        conv(x).sum().backward()
+        outside = conv.weight.grad[:, :, 0] if size[0] <= rate else conv.weight.grad[:, :, :, 0]
+        assert (outside == 0).all()
+
+
+def test_rate_clipped_conv_keeps_the_whole_filter_in_traced_graphs():
+    conv = RateClippedConv2d(3, 4, 3, 12).eval()
+    assert set(conv.state_dict()) == {"weight", "bias"} and conv.padding == (12, 12) and conv.dilation == (12, 12)
+    small, large = torch.randn(1, 3, 8, 8), torch.randn(1, 3, 30, 30)
+    traced = torch.jit.trace(conv, small, check_trace=False)  # traced where only the centre tap reaches
+    full = torch.nn.functional.conv2d(large, conv.weight, conv.bias, padding=12, dilation=12)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(large), full)  # and right where every tap does
+        torch.testing.assert_close(
+            conv(small), torch.nn.functional.conv2d(small, conv.weight[:, :, 1:2, 1:2], conv.bias)
+        )
+    with pytest.raises(ValueError, match="odd kernel"):
+        RateClippedConv2d(3, 4, 2, 12)
+    # DeepLab v2's ASPP and v3's atrous branches run through it
+    v2 = densepred.create_model("deeplab_v2_resnet101", num_classes=3)
+    v3 = densepred.create_model("deeplabv3_mobilenet_v3_large", num_classes=3)
+    atrous = [m for model in (v2, v3) for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.dilation[0] > 1]
+    assert sum(isinstance(m, RateClippedConv2d) for m in atrous) == 4 + 3

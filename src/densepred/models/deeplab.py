@@ -31,7 +31,7 @@ from ..weights import with_pretrained
 from .backbones.resnet import ResNet
 from .backbones.vgg import VGG16
 from .base import CoarseScores, SegmentationModel
-from .layers import AtrousConv2d, Backbone, check_input
+from .layers import AtrousConv2d, Backbone, RateClippedConv2d, check_input
 
 __all__ = ["DeepLab", "FCHead", "ASPPVGG", "ASPPResNet", "MultiScaleInputs", "ASPP_RATES", "caffe_resize"]
 
@@ -106,7 +106,7 @@ class ASPPResNet(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int]):
         super().__init__()
         self.rates = tuple(rates)
-        self.branches = nn.ModuleList(nn.Conv2d(in_channels, num_classes, 3, padding=r, dilation=r) for r in rates)
+        self.branches = nn.ModuleList(RateClippedConv2d(in_channels, num_classes, 3, r) for r in rates)
         for conv in self.branches:
             nn.init.normal_(conv.weight, std=0.01)
             nn.init.zeros_(conv.bias)

@@ -37,7 +37,7 @@ from ..weights import with_pretrained
 from .backbones.mobilenetv3 import FeatureTaps, MobileNetV3Large
 from .backbones.resnet import ResNet
 from .fcn_resnet import AuxiliaryHeadModel, FCNHead
-from .layers import in_layout_of
+from .layers import RateClippedConv2d, in_layout_of
 
 __all__ = ["ASPP", "ImagePooling", "DeepLabV3", "DeepLabV3Plus", "aspp_rates", "ASPP_RATES_OS16"]
 
@@ -53,9 +53,13 @@ def aspp_rates(output_stride: int) -> tuple[int, ...]:
 
 
 def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> list[nn.Module]:
-    padding = dilation * (kernel - 1) // 2
+    conv = (
+        RateClippedConv2d(cin, cout, kernel, dilation, bias=False)
+        if dilation > 1
+        else nn.Conv2d(cin, cout, kernel, padding=(kernel - 1) // 2, bias=False)
+    )
     return [
-        nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation, bias=False),
+        conv,
         nn.BatchNorm2d(cout),
         nn.ReLU(),
     ]
