@@ -166,7 +166,7 @@ class RateClippedConv2d(nn.Conv2d):
     ``rate * k`` is at least the map's side, and "in the extreme case when the rate value is
     close to the feature map size, the 3x3 filter [...] degenerates to a simple 1x1 filter"
     (DeepLab v3, Sec. 3.3). ASPP's rates 24 and 36 on a 16x16 map (256-pixel crops at output
-    stride 16): forward and backward 85 -> 6 ms (960 -> 256 channels, batch 8, 2-core Zen 2),
+    stride 16): forward and backward 85 -> 20 ms (960 -> 256 channels, batch 8, 2-core Zen 2),
     where oneDNN's backward runs every tap over the zeros. Traced graphs (exports) keep the
     whole filter, so they stay right at every size.
     """
@@ -230,7 +230,8 @@ class DilatedDepthwiseConv2d(nn.Conv2d):
     MobileNetV3's dilated last stage (LR-ASPP, DeepLab v3): oneDNN 3.x computes the weight
     gradient of a 5x5, dilation-2 depthwise layer by a slow path, 66 ms for 960 channels on an
     8 x 16 x 16 batch where its forward takes 1 ms (2-core Zen 2). Forward and both gradients
-    here: 79 -> 17 ms. Eval, traced graphs, GPUs and autocast see a plain convolution.
+    here: 79 -> 17 ms. Inference (no gradients), traced graphs, GPUs and autocast see a plain
+    convolution.
     """
 
     def __init__(self, channels: int, kernel_size: int, dilation: int, bias: bool = False) -> None:
