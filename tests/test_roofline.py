@@ -12,7 +12,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import roofline  # noqa: E402
-from benchmarks.roofline import Flops, layer_flops, roof_share, table, time_in_turn  # noqa: E402
+from benchmarks.roofline import Flops, layer_flops, recount, roof_share, table, taps_on_image, time_in_turn  # noqa: E402
 from benchmarks.speed import _build  # noqa: E402
 
 
@@ -27,7 +27,8 @@ def test_depthwise_convolutions_are_counted_apart_from_the_dense_layers():
     pixels = 10 * 10
     assert flops.depthwise == 2 * pixels * 8 * 9
     assert flops.dense == 2 * pixels * (8 * 27 + 8 * 36 + 8 * 16)
-    assert flops * 3 == Flops(3 * flops.dense, 3 * flops.depthwise) and flops.total == flops.dense + flops.depthwise
+    assert flops * 3 == Flops(3 * flops.dense, 3 * flops.depthwise, 3 * flops.on_image)
+    assert flops.total == flops.dense + flops.depthwise
 
 
 @pytest.mark.parametrize(("name", "side", "gflop"), [("deeplab_v2_resnet101", 513, 377.8), ("unet_padded", 572, 476.9)])
@@ -143,3 +144,41 @@ def test_zero_initialised_score_layers_get_weights_so_the_parity_rule_means_some
     assert not model.score_fr.weight.eq(0).all()
     after = model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in kept.items())  # nothing that was set moves
+
+
+def test_taps_that_read_only_padding_are_not_counted_on_the_image():
+    # Along one axis: 3x3 "same" at 16 loses its two border taps; rate 12 keeps 4 + 16 + 4;
+    # rate 24 only the centre; no padding keeps all; stride 2 with padding 1 on 9 -> 5: 4 + 5 + 4.
+    assert [taps_on_image(16, 16, 3, 1, 1, 1), taps_on_image(16, 16, 3, 1, 12, 12)] == [46, 24]
+    assert [taps_on_image(16, 16, 3, 1, 24, 24), taps_on_image(10, 8, 3, 1, 0, 1)] == [16, 24]
+    assert taps_on_image(9, 5, 3, 2, 1, 1) == 13
+    atrous = nn.Conv2d(4, 6, 3, padding=24, dilation=24)  # ASPP's rate 24 on a 16x16 map: its centre alone
+    flops = layer_flops(atrous, (2, 4, 16, 16))
+    assert flops.total == 9 * flops.on_image == 2 * 2 * 16 * 16 * 6 * 4 * 9
+    valid = layer_flops(nn.Conv2d(4, 6, 3), (1, 4, 12, 12))
+    assert valid.on_image == valid.total
+
+
+def test_the_table_counts_the_taps_on_the_image_and_recount_adds_them(monkeypatch):
+    results = _results(PEAKS)
+    assert "taps on the image" not in table(results)  # results from before the count keep their columns
+    results["models"]["dense"]["default (onnxruntime) 256"]["gflop_on_image"] = 6.0  # 6 of 9 on the image
+    text = table(results)
+    assert "| % of conv peak, taps on the image |" in text
+    assert "| dense | default (onnxruntime) 256 | 9.0 | 0.090 | 100 | 100% | 100% | 67% |" in text
+    assert "taps that reach the image" in text and ">= 85% on 0 of 1; below: dense 256 (67%)." in text
+    # --recount: the count follows from the model and the row's size, a training row's multiple included
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=8, dilation=8))
+    monkeypatch.setattr(roofline, "_build", lambda name: net)
+    monkeypatch.setattr(roofline, "_channels", lambda name: 3)
+    forward = layer_flops(net, (1, 3, 8, 8))
+    rows = {
+        "eager 8": {"size": 8, "gflop": forward.total / 1e9},
+        "train step 8": {"size": 8, "gflop": 3 * forward.total / 1e9},
+    }
+    recounted = recount({"models": {"net": rows}})["models"]["net"]
+    assert recounted["eager 8"]["gflop_on_image"] == pytest.approx(forward.on_image / 1e9)
+    assert recounted["train step 8"]["gflop_on_image"] == pytest.approx(3 * forward.on_image / 1e9)
+    rows["odd"] = {"size": 8, "gflop": 1.5 * forward.total / 1e9}
+    with pytest.raises(ValueError, match="no multiple"):
+        recount({"models": {"net": rows}})
