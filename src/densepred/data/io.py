@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import warnings
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -119,16 +119,10 @@ def _drop_opaque_alpha(arr: np.ndarray, path: Path) -> np.ndarray:
     return arr[..., :-1]
 
 
-def _png_decoder() -> Callable[[bytes], np.ndarray] | None:
-    """libspng's PNG decoder (the ``pyspng`` wheel), or None where it is not installed."""
-    try:
-        import pyspng
-    except ImportError:
-        return None
-    return pyspng.load
-
-
-_DECODE_PNG = _png_decoder()
+try:  # libspng's PNG decoder (the ``pyspng`` wheel, where the platform has one)
+    from pyspng import load as _DECODE_PNG
+except ImportError:
+    _DECODE_PNG = None
 PNG_DECODER = "libspng" if _DECODE_PNG is not None else "OpenCV"  # what read_image decodes 8-bit PNGs with
 
 

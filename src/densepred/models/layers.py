@@ -160,6 +160,13 @@ class AtrousConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+def _same_padding(layer: str, kernel_size: int, dilation: int) -> int:
+    """The padding that keeps a stride-1 map's size: an odd kernel's half, dilated."""
+    if kernel_size % 2 == 0:
+        raise ValueError(f"{layer} needs an odd kernel, got {kernel_size}")
+    return dilation * (kernel_size // 2)
+
+
 class RateClippedConv2d(nn.Conv2d):
     """A stride-1 "same" atrous ``nn.Conv2d`` (same parameters, same result) that runs only the
     taps that can reach the map: a tap ``rate * k`` pixels off-centre reads only padding once
@@ -172,11 +179,8 @@ class RateClippedConv2d(nn.Conv2d):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, rate: int, bias: bool = True) -> None:
-        if kernel_size % 2 == 0:
-            raise ValueError(f"RateClippedConv2d needs an odd kernel, got {kernel_size}")
-        super().__init__(
-            in_channels, out_channels, kernel_size, padding=rate * (kernel_size // 2), dilation=rate, bias=bias
-        )
+        padding = _same_padding(type(self).__name__, kernel_size, rate)
+        super().__init__(in_channels, out_channels, kernel_size, padding=padding, dilation=rate, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
@@ -197,19 +201,18 @@ class _PolyphaseDepthwiseConv(torch.autograd.Function):
     (stacked as a batch), where ``x[d*i + r]`` meets tap ``a`` only through ``x[d*(i + a) + r]``."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int, padding: int) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.dilation, ctx.has_bias = dilation, bias is not None
-        return F.conv2d(x, weight, bias, 1, dilation * (weight.shape[-1] // 2), dilation, x.shape[1])
+        ctx.dilation, ctx.padding, ctx.has_bias = dilation, padding, bias is not None
+        return F.conv2d(x, weight, bias, 1, padding, dilation, x.shape[1])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         d, channels = ctx.dilation, x.shape[1]
-        half = weight.shape[-1] // 2
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = F.conv2d(grad, weight.flip(-2, -1), None, 1, d * half, d, channels)
+            grad_x = F.conv2d(grad, weight.flip(-2, -1), None, 1, ctx.padding, d, channels)
         if ctx.needs_input_grad[1]:
             h, w = grad.shape[-2:]
             grow = (0, -w % d, 0, -h % d)  # to a multiple of d: the zeros add nothing
@@ -217,10 +220,10 @@ class _PolyphaseDepthwiseConv(torch.autograd.Function):
             phases = [(r, s) for r in range(d) for s in range(d)]
             xs = torch.cat([xg[:, :, r::d, s::d] for r, s in phases])
             gs = torch.cat([gg[:, :, r::d, s::d] for r, s in phases])
-            grad_w = torch.nn.grad.conv2d_weight(xs, weight.shape, gs, 1, half, 1, channels)
+            grad_w = torch.nn.grad.conv2d_weight(xs, weight.shape, gs, 1, ctx.padding // d, 1, channels)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 class DilatedDepthwiseConv2d(nn.Conv2d):
@@ -235,9 +238,7 @@ class DilatedDepthwiseConv2d(nn.Conv2d):
     """
 
     def __init__(self, channels: int, kernel_size: int, dilation: int, bias: bool = False) -> None:
-        if kernel_size % 2 == 0:
-            raise ValueError(f"DilatedDepthwiseConv2d needs an odd kernel, got {kernel_size}")
-        padding = dilation * (kernel_size // 2)
+        padding = _same_padding(type(self).__name__, kernel_size, dilation)
         super().__init__(channels, channels, kernel_size, 1, padding, dilation, channels, bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -247,7 +248,7 @@ class DilatedDepthwiseConv2d(nn.Conv2d):
             and (x.requires_grad or self.weight.requires_grad)
             and not (torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"))
         ):
-            return _PolyphaseDepthwiseConv.apply(x, self.weight, self.bias, self.dilation[0])
+            return _PolyphaseDepthwiseConv.apply(x, self.weight, self.bias, self.dilation[0], self.padding[0])
         return super().forward(x)
 
 
