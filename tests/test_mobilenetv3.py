@@ -336,3 +336,34 @@ def test_the_heads_keep_channels_last_forward_and_backward():
         y = run(head, x)
         (grad,) = torch.autograd.grad(y, x, torch.randn_like(y))
         assert y.is_contiguous(memory_format=cl) and grad.is_contiguous(memory_format=cl), name
+
+
+def test_global_average_pool_is_pytorchs_with_a_broadcast_gradient():
+    """Training through squeeze-and-excite adds the pooling's gradient to the product's: the pool's
+    gradient is a stride-0 view, so the sum stays channels-last and costs a fraction of adding a
+    dense channels-first map; the numbers are PyTorch's pooling's."""
+    from densepred.models.deeplabv3 import ImagePooling
+    from densepred.models.layers import GlobalAveragePool, global_average_pool
+    from densepred.models.lraspp import LRASPPHead
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    y = global_average_pool(x)
+    torch.testing.assert_close(y, F.adaptive_avg_pool2d(x, 1))
+    upstream = torch.randn_like(y)
+    (ours,) = torch.autograd.grad(y, x, upstream)
+    (theirs,) = torch.autograd.grad(F.adaptive_avg_pool2d(x, 1), x, upstream)
+    torch.testing.assert_close(ours, theirs)
+    assert ours.stride()[-2:] == (0, 0)
+    # squeeze-and-excite: x feeds the pooling and the product; the summed gradient keeps the layout
+    se = SqueezeExcitation(6).double().to(memory_format=torch.channels_last)
+    out = se(x)
+    (summed,) = torch.autograd.grad(out, x, torch.randn_like(out))
+    assert summed.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert global_average_pool(x).grad_fn is None
+    graph = str(torch.jit.trace(GlobalAveragePool(), x.detach()).graph)
+    assert "adaptive_avg_pool2d" in graph  # what exports record
+    assert isinstance(LRASPPHead(8, 16, 3, 8).scale[0], GlobalAveragePool)
+    assert isinstance(ImagePooling(16, 8)[0], GlobalAveragePool)

@@ -37,7 +37,7 @@ from ..weights import with_pretrained
 from .backbones.mobilenetv3 import FeatureTaps, MobileNetV3Large
 from .backbones.resnet import ResNet
 from .fcn_resnet import AuxiliaryHeadModel, FCNHead
-from .layers import RateClippedConv2d, in_layout_of
+from .layers import GlobalAveragePool, RateClippedConv2d, in_layout_of
 
 __all__ = ["ASPP", "ImagePooling", "DeepLabV3", "DeepLabV3Plus", "aspp_rates", "ASPP_RATES_OS16"]
 
@@ -70,7 +70,7 @@ class ImagePooling(nn.Sequential):
     conv + BN + ReLU, bilinearly upsampled to the map's size."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(in_channels, out_channels))
+        super().__init__(GlobalAveragePool(), *_conv_bn_relu(in_channels, out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]

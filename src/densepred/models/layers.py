@@ -20,6 +20,8 @@ __all__ = [
     "DilatedDepthwiseConv2d",
     "RateClippedConv2d",
     "FrozenBatchNorm2d",
+    "GlobalAveragePool",
+    "global_average_pool",
     "in_layout_of",
     "center_crop",
     "crop",
@@ -346,6 +348,43 @@ class FrozenBatchNorm2d(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
+
+
+class _BroadcastGradMean(torch.autograd.Function):
+    """Global average pooling whose gradient is the upstream one spread as a stride-0 view.
+
+    PyTorch's pooling backward writes a dense channels-first map. Where the pooled tensor also
+    feeds another layer (squeeze-and-excite, LR-ASPP's head, ASPP's image pooling), autograd then
+    adds a channels-first gradient into a channels-last one: 3.1 ms for 8 x 960 x 16 x 16 on a
+    2-core Zen 2, where the broadcast sum takes a fraction. The same numbers either way."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001 - autograd's context
+        ctx.shape = x.shape
+        return F.adaptive_avg_pool2d(x, 1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001
+        height, width = ctx.shape[-2:]
+        return (grad / (height * width)).expand(ctx.shape)
+
+
+def global_average_pool(x: Tensor) -> Tensor:
+    """``F.adaptive_avg_pool2d(x, 1)``; in training, with a gradient that keeps the layout of the
+    layers around it (traced graphs keep PyTorch's own operation)."""
+    if x.requires_grad and torch.is_grad_enabled() and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        return _BroadcastGradMean.apply(x)
+    return F.adaptive_avg_pool2d(x, 1)
+
+
+class GlobalAveragePool(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d(1)`` through :func:`global_average_pool`."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return global_average_pool(x)
 
 
 def crop(x: Tensor, offset: int, height: int, width: int) -> Tensor:

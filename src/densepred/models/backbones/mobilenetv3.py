@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...catalogue import imagenet_trunk, register_weights
-from ..layers import Backbone, DilatedDepthwiseConv2d, FeatureSpec, check_input
+from ..layers import Backbone, DilatedDepthwiseConv2d, FeatureSpec, check_input, global_average_pool
 
 __all__ = ["MobileNetV3Large", "InvertedResidual", "SqueezeExcitation", "FeatureTaps", "Bneck", "BNECKS_LARGE"]
 
@@ -108,7 +108,7 @@ class SqueezeExcitation(nn.Module):
         self.fc2 = nn.Conv2d(squeezed, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = self.fc2(self.relu(self.fc1(F.adaptive_avg_pool2d(x, 1))))
+        scale = self.fc2(self.relu(self.fc1(global_average_pool(x))))
         return x * F.hardsigmoid(scale)
 
 
