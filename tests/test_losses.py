@@ -185,3 +185,26 @@ def test_unet_weight_maps_batch_and_errors():
         unet_weight_map(masks.numpy())
     with pytest.raises(ValueError, match="balance"):
         unet_weight_map(masks[0], class_weights="median")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("weighting", ["none", "class", "pixel"])
+def test_channels_last_logits_give_the_same_loss_and_gradient(reduction, weighting):
+    # Channels-last logits take the softmax along their class axis in place; the loss, its gradient
+    # (in the logits' own layout) and the ignored pixels' zero gradient are those of channels-first.
+    logits, target = _batch(n=2, c=5, h=7, w=6)
+    target[0, 0, :3] = 255
+    options = {"reduction": reduction}
+    if weighting == "class":
+        options["class_weights"] = [0.5, 1.0, 2.0, 4.0, 3.0]
+    if weighting == "pixel":
+        options["pixel_weights"] = torch.rand(target.shape, dtype=torch.float64)
+    first = logits.clone().requires_grad_(True)
+    last = logits.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    expected, got = cross_entropy(first, target, **options), cross_entropy(last, target, **options)
+    torch.testing.assert_close(got, expected)
+    expected.backward()
+    got.backward()
+    assert last.grad.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(last.grad, first.grad)
+    assert (last.grad[(target == 255).unsqueeze(1).expand_as(logits)] == 0).all()

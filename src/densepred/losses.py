@@ -25,7 +25,7 @@ from torch import Tensor
 from .config import TrainConfig
 from .data.labels import IGNORE_INDEX
 from .metrics import check_labels
-from .models.layers import center_crop
+from .models.layers import center_crop, is_channels_last
 
 __all__ = [
     "RecipeLoss",
@@ -106,6 +106,23 @@ def _class_weight_tensor(class_weights: Tensor | Sequence[float] | np.ndarray | 
     return weight
 
 
+def _pixel_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int) -> Tensor:
+    """Each pixel's (class-weighted) cross-entropy, 0 where ignored: ``F.cross_entropy(...,
+    reduction="none")``. Channels-last logits take the softmax along their contiguous class axis:
+    PyTorch's copies them to channels-first first and sends a channels-first gradient back into
+    the channels-last network (LR-ASPP, 11 classes at 8 x 256 x 256, with the upsampling before
+    it, forward and backward: 37.5 -> 31.7 ms on a 2-core Zen 2)."""
+    if not is_channels_last(logits):
+        return F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction="none")
+    valid = target != ignore_index
+    safe = target.masked_fill(~valid, 0)
+    log_probs = F.log_softmax(logits.permute(0, 2, 3, 1), -1)  # (N, H, W, C), a contiguous view's
+    picked = log_probs.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    if weight is not None:
+        picked = picked * weight.to(picked.dtype)[safe]
+    return torch.where(valid, -picked, 0.0)
+
+
 def cross_entropy(
     logits: Tensor,
     target: Tensor,
@@ -144,7 +161,7 @@ def cross_entropy(
             "map (unet_weight_map(class_weights=...))"
         )
     target = target.long()
-    loss = F.cross_entropy(logits, target, weight=weight, ignore_index=ignore_index, reduction="none")
+    loss = _pixel_cross_entropy(logits, target, weight, ignore_index)
     valid = target != ignore_index
     if pixel_weights is not None:
         if pixel_weights.shape != target.shape:

@@ -23,6 +23,7 @@ __all__ = [
     "GlobalAveragePool",
     "global_average_pool",
     "in_layout_of",
+    "is_channels_last",
     "center_crop",
     "crop",
     "check_input",
@@ -396,8 +397,12 @@ def in_layout_of(t: Tensor, x: Tensor) -> Tensor:
     """``t`` in ``x``'s memory layout (channels-last or not): a map upsampled from 1x1 comes out
     channels-first whatever its input's layout, and concatenated with channels-last maps it
     would turn the whole concatenation, and the gradient the layers before receive, channels-first."""
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return t.contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
+
+
+def is_channels_last(x: Tensor) -> bool:
+    """Whether ``x`` is a 4-D map laid out channels-last (and not also channels-first: C or H*W of 1)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def center_crop(x: Tensor, height: int, width: int) -> Tensor:
