@@ -22,3 +22,18 @@ def assert_is_the_convolution(conv: nn.Conv2d, x: Tensor, grad_fn_suffix: str) -
     theirs = torch.autograd.grad(reference, (x, conv.weight, conv.bias), upstream)
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def assert_is_the_unbiased_convolution(conv: nn.Conv2d, x: Tensor, grad_fn_suffix: str) -> tuple[Tensor, Tensor]:
+    """As :func:`assert_is_the_convolution` for a layer without bias, straight from its output;
+    returns its gradients for input and weight."""
+    y = conv(x)
+    assert y.grad_fn.name().endswith(grad_fn_suffix)
+    reference = F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    torch.testing.assert_close(y, reference)
+    upstream = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, conv.weight), upstream)
+    theirs = torch.autograd.grad(reference, (x, conv.weight), upstream)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b)
+    return ours

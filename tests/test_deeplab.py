@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import densepred
-from conv_gradients import assert_is_the_convolution
+from conv_gradients import assert_is_the_convolution, assert_is_the_unbiased_convolution
 from densepred.models.deeplab import ASPP_RATES, MultiScaleInputs, caffe_resize
 from densepred.models.layers import AtrousConv2d, RateClippedConv2d
 from slim import slim
@@ -136,19 +136,34 @@ def test_deeplab_fc6_is_atrous_and_the_7x7_trains_at_a_small_size():
     assert model.head.fc6.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("size,rate", [((5, 7), 6), ((10, 3), 3), ((4, 13), 4), ((9, 9), 2)])
+@pytest.mark.parametrize("size,rate", [((5, 7), 6), ((10, 3), 3), ((4, 13), 4), ((9, 9), 2), ((5, 5), 6), ((11, 8), 5)])
 def test_rate_clipped_conv_is_the_convolution_forward_and_backward(size, rate):
-    # Taps that only read padding are left out (all, some along one axis, or none): the output and
-    # all three gradients must still be the whole filter's, those taps' weight gradient zero.
+    # Taps that only read padding are left out (all, some along one axis, or none), and the taps
+    # kept train through a backward that reads only the part of the map each reaches: the output
+    # and all three gradients must still be the whole filter's, the left-out taps' gradient zero.
     torch.manual_seed(0)
     conv = RateClippedConv2d(3, 5, 3, rate).double()
     x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
-    assert_is_the_convolution(conv, x, "ConvolutionBackward0")
+    only_centre = min(size) <= rate and max(size) <= rate
+    assert_is_the_convolution(conv, x, "ConvolutionBackward0" if only_centre else "_SameAtrousConvBackward")
     if min(size) <= rate:  # a tap outside on some axis: its column or row gets no gradient
         conv.weight.grad = None
         conv(x).sum().backward()
         outside = conv.weight.grad[:, :, 0] if size[0] <= rate else conv.weight.grad[:, :, :, 0]
         assert (outside == 0).all()
+
+
+def test_rate_clipped_conv_trains_channels_last_without_bias_and_steps_aside_elsewhere():
+    torch.manual_seed(0)
+    conv = RateClippedConv2d(6, 4, 3, 4, bias=False).double().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    ours = assert_is_the_unbiased_convolution(conv, x, "_SameAtrousConvBackward")
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert conv(x).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert conv.float()(x.float()).grad_fn.name() == "ConvolutionBackward0"
 
 
 def test_rate_clipped_conv_keeps_the_whole_filter_in_traced_graphs():
