@@ -143,7 +143,8 @@ def test_rate_clipped_conv_is_the_convolution_forward_and_backward(size, rate):
     # and all three gradients must still be the whole filter's, the left-out taps' gradient zero.
     torch.manual_seed(0)
     conv = RateClippedConv2d(3, 5, 3, rate).double()
-    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     only_centre = min(size) <= rate and max(size) <= rate
     assert_is_the_convolution(conv, x, "ConvolutionBackward0" if only_centre else "_SameAtrousConvBackward")
     if min(size) <= rate:  # a tap outside on some axis: its column or row gets no gradient
@@ -153,7 +154,7 @@ def test_rate_clipped_conv_is_the_convolution_forward_and_backward(size, rate):
         assert (outside == 0).all()
 
 
-def test_rate_clipped_conv_trains_channels_last_without_bias_and_steps_aside_elsewhere():
+def test_rate_clipped_conv_trains_channels_last_without_bias_and_steps_aside_otherwise():
     torch.manual_seed(0)
     conv = RateClippedConv2d(6, 4, 3, 4, bias=False).double().to(memory_format=torch.channels_last)
     x = torch.randn(2, 6, 7, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
@@ -162,6 +163,7 @@ def test_rate_clipped_conv_trains_channels_last_without_bias_and_steps_aside_els
     assert ours[0].is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert conv(x).grad_fn is None
+    assert conv(x.contiguous()).grad_fn.name() == "ConvolutionBackward0"  # channels-first: oneDNN's
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert conv.float()(x.float()).grad_fn.name() == "ConvolutionBackward0"
 

@@ -207,10 +207,10 @@ class _SameAtrousConv(torch.autograd.Function):
     oneDNN's backward runs every tap over the zero padding, which at ASPP's rates is most of the
     filter; its forward skips it. The input gradient is the forward kernel on the upstream
     gradient with the filter flipped and its channels swapped (a stride-1 "same" convolution's
-    adjoint); the weight gradient one GEMM per tap over the pixels it reaches. ASPP's rate-12
-    branch, 960 -> 256 channels on 8 x 16 x 16 (DeepLab v3 MobileNetV3 at 256 px): backward
-    132 -> 38 ms; 2048 -> 256 on a 65 x 65 map (ResNet-101 at 513 px, output stride 8), rate 12:
-    894 -> 434 ms (2-core Zen 2).
+    adjoint); the weight gradient one GEMM per tap over the pixels it reaches. Channels-last on a
+    2-core Zen 2, ASPP's rate-12 branch, 960 -> 256 channels on 8 x 16 x 16 (DeepLab v3
+    MobileNetV3 at 256 px): backward 132 -> 38 ms; 2048 -> 256 on a 65 x 65 map (ResNet-101 at
+    513 px, output stride 8): 894 -> 434 ms.
     """
 
     @staticmethod
@@ -242,9 +242,10 @@ class RateClippedConv2d(nn.Conv2d):
     close to the feature map size, the 3x3 filter [...] degenerates to a simple 1x1 filter"
     (DeepLab v3, Sec. 3.3). ASPP's rates 24 and 36 on a 16x16 map (256-pixel crops at output
     stride 16): forward and backward 85 -> 20 ms (960 -> 256 channels, batch 8, 2-core Zen 2),
-    where oneDNN's backward runs every tap over the zeros. A tap that reaches part of the map
-    trains through :class:`_SameAtrousConv`, whose backward reads only that part. Traced graphs
-    (exports) keep the whole filter, so they stay right at every size.
+    where oneDNN's backward runs every tap over the zeros. Channels-last, a tap that reaches part
+    of the map trains through :class:`_SameAtrousConv`, whose backward reads only that part
+    (channels-first, oneDNN's own backward is as fast: 19.3 s a DeepLab v3 ResNet-101 step at 513
+    either way). Traced graphs (exports) keep the whole filter, so they stay right at every size.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, rate: int, bias: bool = True) -> None:
@@ -258,7 +259,7 @@ class RateClippedConv2d(nn.Conv2d):
         # taps per side whose offset stays inside the map, per axis
         keep_h, keep_w = (min(half, (side - 1) // rate) for side in x.shape[-2:])
         weight = self.weight[:, :, half - keep_h : half + keep_h + 1, half - keep_w : half + keep_w + 1]
-        if (keep_h or keep_w) and _trains_on_cpu(x, weight):
+        if (keep_h or keep_w) and is_channels_last(x) and _trains_on_cpu(x, weight):
             return _SameAtrousConv.apply(x, weight, self.bias, rate)
         return F.conv2d(x, weight, self.bias, 1, (rate * keep_h, rate * keep_w), self.dilation, self.groups)
 
