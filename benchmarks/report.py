@@ -413,9 +413,10 @@ NOTES = {
     "convolution and linear layer (2 per multiply-add); the training step counts 3x the forward's. "
     '"default" is what `predict` and `eval` run on images of the row\'s size: the backend (named) that '
     "the probe chose at that size, the size of their first image's forward passes (`serve`, which "
-    "cannot know its images' size, probes at 128 pixels). That count is nominal, as the issue's hand counts "
-    "are: it holds the taps that read only padding as work, which the kernels skip, and so puts the DeepLab v3 "
-    'family above 100% (its ASPP rates of 12-36 on 16-33 pixel maps). "% of conv peak, taps on the image" '
+    "cannot know its images' size, probes at 128 pixels). That count is nominal, as counts by hand from "
+    "the layer shapes are: it holds the taps that read only padding as work, which the kernels skip, "
+    "and so puts the DeepLab v3 family above 100% (its ASPP rates of 12-36 on 16-33 pixel maps). "
+    '"% of conv peak, taps on the image" '
     "counts only the multiply-adds whose input pixel is in the image, the honest share where the two differ "
     "(`python -m benchmarks.roofline --recount` adds it to older results). "
     '"% of roof" (where the peaks include a depthwise one) '
