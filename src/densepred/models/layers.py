@@ -24,6 +24,7 @@ __all__ = [
     "global_average_pool",
     "in_layout_of",
     "is_channels_last",
+    "being_traced",
     "center_crop",
     "crop",
     "check_input",
@@ -163,6 +164,12 @@ class AtrousConv2d(nn.Conv2d):
         return super().forward(x)
 
 
+def being_traced() -> bool:
+    """Whether this forward is being recorded for an export (TorchScript or ONNX), where a layer
+    must write the operation that holds at every input size, not a shortcut for this one."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _same_padding(layer: str, kernel_size: int, dilation: int) -> int:
     """The padding that keeps a stride-1 map's size: an odd kernel's half, dilated."""
     if kernel_size % 2 == 0:
@@ -177,7 +184,7 @@ def _trains_on_cpu(x: Tensor, weight: Tensor) -> bool:
         torch.is_grad_enabled()
         and x.device.type == "cpu"
         and (x.requires_grad or weight.requires_grad)
-        and not (torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"))
+        and not (being_traced() or torch.is_autocast_enabled("cpu"))
     )
 
 
@@ -215,21 +222,21 @@ class _SameAtrousConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, dilation: int) -> Tensor:  # noqa: ANN001
+        kh, kw = weight.shape[-2:]
         ctx.save_for_backward(x, weight)
         ctx.dilation, ctx.has_bias = dilation, bias is not None
-        kh, kw = weight.shape[-2:]
-        return F.conv2d(x, weight, bias, 1, (dilation * (kh // 2), dilation * (kw // 2)), dilation)
+        ctx.padding = (dilation * (kh // 2), dilation * (kw // 2))
+        return F.conv2d(x, weight, bias, 1, ctx.padding, dilation)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         x, weight = ctx.saved_tensors
-        d, (kh, kw) = ctx.dilation, weight.shape[-2:]
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             adjoint = weight.flip(-2, -1).transpose(0, 1)
-            grad_x = F.conv2d(grad, adjoint, None, 1, (d * (kh // 2), d * (kw // 2)), d)
+            grad_x = F.conv2d(grad, adjoint, None, 1, ctx.padding, ctx.dilation)
         if ctx.needs_input_grad[1]:
-            grad_w = _reached_taps_weight_grad(x, grad, (kh, kw), d)
+            grad_w = _reached_taps_weight_grad(x, grad, weight.shape[-2:], ctx.dilation)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None
@@ -253,7 +260,7 @@ class RateClippedConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, padding=padding, dilation=rate, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        if being_traced():
             return super().forward(x)
         rate, half = self.dilation[0], self.kernel_size[0] // 2
         # taps per side whose offset stays inside the map, per axis
@@ -435,7 +442,7 @@ class _BroadcastGradMean(torch.autograd.Function):
 def global_average_pool(x: Tensor) -> Tensor:
     """``F.adaptive_avg_pool2d(x, 1)``; in training, with a gradient that keeps the layout of the
     layers around it (traced graphs keep PyTorch's own operation)."""
-    if x.requires_grad and torch.is_grad_enabled() and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+    if x.requires_grad and torch.is_grad_enabled() and not being_traced():
         return _BroadcastGradMean.apply(x)
     return F.adaptive_avg_pool2d(x, 1)
 

@@ -27,7 +27,7 @@ from ..registry import register_model
 from ..weights import with_pretrained
 from .backbones.resnet import ResNet
 from .fcn_resnet import AuxiliaryHeadModel, FCNHead
-from .layers import in_layout_of
+from .layers import being_traced, in_layout_of
 
 __all__ = ["PyramidPooling", "PSPNet", "PSP_BINS", "AUX_WEIGHT"]
 
@@ -44,7 +44,7 @@ class BinPooling(nn.AdaptiveAvgPool2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+        if not being_traced():
             return super().forward(x)
         bins = self.output_size if isinstance(self.output_size, int) else self.output_size[0]
         h, w = x.shape[-2], x.shape[-1]
