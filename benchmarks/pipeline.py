@@ -17,7 +17,8 @@ the inference backend ``predict`` would choose.
 2. ``predict`` end to end (``predict_files`` on the frame: read, network, argmax, both files),
    against the forward pass alone on the same normalised tensor: the ratio is what the
    pipeline adds to the network (target <= 1.15). Then ``predict`` on a folder of ``--frames``
-   consecutive frames, per frame. The forward and both predicts take turns, round by round, as
+   consecutive frames, per frame, with as many frames at once as ``predict`` measures best
+   (``--streams`` sets it). The forward and both predicts take turns, round by round, as
    do a sliding window's tile and the whole slide: each ratio compares runs made side by side.
 """
 
@@ -147,6 +148,7 @@ def end_to_end(predictor: Predictor, frames: list[Path], out: Path, repeats: int
     labels = predictor.labels(image)
     encode, _ = _median(_file_writer(trained, image, labels, out, overlay), repeats)
     mask, _ = _median(_file_writer(trained, image, labels, out, "none"), repeats)
+    streams = len(predictor.in_streams(len(frames)))  # measured here (once), as predict does, not in the timing
     # A fresh folder per run, as predict writes new files: rewriting a file in place makes ext4
     # flush it on close (auto_da_alloc), ~30 ms a file here, which a first run never pays.
     folders = (out / f"run{k}" for k in itertools.count())
@@ -176,6 +178,7 @@ def end_to_end(predictor: Predictor, frames: list[Path], out: Path, repeats: int
         "predict": total,
         "ratio": total / forward,
         "frames": len(frames),
+        "streams": streams,
         "predict_per_frame": per_frame,
         "ratio_per_frame": per_frame / forward,
     }
@@ -222,6 +225,12 @@ def camvid_frames(data_root: Path | None, folder: Path, count: int) -> tuple[lis
     return files, "synthetic 360x480 PNGs (no CamVid under --data-root)"
 
 
+def _at_once(row: dict) -> str:
+    """How many frames predict segmented at once (results before streams lack it: one)."""
+    streams = row.get("streams", 1)
+    return f", {streams} at once" if streams > 1 else ""
+
+
 def table(results: dict) -> str:
     """The benchmark's tables in Markdown, from its results."""
     # Results from before predict wrote JPEG overlays by default hold no "overlay": theirs were PNGs.
@@ -245,7 +254,7 @@ def table(results: dict) -> str:
     models = results["models"]
     for name, r in models.items():
         folder = (
-            f"{r['predict_per_frame']:.3f} ({r['frames']} frames) | {r['ratio_per_frame']:.3f}x"
+            f"{r['predict_per_frame']:.3f} ({r['frames']} frames{_at_once(r)}) | {r['ratio_per_frame']:.3f}x"
             if "frames" in r
             else "- | -"
         )
@@ -288,6 +297,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=10, help="frames in the folder that predict reads in one run")
     parser.add_argument("--backend", default="auto", help="eval.backend: auto (what predict uses) or one backend")
     parser.add_argument("--amp", default="auto", help="eval.amp: auto (what predict uses), none, bf16")
+    parser.add_argument("--streams", type=int, help="eval.streams: frames at once (default: measured, as predict)")
     parser.add_argument("--modes", action="store_true", help="also the per-stage table of every inference mode")
     parser.add_argument("--overlay", choices=OVERLAY_FORMATS, default="jpg", help="as predict --overlay")
     parser.add_argument("--json", type=Path, default=Path("runs/bench/pipeline.json"))
@@ -308,7 +318,7 @@ def main() -> None:
         results["frame"] = what
         for source in sources:
             trained = load_trained(source) if isinstance(source, Path) else random_trained(source)
-            options = EvalConfig(backend=args.backend, amp=args.amp)
+            options = EvalConfig(backend=args.backend, amp=args.amp, streams=args.streams)
             predictor = Predictor(trained, options=options, image_size=image_size_of(frame))  # as predict does
             timings = end_to_end(predictor, frames, out, args.repeats, args.overlay)
             row = {"backend": predictor.backend.backend, **timings}

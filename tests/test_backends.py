@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import threading
 import typing
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -474,7 +475,7 @@ def test_beside_a_runtimes_own_threads_torch_runs_on_one_thread_and_gets_its_cou
         assert p.labels(image).shape == image.shape[:2]
         assert set(seen) == {threads} and len(seen) > 2 and torch.get_num_threads() == 2, backend
         seen.clear()
-        evaluate(wrapped, dataset, EvalConfig(), progress=False)
+        evaluate(wrapped, dataset, EvalConfig(streams=1), progress=False)  # one image at a time
         assert seen == [threads, threads] and torch.get_num_threads() == 2, backend
 
     crf_threads = []
@@ -494,3 +495,90 @@ def test_beside_a_runtimes_own_threads_torch_runs_on_one_thread_and_gets_its_cou
     with pytest.raises(RuntimeError, match="the runtime failed"):
         predictor(Accelerated(model, failing, "openvino")).labels(image)
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.usefixtures("two_torch_threads")
+def test_onnx_runtime_runs_several_frames_at_once_each_as_the_model_labels_them():
+    """Each stream gets a session of its own on its share of the threads (one session's runs would
+    share its pool); called at once from a thread each, every stream labels as eager does."""
+    backend = "onnxruntime"
+    needs(backend)
+    model, example = small("unet_padded"), torch.randn(1, 3, 48, 64)
+    wrapped, _ = accelerate(model, backend, example)
+    streams = backends.stream_models(wrapped, example, 2, limit=5)
+    assert len(streams) == 2 and all(isinstance(s, Accelerated) and s.backend == backend for s in streams)
+    assert streams[0]._run is not streams[1]._run
+    inputs = [torch.randn(1, 3, 48 + 16 * (i % 2), 64) for i in range(6)]
+
+    def label(k: int) -> torch.Tensor:
+        with torch_threads(1), torch.inference_mode():
+            return streams[k % 2](inputs[k])
+
+    with ThreadPoolExecutor(2) as pool:
+        outputs = list(pool.map(label, range(len(inputs))))
+    with torch.inference_mode():
+        for x, ours in zip(inputs, outputs, strict=True):
+            assert agreement(ours, model(x)) >= backends.AGREEMENT
+
+
+def test_streams_are_never_more_than_the_frames_and_torchs_backends_share_the_module():
+    model, example = few_ops(), torch.randn(1, 3, 32, 32)
+    assert backends.stream_models(model, example, 4, limit=3) == [model] * 3
+    assert backends.stream_models(model, example, 4, limit=1) == [model]
+    assert backends.stream_models(model, example, 1, limit=9) == [model]
+    # Measured only for a runtime with its own threads: torch's backends keep one unless asked.
+    assert backends.stream_models(model, example, None, limit=9) == [model]
+    with pytest.raises(ValueError, match="eval.streams must be >= 1"):
+        backends.stream_models(model, example, 0, limit=9)
+
+
+@pytest.mark.usefixtures("two_torch_threads")
+def test_streams_time_every_run_at_once_each_on_its_share_of_the_threads():
+    seen: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with lock:
+            seen.append((threading.get_ident(), torch.get_num_threads()))
+        return x
+
+    assert backends._seconds_per_frame([run, run], torch.zeros(1), calls=2) > 0
+    assert len(seen) == 6  # a warm-up and two timed calls each
+    assert len({ident for ident, _ in seen}) == 2 and {threads for _, threads in seen} == {1}
+    seen.clear()
+    backends._seconds_per_frame([run], torch.zeros(1), calls=2)
+    assert seen == [(threading.get_ident(), 2)] * 2  # one stream: the caller, all threads
+
+
+@pytest.mark.usefixtures("two_torch_threads")
+def test_auto_streams_are_kept_only_where_they_segment_enough_more_and_the_count_is_cached(monkeypatch, tmp_path):
+    model, example = few_ops(), torch.randn(1, 3, 32, 32)
+    runtime = Accelerated(model, lambda x: backends._eager_output(model, x), "onnxruntime")
+    monkeypatch.setattr(backends, "_streams_of", lambda m, x, n: [m] * n)
+    cache = tmp_path / "cache" / "backends.json"
+    for per_frame, kept in ({1: 1.0, 2: 0.7}, 2), ({1: 1.0, 2: 0.95}, 1):  # x1.43, then under STREAM_GAIN
+        cache.unlink(missing_ok=True)
+        timed = []
+
+        def seconds(runs, x, per_frame=per_frame, timed=timed):
+            timed.append(len(runs))
+            return per_frame[len(runs)]
+
+        monkeypatch.setattr(backends, "_seconds_per_frame", seconds)
+        assert len(backends.stream_models(runtime, example, None, limit=8)) == kept
+        assert sorted(timed) == [1, 1, 2, 2]  # two rounds, in turn
+        assert [v for k, v in json.loads(cache.read_text()).items() if k.endswith("|onnxruntime|streams")] == [
+            str(kept)
+        ]
+        monkeypatch.setattr(backends, "_seconds_per_frame", lambda *a: pytest.fail("timed again"))
+        assert len(backends.stream_models(runtime, example, None, limit=8)) == kept
+        assert len(backends.stream_models(runtime, example, None, limit=1)) == 1  # one frame: one stream
+
+
+def test_a_stream_that_labels_otherwise_is_refused(monkeypatch):
+    model, example = few_ops(), torch.randn(1, 3, 32, 32)
+    runtime = Accelerated(model, lambda x: backends._eager_output(model, x), "onnxruntime")
+    wrong = Accelerated(model, lambda x: -backends._eager_output(model, x), "onnxruntime")
+    monkeypatch.setattr(backends, "_streams_of", lambda m, x, n: [m] * (n - 1) + [wrong])
+    with pytest.raises(ValueError, match="2 streams agree with one on"):
+        backends.stream_models(runtime, example, 2, limit=4)

@@ -285,6 +285,11 @@ def test_the_pipeline_table_shows_what_reading_the_frame_and_writing_its_mask_co
     now = {"png_decoder": "libspng", "tiles_per_forward": 4, "forward_settled": True}
     after = table({**results, **now, "models": {"m": row}})
     assert "decoded by libspng" in after and "4 tiles per forward pass" in after and "timed straight after" not in after
+    # The folder's frames at once, where predict ran more than one (older results: one at a time).
+    folder = {"frames": 10, "predict_per_frame": 0.018, "ratio_per_frame": 0.9}
+    assert "| 0.018 (10 frames) | 0.900x |" in table({**results, "models": {"m": {**row, **folder}}})
+    two = table({**results, "models": {"m": {**row, **folder, "streams": 2}}})
+    assert "| 0.018 (10 frames, 2 at once) | 0.900x |" in two
 
 
 def test_the_train_layout_table_gives_each_recipe_its_speed_up_and_setting() -> None:

@@ -89,6 +89,7 @@ def test_overrides_are_typed_by_the_field():
         ("optimizer.lr=1", "unknown section 'optimizer'"),
         ("lr", "must look like section.key=value"),
         ("eval.mode=slide", "needs eval.tile"),
+        ("eval.streams=0", "eval.streams must be >= 1 or null, got 0"),
     ],
 )
 def test_bad_values_say_what_to_fix(override, message):

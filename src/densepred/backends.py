@@ -32,6 +32,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,7 @@ __all__ = [
     "accelerate",
     "probe_input",
     "torch_beside",
+    "stream_models",
 ]
 
 BACKENDS = ("eager", "channels_last", "torchscript", "onnxruntime", "openvino")
@@ -155,16 +157,30 @@ def prepare_backend(model: nn.Module, backend: str, example: Tensor) -> Callable
             traced = torch.jit.trace(_Logits(model), example, check_trace=False)
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced.eval()))
         return frozen
-    if backend in CPU_ONLY:  # both read the ONNX export (dynamic batch and sides), loaded whole
-        from .export import INPUT_NAME, export_onnx, onnx_session
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = export_onnx(model, Path(tmp) / "model.onnx", metadata={}, example_size=tuple(example.shape[-2:]))
-            if backend == "openvino":
-                return _openvino(_openvino_compiled(path))
-            session = onnx_session(path, threads=torch.get_num_threads())
-        return lambda x: torch.from_numpy(session.run(None, {INPUT_NAME: x.detach().cpu().numpy()})[0])
+    if backend in CPU_ONLY:
+        return _runtime_runs(model, backend, example, streams=1)[0]
     raise ValueError(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
+
+
+def _runtime_runs(model: nn.Module, backend: str, example: Tensor, streams: int) -> list[Callable[[Tensor], Tensor]]:
+    """``streams`` functions running ``model`` on a CPU runtime, to be called at once from a thread
+    each: ONNX Runtime's each on an equal share of torch's threads, OpenVINO's one compiled model
+    (see :func:`stream_models`). Both runtimes read the ONNX export (dynamic batch and sides),
+    loaded whole."""
+    from .export import INPUT_NAME, export_onnx, onnx_session
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(model, Path(tmp) / "model.onnx", metadata={}, example_size=tuple(example.shape[-2:]))
+        if backend == "openvino":
+            return [_openvino(_openvino_compiled(path))] * streams
+        # A session per stream: concurrent runs of one session would share, and wait for, its pool.
+        share = max(1, torch.get_num_threads() // streams)
+        sessions = [onnx_session(path, threads=share) for _ in range(streams)]
+
+    def runner(session) -> Callable[[Tensor], Tensor]:  # noqa: ANN001 - an onnxruntime.InferenceSession
+        return lambda x: torch.from_numpy(session.run(None, {INPUT_NAME: x.detach().cpu().numpy()})[0])
+
+    return [runner(session) for session in sessions]
 
 
 def _require_runtime(backend: str) -> None:
@@ -393,12 +409,15 @@ def choose_backend(
     # Eager always qualifies unless the model itself fails.
     best_run = finalists[choice.backend] if finalists else prepare_backend(model, "eager", example)
     if use_cache:
-        entries = {**_read_cache(), key: choice.backend}
-        try:
-            write_atomic(_cache_path(), lambda f: f.write(json.dumps(entries, indent=1).encode()), what="backend cache")
-        except OSError:
-            pass  # a read-only cache folder: measure again next time
+        _write_cache({**_read_cache(), key: choice.backend})
     return best_run, choice
+
+
+def _write_cache(entries: dict[str, str]) -> None:
+    try:
+        write_atomic(_cache_path(), lambda f: f.write(json.dumps(entries, indent=1).encode()), what="backend cache")
+    except OSError:
+        pass  # a read-only cache folder: measure again next time
 
 
 def probe_input(
@@ -452,3 +471,103 @@ def accelerate(model: nn.Module, backend: str, example: Tensor, amp: str = "none
             raise ValueError(f"--backend {backend} does not compute what eager does here ({problem}); use another")
         choice = BackendChoice(backend)
     return (model if choice.backend == "eager" else Accelerated(model, run, choice.backend)), choice
+
+
+# Several frames at once, each on a share of the cores (:func:`stream_models`), only where that
+# segments at least this much more a second: each stream holds its own copy of a runtime's
+# weights, and each frame takes longer than alone.
+STREAM_GAIN = 1.1
+
+
+def _seconds_per_frame(runs: list[Callable[[Tensor], Tensor]], x: Tensor, calls: int = 2) -> float:
+    """Wall seconds per forward with every run called ``calls`` times at once from a thread of its
+    own, each thread on an equal share of torch's threads (one run: on the calling thread)."""
+    if len(runs) == 1:
+        return min(_timed_call(runs[0], x) for _ in range(calls))
+    share = max(1, torch.get_num_threads() // len(runs))
+    ready = threading.Barrier(len(runs) + 1)
+
+    def work(run: Callable[[Tensor], Tensor]) -> None:
+        with torch_threads(share), torch.inference_mode():
+            run(x)  # a new session's first call, and the pools' spin-up, untimed
+            ready.wait()
+            for _ in range(calls):
+                run(x)
+
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = [pool.submit(work, run) for run in runs]
+        ready.wait()
+        start = time.perf_counter()
+        for future in futures:
+            future.result()
+    return (time.perf_counter() - start) / (calls * len(runs))
+
+
+def _streams_of(model: nn.Module, example: Tensor, count: int) -> list[nn.Module]:
+    """``count`` modules computing ``model``'s logits, to be called at once from a thread each.
+    ONNX Runtime gets a session per thread; the other backends run the same module (torch's each
+    on its thread's own share of the intra-op threads)."""
+    if not (isinstance(model, Accelerated) and model.backend == "onnxruntime"):
+        return [model] * count
+    runs = _runtime_runs(model.model, model.backend, example, count)
+    return [Accelerated(model.model, run, model.backend) for run in runs]
+
+
+def stream_models(
+    model: nn.Module, example: Tensor, streams: int | None, limit: int, *, use_cache: bool = True
+) -> list[nn.Module]:
+    """The modules to segment several frames at once with, one per thread, each thread to run on
+    an equal share of torch's threads (``torch_threads``): ``streams`` of them (at most ``limit``),
+    or with ``None`` on ONNX Runtime the count (a power of two up to the threads, at most
+    ``limit``) that runs the most forwards a second at ``example``'s size, measured in turn with
+    one stream and cached like the backend. The other backends keep one unless asked: OpenVINO
+    compiled on one thread per stream, two run at once from threads of their own, left the
+    process to die of a segmentation fault in a later test (openvino 2026.4, this test suite).
+
+    A small network keeps two cores only partly busy with one frame: LR-ASPP on ONNX Runtime
+    at 360x480 runs 28 ms a frame on two threads and 21 ms a frame as two one-thread streams
+    (2-core Zen 2); DeepLab-LargeFOV and the padded U-Net run alike either way, and keep one.
+    A stream whose argmax differs from the model's own (on more than 0.01% of pixels) is refused.
+
+    Raises:
+        ValueError: ``streams`` below 1.
+    """
+    if streams is not None and streams < 1:
+        raise ValueError(f"eval.streams must be >= 1 or null (measured), got {streams}")
+    threads = torch.get_num_threads()
+    if example.device.type != "cpu" or limit < 2 or streams == 1:
+        return [model]
+    if streams is not None:
+        return _checked_streams(model, example, min(streams, limit))
+    if not (isinstance(model, Accelerated) and model.backend == "onnxruntime"):
+        return [model]  # measured where the probe chose ONNX Runtime only (see above)
+    key = f"{_cache_key(model.model, example)}|{model.backend}|streams"
+    cached = _read_cache().get(key) if use_cache else None
+    if cached is not None and cached.isdigit():
+        return [model] if int(cached) <= 1 else _checked_streams(model, example, min(int(cached), limit))
+    candidates = [n for n in (2, 4, 8, 16, 32, 64) if n <= min(threads, limit)]
+    chosen, best = [model], float("inf")
+    if candidates:
+        streams_of = {n: _checked_streams(model, example, n) for n in candidates}
+        seconds = {1: float("inf"), **dict.fromkeys(candidates, float("inf"))}
+        with torch.inference_mode():
+            model(example)  # the one stream's pool awake, untimed
+        for _ in range(2):  # in turn, each keeping its best round
+            seconds[1] = min(seconds[1], _seconds_per_frame([model], example))
+            for n, models in streams_of.items():
+                seconds[n] = min(seconds[n], _seconds_per_frame(models, example))
+        best = min(candidates, key=seconds.get)
+        if seconds[1] > STREAM_GAIN * seconds[best]:
+            chosen = streams_of[best]
+    if use_cache:
+        _write_cache({**_read_cache(), key: str(len(chosen))})
+    return chosen
+
+
+def _checked_streams(model: nn.Module, example: Tensor, count: int) -> list[nn.Module]:
+    models = _streams_of(model, example, count)
+    with torch.inference_mode():
+        share = _agreement(models[-1](example).float(), model(example).float())
+    if share < AGREEMENT:
+        raise ValueError(f"{count} streams agree with one on {100 * share:.3f}% of pixels; use eval.streams=1")
+    return models

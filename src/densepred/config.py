@@ -219,6 +219,9 @@ class EvalConfig:
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"  # precision of the forward passes, as train.amp
     # Where the forward passes run (densepred.backends): auto = the fastest that matches eager here.
     backend: Literal["auto", "eager", "channels_last", "torchscript", "onnxruntime", "openvino"] = "auto"
+    # Frames predict segments at once, each on a share of the cores; null: measured per model and
+    # machine (densepred.backends.stream_models), more than one only where it is faster.
+    streams: int | None = None
 
     def validate(self) -> None:
         _require(0 <= self.overlap < 1, f"eval.overlap must be in [0, 1), got {self.overlap}")
@@ -228,6 +231,7 @@ class EvalConfig:
             self.max_images is None or self.max_images >= 1,
             f"eval.max_images must be >= 1 or null, got {self.max_images}",
         )
+        _require(self.streams is None or self.streams >= 1, f"eval.streams must be >= 1 or null, got {self.streams}")
         _require(bool(self.scales) and min(self.scales) > 0, f"eval.scales must be positive numbers, got {self.scales}")
         if self.crf is not None:
             from .crf import crf_params

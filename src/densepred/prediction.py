@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import glob
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .backends import accelerate, probe_input
+from .backends import accelerate, probe_input, stream_models
 from .build import build_dataset, normalization_for
 from .checkpoint import Trained, load_released_trained, load_trained
 from .config import EvalConfig
@@ -24,6 +25,7 @@ from .data.io import read_image
 from .data.labels import colorize
 from .inference import forward_size, predict_logits
 from .metrics import class_map
+from .streams import streamed
 
 __all__ = [
     "Predictor",
@@ -60,8 +62,9 @@ class Predictor:
         # The forward passes run on the fastest backend that computes what eager does (backends).
         model = self.trained.model
         size = forward_size(model, self.image_size, o) if self.image_size else None
-        example = probe_input(model, self.trained.in_channels, self.device, size)
-        self.model, self.backend = accelerate(model, o.backend, example, o.amp)
+        self._example = probe_input(model, self.trained.in_channels, self.device, size)
+        self.model, self.backend = accelerate(model, o.backend, self._example, o.amp)
+        self._streams: dict[int, list[Predictor]] = {}
 
     @classmethod
     def from_checkpoint(
@@ -107,6 +110,19 @@ class Predictor:
             probs = dense_crf_any_channels(image, probs, self.crf)
             return probs.argmax(0).astype(np.uint8), probs
         return class_map(logits)[0].to(torch.uint8).cpu().numpy(), probs  # as labels(): ties never differ
+
+    def in_streams(self, frames: int) -> list[Predictor]:
+        """Predictors to segment ``frames`` images with, several at once: one per thread, each
+        thread on an equal share of torch's threads (:mod:`densepred.streams`). ``options.streams`` of
+        them, or the count measured to segment the most frames a second here (one, for most
+        networks: see :func:`~densepred.backends.stream_models`); never more than ``frames``."""
+        if frames not in self._streams:
+            models = stream_models(self.model, self._example, self.options.streams, frames)
+            clones = [copy.copy(self) for _ in models[1:]]
+            for clone, model in zip(clones, models[1:], strict=True):
+                clone.model = model
+            self._streams[frames] = [self, *clones]
+        return self._streams[frames]
 
     def labels(self, image: np.ndarray, options: EvalConfig | None = None) -> np.ndarray:
         """Class ids only: the logits' argmax, without keeping probabilities (unless the CRF needs them)."""
@@ -241,37 +257,56 @@ def predict_files(
     ``failed`` and the others are still segmented; ``fail_fast`` raises at the first instead.
     A failed write (a full disk) always stops: every later file would fail the same way.
 
-    One image at a time: decoding ahead and writing behind in helper threads was measured no
-    faster (``python -m benchmarks.pipeline``, per frame of a folder), since the network already
-    keeps every core busy, and a few percent slower on the large nets, whose thread pools wait for the
-    slowest thread.
+    Several images at once where that is measured faster (:meth:`Predictor.in_streams`, the
+    ``streams`` option): each read, segmented and written by a thread of its own on its share of
+    the cores. Otherwise one at a time: decoding ahead and writing behind in helper threads was
+    measured no faster (``python -m benchmarks.pipeline``, per frame of a folder), since the network
+    already keeps every core busy, and a few percent slower on the large nets, whose thread pools
+    wait for the slowest thread.
     """
     if overlay not in OVERLAY_FORMATS:
         raise ValueError(f"overlay must be one of {', '.join(OVERLAY_FORMATS)}, got {overlay!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    trained, written, failed = predictor.trained, [], []
-    for path in tqdm(collect_inputs(inputs), desc="predict", unit="img", disable=not progress):
-        try:
-            image = read_image(path, channels=trained.in_channels)
-            # Probabilities (a softmax over the whole map) only where they are written or the CRF needs them.
-            labels, probs = predictor(image) if probabilities else (predictor.labels(image), None)
-        except ValueError as exc:  # DataError included: the file's own fault, named in the message
-            if fail_fast:
-                raise
-            failed.append((path, str(exc)))
-            continue
-        written.append(save_index_png(labels, trained.palette, out / f"{path.stem}.png"))
-        if overlay != "none":
-            save_overlay(image, labels, trained.palette, out / f"{path.stem}_overlay.{overlay}")
-        if probs is not None:
-            folder = out / f"{path.stem}_probs"
-            folder.mkdir(exist_ok=True)
-            maps = (probs * 255).round().astype(np.uint8)
-            for c, name in enumerate(trained.class_names):
-                # zlib level 1: a 360x480 map in 6 ms where the default level takes 18, for a file 16% larger
-                Image.fromarray(maps[c]).save(folder / f"{c:02d}_{name}.png", compress_level=1)
+    files = collect_inputs(inputs)
+    written, failed = [], []
+
+    def segment(one: Predictor, path: Path) -> Path | ValueError:
+        return _segment_file(one, path, out, probabilities, overlay)
+
+    with streamed(segment, predictor.in_streams(len(files)), files) as results:
+        paired = zip(files, results, strict=True)
+        for path, result in tqdm(paired, total=len(files), desc="predict", unit="img", disable=not progress):
+            if isinstance(result, ValueError):
+                if fail_fast:
+                    raise result
+                failed.append((path, str(result)))
+            else:
+                written.append(result)
     return PredictedFiles(written, failed)
+
+
+def _segment_file(predictor: Predictor, path: Path, out: Path, probabilities: bool, overlay: str) -> Path | ValueError:
+    """Writes ``path``'s mask (and overlay, probabilities) and returns the mask's path, or returns
+    why ``path`` could not be segmented; a failed write raises."""
+    trained = predictor.trained
+    try:
+        image = read_image(path, channels=trained.in_channels)
+        # Probabilities (a softmax over the whole map) only where they are written or the CRF needs them.
+        labels, probs = predictor(image) if probabilities else (predictor.labels(image), None)
+    except ValueError as exc:  # DataError included: the file's own fault, named in the message
+        return exc
+    mask = save_index_png(labels, trained.palette, out / f"{path.stem}.png")
+    if overlay != "none":
+        save_overlay(image, labels, trained.palette, out / f"{path.stem}_overlay.{overlay}")
+    if probs is not None:
+        folder = out / f"{path.stem}_probs"
+        folder.mkdir(exist_ok=True)
+        maps = (probs * 255).round().astype(np.uint8)
+        for c, name in enumerate(trained.class_names):
+            # zlib level 1: a 360x480 map in 6 ms where the default level takes 18, for a file 16% larger
+            Image.fromarray(maps[c]).save(folder / f"{c:02d}_{name}.png", compress_level=1)
+    return mask
 
 
 def predict_dataset_figures(run_dir: str | Path, count: int = 4) -> Path:

@@ -41,6 +41,8 @@ INFERENCE_HELP: dict[str, str] = {
     "computes it natively and keeps it only if faster with the same labels), none, bf16, fp16",
     "backend": "runtime: auto (the fastest measured here whose argmax matches eager), eager, channels_last, "
     "torchscript, onnxruntime (the export extra), openvino (the openvino extra)",
+    "streams": "frames predict segments at once, each on a share of the cores (default: measured here, "
+    "more than one only where it segments more frames a second)",
 }
 
 

@@ -21,6 +21,7 @@ __all__ = ["add_commands"]
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ..distributed import resolve_device
     from ..prediction import Predictor, collect_inputs, image_size_of, predict_files
+    from ..streams import stream_share
 
     device = resolve_device(args.device)
     int8 = int8_requested(args)
@@ -37,6 +38,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     # The backend is chosen at the size of the first image's forward passes.
     predictor = Predictor(trained, device, options, image_size=image_size_of(inputs[0]))
     print(model.describe() if int8 else predictor.backend.describe())
+    streams = len(predictor.in_streams(len(inputs)))
+    if streams > 1:
+        print(f"{streams} frames at once, {stream_share(streams)} thread(s) each")
     written, failed = predict_files(
         predictor,
         inputs,
