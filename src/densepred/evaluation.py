@@ -15,6 +15,7 @@ from .crf import crf_params, dense_crf_any_channels
 from .distributed import DistInfo
 from .inference import predict_logits
 from .metrics import ConfusionMatrix, class_map
+from .precision import torch_threads
 from .streams import streamed
 
 __all__ = ["evaluate"]
@@ -61,7 +62,11 @@ def evaluate(
     if device.type == "cpu" and len(indices) > 1 and (cfg.streams is not None or isinstance(model, Accelerated)):
         models = stream_models(model, dataset[indices[0]]["image"][None], cfg.streams, len(indices))
     hidden = not (progress and info.is_main)
-    with streamed(scored, models, indices) as results:
+    # Beside several streams the matrix's sums take one thread: torch's OpenMP workers would spin
+    # after each on the streams' cores (the trained LR-ASPP on CamVid val, 2-core Zen 2: 101 images
+    # in 4.0 s on two streams that way, 3.6 s this way, 3.9 s on one).
+    sums_threads = 1 if len(models) > 1 else torch.get_num_threads()
+    with streamed(scored, models, indices) as results, torch_threads(sums_threads):
         for labels, target in tqdm(results, total=len(indices), desc="eval", unit="img", disable=hidden, leave=False):
             cm.update(labels, target)
     if info.enabled and dist.is_initialized():
