@@ -40,7 +40,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     print(model.describe() if int8 else predictor.backend.describe())
     streams = len(predictor.in_streams(len(inputs)))
     if streams > 1:
-        print(f"{streams} frames at once, {stream_share(streams)} thread(s) each")
+        share = stream_share(streams)
+        print(f"{streams} frames at once, {share} thread{'s' * (share > 1)} each")
     written, failed = predict_files(
         predictor,
         inputs,
