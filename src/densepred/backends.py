@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from .atomic import write_atomic
 from .models.base import SegmentationModel, input_rule_of
 from .precision import autocast, machine_info, resolve_amp, resolve_inference_amp, torch_threads
+from .streams import stream_share
 
 __all__ = [
     "BACKENDS",
@@ -55,6 +56,7 @@ __all__ = [
     "probe_input",
     "torch_beside",
     "stream_models",
+    "may_stream",
 ]
 
 BACKENDS = ("eager", "channels_last", "torchscript", "onnxruntime", "openvino")
@@ -174,8 +176,7 @@ def _runtime_runs(model: nn.Module, backend: str, example: Tensor, streams: int)
         if backend == "openvino":
             return [_openvino(_openvino_compiled(path))] * streams
         # A session per stream: concurrent runs of one session would share, and wait for, its pool.
-        share = max(1, torch.get_num_threads() // streams)
-        sessions = [onnx_session(path, threads=share) for _ in range(streams)]
+        sessions = [onnx_session(path, threads=stream_share(streams)) for _ in range(streams)]
 
     def runner(session) -> Callable[[Tensor], Tensor]:  # noqa: ANN001 - an onnxruntime.InferenceSession
         return lambda x: torch.from_numpy(session.run(None, {INPUT_NAME: x.detach().cpu().numpy()})[0])
@@ -484,7 +485,7 @@ def _seconds_per_frame(runs: list[Callable[[Tensor], Tensor]], x: Tensor, calls:
     own, each thread on an equal share of torch's threads (one run: on the calling thread)."""
     if len(runs) == 1:
         return min(_timed_call(runs[0], x) for _ in range(calls))
-    share = max(1, torch.get_num_threads() // len(runs))
+    share = stream_share(len(runs))
     ready = threading.Barrier(len(runs) + 1)
 
     def work(run: Callable[[Tensor], Tensor]) -> None:
@@ -503,11 +504,24 @@ def _seconds_per_frame(runs: list[Callable[[Tensor], Tensor]], x: Tensor, calls:
     return (time.perf_counter() - start) / (calls * len(runs))
 
 
+def _session_per_stream(model: nn.Module) -> bool:
+    """Whether ``model`` runs on ONNX Runtime, whose streams get a session each and whose count is
+    measured (see :func:`stream_models` for why not OpenVINO's)."""
+    return isinstance(model, Accelerated) and model.backend == "onnxruntime"
+
+
+def may_stream(model: nn.Module, streams: int | None) -> bool:
+    """Whether :func:`stream_models` can return more than one module for ``model``: ``streams``
+    asks for several, or leaves the count to a measurement that applies to this backend. Lets a
+    caller skip preparing the example where the answer is one anyway."""
+    return (streams or 0) > 1 or (streams is None and _session_per_stream(model))
+
+
 def _streams_of(model: nn.Module, example: Tensor, count: int) -> list[nn.Module]:
     """``count`` modules computing ``model``'s logits, to be called at once from a thread each.
     ONNX Runtime gets a session per thread; the other backends run the same module (torch's each
     on its thread's own share of the intra-op threads)."""
-    if not (isinstance(model, Accelerated) and model.backend == "onnxruntime"):
+    if not _session_per_stream(model):
         return [model] * count
     runs = _runtime_runs(model.model, model.backend, example, count)
     return [Accelerated(model.model, run, model.backend) for run in runs]
@@ -534,19 +548,16 @@ def stream_models(
     """
     if streams is not None and streams < 1:
         raise ValueError(f"eval.streams must be >= 1 or null (measured), got {streams}")
-    threads = torch.get_num_threads()
-    if example.device.type != "cpu" or limit < 2 or streams == 1:
+    if example.device.type != "cpu" or limit < 2 or not may_stream(model, streams):
         return [model]
     if streams is not None:
         return _checked_streams(model, example, min(streams, limit))
-    if not (isinstance(model, Accelerated) and model.backend == "onnxruntime"):
-        return [model]  # measured where the probe chose ONNX Runtime only (see above)
     key = f"{_cache_key(model.model, example)}|{model.backend}|streams"
     cached = _read_cache().get(key) if use_cache else None
     if cached is not None and cached.isdigit():
         return [model] if int(cached) <= 1 else _checked_streams(model, example, min(int(cached), limit))
-    candidates = [n for n in (2, 4, 8, 16, 32, 64) if n <= min(threads, limit)]
-    chosen, best = [model], float("inf")
+    candidates = [n for n in (2, 4, 8, 16, 32, 64) if n <= min(torch.get_num_threads(), limit)]
+    chosen = [model]
     if candidates:
         streams_of = {n: _checked_streams(model, example, n) for n in candidates}
         seconds = {1: float("inf"), **dict.fromkeys(candidates, float("inf"))}

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .backends import Accelerated, stream_models
+from .backends import may_stream, stream_models
 from .config import EvalConfig
 from .crf import crf_params, dense_crf_any_channels
 from .distributed import DistInfo
@@ -59,7 +59,7 @@ def evaluate(
     # Several images at once where asked, or measured faster (a small network on ONNX Runtime);
     # the counts are integers, so the matrix is the same in any order.
     models = [model]
-    if device.type == "cpu" and len(indices) > 1 and (cfg.streams is not None or isinstance(model, Accelerated)):
+    if device.type == "cpu" and len(indices) > 1 and may_stream(model, cfg.streams):
         models = stream_models(model, dataset[indices[0]]["image"][None], cfg.streams, len(indices))
     hidden = not (progress and info.is_main)
     # Beside several streams the matrix's sums take one thread: torch's OpenMP workers would spin
