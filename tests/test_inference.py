@@ -309,6 +309,25 @@ def test_predict_over_many_files_reports_each_failure_and_writes_the_rest(checkp
     assert len([p for p in fast.glob("img*.png") if "overlay" not in p.name]) <= streams - 1
 
 
+def test_every_stream_runs_on_a_module_of_its_own_share_not_the_predictors_own(checkpoint, monkeypatch):
+    """The predictor's own module keeps all the threads; as one of several streams it would
+    starve the others, so each stream gets one of the modules stream_models returns."""
+    import copy
+
+    from densepred import prediction
+    from densepred.prediction import Predictor
+
+    predictor = Predictor.from_checkpoint(checkpoint)
+    own = predictor.model
+    shares = [copy.deepcopy(own), copy.deepcopy(own)]
+    monkeypatch.setattr(prediction, "stream_models", lambda model, example, streams, limit: shares)
+    streams = predictor.in_streams(2)
+    assert [s.model for s in streams] == shares and predictor.model is own
+    assert all(s.trained is predictor.trained for s in streams)
+    monkeypatch.setattr(prediction, "stream_models", lambda model, example, streams, limit: [model])
+    assert predictor.in_streams(1) == [predictor]
+
+
 @pytest.mark.parametrize("streams", [1, 2])
 def test_predict_files_over_a_folder_writes_what_one_image_at_a_time_does_and_stops_at_a_failed_write(
     checkpoint, tmp_path, monkeypatch, streams
