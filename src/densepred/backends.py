@@ -166,15 +166,15 @@ def prepare_backend(model: nn.Module, backend: str, example: Tensor) -> Callable
 
 def _runtime_runs(model: nn.Module, backend: str, example: Tensor, streams: int) -> list[Callable[[Tensor], Tensor]]:
     """``streams`` functions running ``model`` on a CPU runtime, to be called at once from a thread
-    each: ONNX Runtime's each on an equal share of torch's threads, OpenVINO's one compiled model
-    (see :func:`stream_models`). Both runtimes read the ONNX export (dynamic batch and sides),
-    loaded whole."""
+    each: ONNX Runtime's each a session on an equal share of torch's threads, OpenVINO's one model
+    compiled with as many streams (an infer request per calling thread). Both runtimes read the
+    ONNX export (dynamic batch and sides), loaded whole."""
     from .export import INPUT_NAME, export_onnx, onnx_session
 
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, Path(tmp) / "model.onnx", metadata={}, example_size=tuple(example.shape[-2:]))
         if backend == "openvino":
-            return [_openvino(_openvino_compiled(path))] * streams
+            return [_openvino(_openvino_compiled(path, streams))] * streams
         # A session per stream: concurrent runs of one session would share, and wait for, its pool.
         sessions = [onnx_session(path, threads=stream_share(streams)) for _ in range(streams)]
 
@@ -194,8 +194,11 @@ def _require_runtime(backend: str) -> None:
             raise MissingRuntimeError(message, name=package) from None
 
 
-def _openvino_compiled(path: Path):  # noqa: ANN202 - an openvino.CompiledModel
-    """The ONNX file compiled by OpenVINO's CPU plugin for latency, on torch's threads, in float32."""
+def _openvino_compiled(path: Path, streams: int = 1):  # noqa: ANN202 - an openvino.CompiledModel
+    """The ONNX file compiled by OpenVINO's CPU plugin in float32 on torch's threads: for latency,
+    or with ``streams`` > 1 for throughput, as that many streams sharing the threads, each running
+    one infer request at a time (several compiled models, one per stream, each with threads of
+    its own, crashed the process later: a segmentation fault in a test after them)."""
     import onnx
     import openvino as ov
     import openvino.properties as props
@@ -205,12 +208,14 @@ def _openvino_compiled(path: Path):  # noqa: ANN202 - an openvino.CompiledModel
 
     config = {
         props.inference_num_threads: torch.get_num_threads(),
-        hints.performance_mode: hints.PerformanceMode.LATENCY,
+        hints.performance_mode: hints.PerformanceMode.LATENCY if streams == 1 else hints.PerformanceMode.THROUGHPUT,
         # Explicit: on a CPU with native bfloat16 the plugin's default is bf16, whose labels
         # differ from eager's on 0.3-1.2 % of the pixels (DeepLab-LargeFOV at 256 px, 3 / 21
         # classes, measured on an AVX512-BF16 EPYC): it would never pass the parity check.
         hints.inference_precision: ov.Type.f32,
     }
+    if streams > 1:
+        config[props.num_streams] = streams
     proto = onnx.load(path)
     if any(node.op_type == "MaxUnpool" for node in proto.graph.node):  # not an OpenVINO operation
         path = path.with_name(f"{path.stem}.scatter.onnx")
@@ -504,24 +509,24 @@ def _seconds_per_frame(runs: list[Callable[[Tensor], Tensor]], x: Tensor, calls:
     return (time.perf_counter() - start) / (calls * len(runs))
 
 
-def _session_per_stream(model: nn.Module) -> bool:
-    """Whether ``model`` runs on ONNX Runtime, whose streams get a session each and whose count is
-    measured (see :func:`stream_models` for why not OpenVINO's)."""
-    return isinstance(model, Accelerated) and model.backend == "onnxruntime"
+def _runtime_streams(model: nn.Module) -> bool:
+    """Whether ``model`` runs on a CPU runtime, whose streams are set up by the runtime (a session
+    each on ONNX Runtime, a stream each of one compiled model on OpenVINO) and counted by measuring."""
+    return isinstance(model, Accelerated) and model.backend in CPU_ONLY
 
 
 def may_stream(model: nn.Module, streams: int | None) -> bool:
     """Whether :func:`stream_models` can return more than one module for ``model``: ``streams``
     asks for several, or leaves the count to a measurement that applies to this backend. Lets a
     caller skip preparing the example where the answer is one anyway."""
-    return (streams or 0) > 1 or (streams is None and _session_per_stream(model))
+    return (streams or 0) > 1 or (streams is None and _runtime_streams(model))
 
 
 def _streams_of(model: nn.Module, example: Tensor, count: int) -> list[nn.Module]:
     """``count`` modules computing ``model``'s logits, to be called at once from a thread each.
-    ONNX Runtime gets a session per thread; the other backends run the same module (torch's each
-    on its thread's own share of the intra-op threads)."""
-    if not _session_per_stream(model):
+    ONNX Runtime gets a session per thread, OpenVINO a model compiled with ``count`` streams; torch's
+    backends run the same module, each thread on its own share of the intra-op threads."""
+    if not _runtime_streams(model):
         return [model] * count
     runs = _runtime_runs(model.model, model.backend, example, count)
     return [Accelerated(model.model, run, model.backend) for run in runs]
@@ -532,15 +537,14 @@ def stream_models(
 ) -> list[nn.Module]:
     """The modules to segment several frames at once with, one per thread, each thread to run on
     an equal share of torch's threads (``torch_threads``): ``streams`` of them (at most ``limit``),
-    or with ``None`` on ONNX Runtime the count (a power of two up to the threads, at most
-    ``limit``) that runs the most forwards a second at ``example``'s size, measured in turn with
-    one stream and cached like the backend. The other backends keep one unless asked: OpenVINO
-    compiled on one thread per stream, two run at once from threads of their own, left the
-    process to die of a segmentation fault in a later test (openvino 2026.4, this test suite).
+    or with ``None`` on ONNX Runtime and OpenVINO the count (a power of two up to the threads, at
+    most ``limit``) that runs the most forwards a second at ``example``'s size, measured in turn
+    with one stream and cached like the backend. torch's backends keep one unless asked.
 
-    A small network keeps two cores only partly busy with one frame: LR-ASPP on ONNX Runtime
-    at 360x480 runs 28 ms a frame on two threads and 21 ms a frame as two one-thread streams
-    (2-core Zen 2); DeepLab-LargeFOV and the padded U-Net run alike either way, and keep one.
+    A small network keeps two cores only partly busy with one frame: LR-ASPP at 360x480 runs
+    28 ms a frame on ONNX Runtime's two threads and 21 ms a frame as two one-thread sessions,
+    30 and 21 ms on OpenVINO with one stream and two (2-core Zen 2); DeepLab-LargeFOV and the
+    padded U-Net run alike either way, and keep one.
     A stream whose argmax differs from the model's own (on more than 0.01% of pixels) is refused.
 
     Raises:

@@ -56,7 +56,7 @@ def evaluate(
             logits = torch.from_numpy(probs)[None].to(device)
         return class_map(logits), sample["mask"][None].to(device)
 
-    # Several images at once where asked, or measured faster (a small network on ONNX Runtime);
+    # Several images at once where asked, or measured faster (a small network on a runtime);
     # the counts are integers, so the matrix is the same in any order.
     models = [model]
     if device.type == "cpu" and len(indices) > 1 and may_stream(model, cfg.streams):
