@@ -77,6 +77,40 @@ def test_without_vnni_the_description_says_int8_may_be_no_faster(slim_deeplab, q
     assert "VNNI" not in Quantized(slim_deeplab, None, details).describe()
 
 
+def test_int8_runs_several_frames_at_once_a_session_each_on_its_share_of_the_threads(quantized, monkeypatch):
+    """Each stream is the same int8 graph in a session of its own (one session's runs would share
+    its pool), on half the threads, labelling as the quantised module does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from densepred.backends import AGREEMENT, stream_models
+    from densepred.precision import torch_threads
+
+    made, session = [], quantize_module._session
+
+    def counted(graph: bytes, threads: int):  # noqa: ANN202
+        made.append(threads)
+        return session(graph, threads)
+
+    monkeypatch.setattr(quantize_module, "_session", counted)
+    x = _noise(4, (64, 80), seed=3)
+    with torch_threads(2):
+        streams = stream_models(quantized, x[0], 2, limit=4)
+        with torch.inference_mode():
+            expected = [quantized(v).argmax(1) for v in x]
+    assert len(streams) == 2 and all(isinstance(s, Quantized) and s.backend == quantized.backend for s in streams)
+    assert made == [1, 1] and streams[0].details == quantized.details
+
+    def label(k: int) -> torch.Tensor:
+        with torch_threads(1), torch.inference_mode():
+            return streams[k % 2](x[k]).argmax(1)
+
+    with ThreadPoolExecutor(2) as pool:
+        for ours, theirs in zip(pool.map(label, range(len(x))), expected, strict=True):
+            assert (ours == theirs).float().mean().item() >= AGREEMENT
+    with pytest.raises(ValueError, match="eval.streams=1"):
+        Quantized(quantized.model, None, quantized.details).streams(2, x[0])
+
+
 def test_int8_argmax_agrees_with_fp32_on_most_pixels(slim_deeplab, quantized):
     x = _noise(2, (80, 96), seed=2)
     with torch.inference_mode():

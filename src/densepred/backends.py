@@ -106,6 +106,13 @@ class Accelerated(SegmentationModel):
         """Whether the forward runs on a runtime's own thread pool (ONNX Runtime, OpenVINO, int8)."""
         return self.backend.split()[0] in CPU_ONLY
 
+    def streams(self, count: int, example: Tensor) -> list[Accelerated]:
+        """``count`` modules computing these logits, to be called at once from a thread each, the
+        runtime's threads shared between them (see :func:`stream_models`): ONNX Runtime a session
+        each, OpenVINO a model compiled with ``count`` streams, from the export at ``example``."""
+        runs = _runtime_runs(self.model, self.backend, example, count)
+        return [Accelerated(self.model, run, self.backend) for run in runs]
+
 
 def torch_beside(model: nn.Module) -> contextlib.AbstractContextManager:
     """Torch's own operations on the calling thread alone while ``model``'s forward runs on a
@@ -510,9 +517,9 @@ def _seconds_per_frame(runs: list[Callable[[Tensor], Tensor]], x: Tensor, calls:
 
 
 def _runtime_streams(model: nn.Module) -> bool:
-    """Whether ``model`` runs on a CPU runtime, whose streams are set up by the runtime (a session
-    each on ONNX Runtime, a stream each of one compiled model on OpenVINO) and counted by measuring."""
-    return isinstance(model, Accelerated) and model.backend in CPU_ONLY
+    """Whether ``model`` runs on a CPU runtime (int8 included), whose streams the runtime sets up
+    (:meth:`Accelerated.streams`) and whose count is measured."""
+    return isinstance(model, Accelerated) and model.own_threads
 
 
 def may_stream(model: nn.Module, streams: int | None) -> bool:
@@ -526,10 +533,7 @@ def _streams_of(model: nn.Module, example: Tensor, count: int) -> list[nn.Module
     """``count`` modules computing ``model``'s logits, to be called at once from a thread each.
     ONNX Runtime gets a session per thread, OpenVINO a model compiled with ``count`` streams; torch's
     backends run the same module, each thread on its own share of the intra-op threads."""
-    if not _runtime_streams(model):
-        return [model] * count
-    runs = _runtime_runs(model.model, model.backend, example, count)
-    return [Accelerated(model.model, run, model.backend) for run in runs]
+    return model.streams(count, example) if _runtime_streams(model) else [model] * count
 
 
 def stream_models(

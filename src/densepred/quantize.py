@@ -68,6 +68,7 @@ from torch import Tensor, nn
 
 from .backends import Accelerated
 from .config import EvalConfig, Experiment
+from .streams import stream_share
 
 if TYPE_CHECKING:
     import numpy as np
@@ -117,7 +118,7 @@ class Quantized(Accelerated):
     """``model`` whose forward runs the int8 graph on ONNX Runtime (float32 logits out); the
     declarations (input rule, classes, output stride) stay the model's own."""
 
-    def __init__(self, model: nn.Module, session: Any, details: Mapping[str, Any]) -> None:
+    def __init__(self, model: nn.Module, session: Any, details: Mapping[str, Any], graph: bytes = b"") -> None:
         from .export import INPUT_NAME
 
         def run(x: Tensor) -> Tensor:
@@ -126,9 +127,17 @@ class Quantized(Accelerated):
 
         super().__init__(model, run, f"{RUNTIME} int8")
         self.details = dict(details)
+        self._graph = graph  # the serialised int8 graph, for a session per stream
         # An inference graph: in eval mode from the start, so that a caller restoring the mode it
         # found (evaluate) leaves the float model's batch norms in eval mode too.
         self.eval()
+
+    def streams(self, count: int, example: Tensor) -> list[Quantized]:
+        """``count`` copies of this int8 graph, each a session on an equal share of the threads."""
+        if not self._graph:
+            raise ValueError("this int8 model keeps no graph to run several frames at once: use eval.streams=1")
+        threads = stream_share(count)
+        return [Quantized(self.model, _session(self._graph, threads), self.details, self._graph) for _ in range(count)]
 
     def describe(self) -> str:
         d = self.details
@@ -704,14 +713,18 @@ def quantize(
     (:func:`calibration_images`, :func:`training_images`); ``calibrate``: one of
     :data:`CALIBRATIONS`; ``threads``: ONNX Runtime's intra-op threads (default torch's).
     """
+    proto, details = quantized_onnx(model, calibration, calibrate=calibrate, onnxruntime_ops=True)
+    graph = proto.SerializeToString()
+    return Quantized(model.eval(), _session(graph, threads or torch.get_num_threads()), details, graph)
+
+
+def _session(graph: bytes, threads: int) -> Any:  # noqa: ANN401 - an onnxruntime.InferenceSession
     from .export import onnx_session
 
-    proto, details = quantized_onnx(model, calibration, calibrate=calibrate, onnxruntime_ops=True)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "int8.onnx"
-        path.write_bytes(proto.SerializeToString())
-        session = onnx_session(path, threads=threads or torch.get_num_threads())
-    return Quantized(model.eval(), session, details)
+        path.write_bytes(graph)
+        return onnx_session(path, threads=threads)
 
 
 def export_int8_onnx(
