@@ -531,8 +531,9 @@ def may_stream(model: nn.Module, streams: int | None) -> bool:
 
 def _streams_of(model: nn.Module, example: Tensor, count: int) -> list[nn.Module]:
     """``count`` modules computing ``model``'s logits, to be called at once from a thread each.
-    ONNX Runtime gets a session per thread, OpenVINO a model compiled with ``count`` streams; torch's
-    backends run the same module, each thread on its own share of the intra-op threads."""
+    A runtime makes its own (:meth:`Accelerated.streams`: a session per thread on ONNX Runtime and
+    int8, a model compiled with ``count`` streams on OpenVINO); torch's backends run the same
+    module, each thread on its own share of the intra-op threads."""
     return model.streams(count, example) if _runtime_streams(model) else [model] * count
 
 

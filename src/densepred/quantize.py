@@ -127,7 +127,9 @@ class Quantized(Accelerated):
 
         super().__init__(model, run, f"{RUNTIME} int8")
         self.details = dict(details)
-        self._graph = graph  # the serialised int8 graph, for a session per stream
+        # The serialised int8 graph, for a session per stream: a copy as large as the int8 weights,
+        # which ONNX Runtime cannot hand from one session to another.
+        self._graph = graph
         # An inference graph: in eval mode from the start, so that a caller restoring the mode it
         # found (evaluate) leaves the float model's batch norms in eval mode too.
         self.eval()
