@@ -568,17 +568,20 @@ def stream_models(
     candidates = [n for n in (2, 4, 8, 16, 32, 64) if n <= min(torch.get_num_threads(), limit)]
     chosen = [model]
     if candidates:
-        streams_of = {n: _checked_streams(model, example, n) for n in candidates}
-        seconds = {1: float("inf"), **dict.fromkeys(candidates, float("inf"))}
         with torch.inference_mode():
             model(example)  # the one stream's pool awake, untimed
-        for _ in range(2):  # in turn, each keeping its best round
-            seconds[1] = min(seconds[1], _seconds_per_frame([model], example))
-            for n, models in streams_of.items():
-                seconds[n] = min(seconds[n], _seconds_per_frame(models, example))
-        best = min(candidates, key=seconds.get)
-        if seconds[1] > STREAM_GAIN * seconds[best]:
-            chosen = streams_of[best]
+        one = fastest = float("inf")
+        # One count at a time, each timed in turn with one stream, keeping its best round: only the
+        # fastest count's streams so far stay alive beside the next, each holding the weights.
+        for n in candidates:
+            streams_of_n, seconds = _checked_streams(model, example, n), float("inf")
+            for _ in range(2):
+                one = min(one, _seconds_per_frame([model], example))
+                seconds = min(seconds, _seconds_per_frame(streams_of_n, example))
+            if seconds < fastest:
+                fastest, best = seconds, streams_of_n
+        if one > STREAM_GAIN * fastest:
+            chosen = best
     if use_cache:
         _write_cache({**_read_cache(), key: str(len(chosen))})
     return chosen
