@@ -4,8 +4,9 @@
 
 Starts ``densepred serve`` as a subprocess on a free loopback port (without ``--checkpoint``: a
 one-iteration tiny U-Net trained first, in about a second), posts one synthetic scene ``--requests``
-times with ``--parallel`` client threads, and prints the errors, p50/p95 latency, requests per
-second and the server process's peak resident memory (VmHWM from /proc).
+times with ``--parallel`` client threads, and prints the machine, the server's backend and
+streams (requests at once, each on a share of the threads, where measured faster), the errors,
+p50/p95 latency, requests per second and the server process's peak resident memory (VmHWM from /proc).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from densepred.data.synthetic import SyntheticShapes
+from densepred.precision import machine_info
 
 TINY = [
     "data.dataset=synthetic",
@@ -84,6 +86,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"), help="image size")
     parser.add_argument("--concurrency", type=int, default=2, help="the server's inference threads")
     parser.add_argument("--queue", type=int, default=16, help="the server's queue places")
+    parser.add_argument(
+        "--streams", type=int, help="the server's --streams (default: measured; 1: requests at once share one model)"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -97,9 +102,11 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         command = [sys.executable, "-m", "densepred", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
         command += ["--device", "cpu", "--concurrency", str(args.concurrency), "--queue", str(args.queue)]
+        command += ["--streams", str(args.streams)] if args.streams else []
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
         try:
             wait_until_up(url, server)
+            health = httpx.get(f"{url}/health", timeout=10).json()
             with httpx.Client(timeout=120, limits=httpx.Limits(max_connections=args.parallel)) as client:
 
                 def one(_: int) -> tuple[int, float, float]:
@@ -126,9 +133,11 @@ def main() -> None:
     latency_ms = np.array([t for _, t, _ in results]) * 1000
     inference_ms = np.array([m for _, _, m in results])
     errors = int((codes != 200).sum())
+    print(f"{machine_info().line()}; server: {health['model']} on {health['backend']}")
     print(
         f"{args.requests} requests, {args.parallel} in flight, {args.size[1]}x{args.size[0]} PNG "
-        f"({len(payload) / 1024:.0f} KiB), server: {args.concurrency} inference threads, queue {args.queue}"
+        f"({len(payload) / 1024:.0f} KiB), server: {args.concurrency} inference threads "
+        f"({health.get('streams', 1)} at once on streams), queue {args.queue}"
     )
     print(f"errors: {errors}" + (f" (status codes {sorted(set(codes.tolist()) - {200})})" if errors else ""))
     print(

@@ -3,6 +3,7 @@
 import io
 import socket
 import struct
+import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -211,6 +212,42 @@ def test_requests_beyond_the_queue_get_503(predictor):
         assert [f.result().status_code for f in held] == [200, 200]
     assert refused.status_code == 503
     assert "busy" in refused.json()["detail"] and refused.headers["retry-after"] == "1"
+
+
+def test_requests_at_once_run_on_the_measured_streams_and_one_alone_on_the_predictor(predictor):
+    ran, asked = [], []
+    both_running = threading.Barrier(2, timeout=10)
+
+    class Recording:  # a predictor that says which lane ran each request
+        trained, device, options, backend = predictor.trained, predictor.device, predictor.options, predictor.backend
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __call__(self, image):
+            return predictor(image)
+
+        def labels(self, image, options):
+            ran.append(self.name)
+            if len(ran) <= 2:
+                both_running.wait()  # the first two requests are inside the model at once
+            return predictor.labels(image, options)
+
+        def in_streams(self, frames: int):
+            asked.append(frames)
+            return [Recording("stream 1"), Recording("stream 2")]
+
+    app = create_app(Recording("own"), max_concurrency=2, queue_size=2)
+    data = _png(_scene())
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+        codes = [f.result().status_code for f in [pool.submit(_post, client, data) for _ in range(2)]]
+        alone = _post(client, data).status_code
+        health = client.get("/health").json()
+    assert codes == [200, 200] and alone == 200
+    assert asked == [2], "the streams are measured for the server's concurrency, once"
+    assert ran[0] != ran[1] and "own" in ran[:2] and {"stream 1", "stream 2"} & set(ran[:2])
+    assert ran[2] == "own", "a request alone runs on the predictor itself, on all the threads"
+    assert health["streams"] == 2
 
 
 def test_sniff_format():

@@ -1,5 +1,6 @@
 """Several frames at once: results in input order, each call with a model of its own on its
-share of the threads, nothing more started after an early stop, and the same metrics as one at a time."""
+share of the threads, nothing more started after an early stop, and the same metrics as one at a
+time; requests at once (``serve``'s lanes) each on a stream, a request alone on all the threads."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import densepred
 from densepred.config import EvalConfig
 from densepred.evaluation import evaluate
 from densepred.precision import torch_threads
-from densepred.streams import stream_share, streamed
+from densepred.streams import Lanes, stream_share, streamed
 
 
 @pytest.fixture(autouse=True)
@@ -106,3 +107,65 @@ def test_evaluate_scores_the_same_with_several_images_at_once():
     two = evaluate(Recorded(), dataset, EvalConfig(streams=2), progress=False)
     assert len(threads - {threading.get_ident()}) == 2  # the caller ran only the streams' parity check
     assert one == two
+
+
+def _take_in_thread(lanes: Lanes, started: threading.Event, release: threading.Event, seen: list) -> threading.Thread:
+    def hold() -> None:
+        with lanes.take() as model:
+            seen.append((model, torch.get_num_threads()))
+            started.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    started.wait(10)
+    return thread
+
+
+def test_a_request_alone_runs_on_the_own_model_with_every_thread_one_beside_it_on_a_stream():
+    lanes = Lanes("own", ["s1", "s2"])
+    seen: list = []
+    release = threading.Event()
+    first = _take_in_thread(lanes, threading.Event(), release, seen)
+    second = _take_in_thread(lanes, threading.Event(), release, seen)
+    with lanes.take() as third:  # two running: the other stream, not one in use
+        assert third in {"s1", "s2"} and third != seen[1][0] and torch.get_num_threads() == 1
+    release.set()
+    first.join(10), second.join(10)
+    assert seen[0] == ("own", 2) and seen[1][0] in {"s1", "s2"} and seen[1][1] == 1
+    assert torch.get_num_threads() == 2  # a stream's share is undone on leaving
+    with lanes.take() as alone:  # alone again: the own model
+        assert alone == "own" and torch.get_num_threads() == 2
+
+
+def test_with_more_requests_than_streams_a_request_waits_for_a_free_one():
+    lanes = Lanes("own", ["s1"])
+    seen: list = []
+    release = threading.Event()
+    holders = [_take_in_thread(lanes, threading.Event(), release, seen) for _ in range(2)]
+    got: list = []
+
+    def third() -> None:
+        with lanes.take() as model:
+            got.append(model)
+
+    waiting = threading.Thread(target=third)
+    waiting.start()
+    waiting.join(0.2)
+    assert got == [], "the one stream is busy: the third request must wait"
+    release.set()
+    waiting.join(10)
+    [h.join(10) for h in holders]
+    assert [m for m, _ in seen] == ["own", "s1"] and got == ["s1"]  # it came beside others: a stream
+
+
+def test_without_streams_every_request_runs_on_the_own_model_at_once():
+    for streams in ([], ["own"]):
+        lanes = Lanes("own", streams)
+        seen: list = []
+        release = threading.Event()
+        holders = [_take_in_thread(lanes, threading.Event(), release, seen) for _ in range(2)]
+        release.set()
+        [h.join(10) for h in holders]
+        assert seen == [("own", 2), ("own", 2)] and lanes.streams == []
+        assert "share one model" in lanes.describe()

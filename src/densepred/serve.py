@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import tempfile
 import threading
 import time
@@ -47,6 +48,7 @@ from .data.errors import DataError
 from .data.io import read_image
 from .footprint import meta_model
 from .prediction import Predictor, save_index_png
+from .streams import Lanes
 
 __all__ = [
     "MAX_UPLOAD_BYTES",
@@ -71,6 +73,7 @@ _SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "WEBP
 _ACCEPTED = "PNG, JPEG, BMP, TIFF, WebP or PPM/PGM"
 
 T = TypeVar("T")
+_log = logging.getLogger("uvicorn.error")  # uvicorn's own startup lines, where the server prints them
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -221,10 +224,12 @@ def _check_header(upload: _Upload, kind: str, max_pixels: int) -> tuple[int, int
 
 
 def _segment_upload(
-    predictor: Predictor, upload: _Upload, kind: str, max_pixels: int, plan: Plan, token: Cancellation
+    lanes: Lanes[Predictor], upload: _Upload, kind: str, max_pixels: int, plan: Plan, token: Cancellation
 ) -> tuple[np.ndarray, float]:
-    """Decode and segment as ``plan`` says (in a worker thread): class ids ``(H, W)`` and the
-    inference time in ms; :class:`Cancelled` when ``token`` is cancelled meanwhile."""
+    """Decode and segment as ``plan`` says (in a worker thread, on the lane ``lanes`` gives it):
+    class ids ``(H, W)`` and the inference time in ms; :class:`Cancelled` when ``token`` is
+    cancelled meanwhile."""
+    predictor = lanes.own
     # read_image takes a path; decoding through it keeps the server identical to `densepred predict`.
     with tempfile.TemporaryDirectory(prefix="densepred-serve-") as tmp:
         path = Path(tmp) / f"upload{_SUFFIXES[kind]}"
@@ -235,8 +240,8 @@ def _segment_upload(
             raise HTTPException(400, str(e).replace(str(path), upload.name)) from None
     start, size = time.perf_counter(), image.shape[:2]
     try:
-        with token.active():
-            labels = predictor.labels(image, plan.options)
+        with token.active(), lanes.take() as lane:
+            labels = lane.labels(image, plan.options)
     finally:
         del image
         return_free_memory()  # before the budget is released: what the next request gets is free
@@ -329,6 +334,7 @@ def create_app(
         "recipe": exp.name,
         "device": str(predictor.device),
         "backend": predictor.backend.backend,
+        "streams": 1,  # requests at once on a share of the threads each (the warm-up measures it)
     }
     page = (files("densepred") / "serve.html").read_text(encoding="utf-8")
 
@@ -337,6 +343,11 @@ def create_app(
         if warmup:
             await pool.run(predictor, np.zeros((64, 64, trained.in_channels), np.uint8))
             await pool.run(planner.calibrate, trained.model, predictor.device)
+            # Requests at once each on a share of the threads where that is measured faster
+            # (cached per machine, like the backend); a request alone keeps all of them.
+            app.state.lanes = Lanes(predictor, await pool.run(predictor.in_streams, max_concurrency))
+            model_info["streams"] = max(1, len(app.state.lanes.streams))
+        _log.info("%s; %s", predictor.backend.describe(), app.state.lanes.describe())
         with cancellable_forward():
             yield
         pool.shutdown()
@@ -350,6 +361,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.predictor, app.state.pool, app.state.budget, app.state.planner = predictor, pool, budget, planner
+    app.state.lanes = Lanes(predictor)  # one model for every request until the warm-up measures streams
 
     def admit_memory(upload: _Upload, width: int, height: int) -> Plan:
         plan = planner.plan(height, width, per_request)
@@ -401,7 +413,7 @@ def create_app(
                 token = Cancellation(timeout_s)
 
                 def job() -> Response:
-                    labels, elapsed_ms = _segment_upload(predictor, upload, kind, max_pixels, plan, token)
+                    labels, elapsed_ms = _segment_upload(app.state.lanes, upload, kind, max_pixels, plan, token)
                     return respond(labels, elapsed_ms, plan.path)
 
                 return await run_until_done_or_gone(request, job, token)

@@ -1,7 +1,8 @@
 """Several frames at once, each on a thread of its own with an equal share of the cores: how
 ``predict`` and ``evaluate`` go through a folder or a dataset where
 :func:`~densepred.backends.stream_models` measures it faster than one frame at a time on all
-the cores (a small network keeps two cores only partly busy with one frame)."""
+the cores (a small network keeps two cores only partly busy with one frame), and how ``serve``
+runs requests that come at once (:class:`Lanes`)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,16 @@ import collections
 import contextlib
 import itertools
 import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import torch
 
 from .precision import torch_threads
 
-__all__ = ["stream_share", "streamed"]
+__all__ = ["Lanes", "stream_share", "streamed"]
 
 M = TypeVar("M")
 T = TypeVar("T")
@@ -67,3 +69,54 @@ def streamed(work: Callable[[M, T], R], models: Sequence[M], items: Iterable[T])
         yield in_order()
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+class Lanes(Generic[M]):
+    """Which model a request runs on where requests come one by one or several at once (``serve``).
+
+    Alone, ``own``, on all of torch's threads: the lowest latency for one image. Beside others,
+    one of ``streams`` (:meth:`~densepred.prediction.Predictor.in_streams`), on its
+    :func:`stream_share` of the threads: two runs on all the threads each fight for the same
+    cores, and a runtime's session made for all of them starves a one-thread one beside it.
+    A run keeps its lane to the end; with fewer streams than runs at once, a run waits for one.
+    With no streams besides ``own``, every run takes ``own``, several at once as before.
+    """
+
+    def __init__(self, own: M, streams: Sequence[M] = ()) -> None:
+        self.own = own
+        self.streams = [] if list(streams) in ([], [own]) else list(streams)
+        self._idle: queue.SimpleQueue[M] = queue.SimpleQueue()
+        for model in self.streams:
+            self._idle.put(model)
+        self._share = stream_share(len(self.streams)) if self.streams else 0
+        self._running = 0
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        if not self.streams:
+            return "requests at once share one model"
+        share = self._share
+        return (
+            f"a request alone on all {torch.get_num_threads()} threads, requests at once on "
+            f"{len(self.streams)} streams of {share} thread{'s' * (share > 1)}"
+        )
+
+    @contextlib.contextmanager
+    def take(self) -> Iterator[M]:
+        """A model to run one request on, in the threads' setting it is made for."""
+        with self._lock:
+            alone = self._running == 0 or not self.streams
+            self._running += 1
+        try:
+            if alone:
+                yield self.own
+                return
+            model = self._idle.get()
+            try:
+                with torch_threads(self._share):
+                    yield model
+            finally:
+                self._idle.put(model)
+        finally:
+            with self._lock:
+                self._running -= 1
