@@ -21,7 +21,8 @@ with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2``, which moves PyTorch t
 process on the other core cannot stall every operator's thread join (eager PyTorch's many small
 MobileNet operators suffer that most). The one-layer ceiling (:func:`run_ceiling`) is measured
 again under the AVX2 variables, where PyTorch's oneDNN int8, the one int8 runtime they cap, says
-what int8 gives a CPU without VNNI.
+what int8 gives a CPU without VNNI. The checkpoint's int8 forward is profiled by kind of operator
+beside its fp32 graph (:mod:`benchmarks.int8_profile`): what bounds its speed-up here.
 
 Results: ``--out`` (default runs/bench/int8.json), with the machine they were measured on.
 """
@@ -51,6 +52,7 @@ from densepred.quantize import CALIBRATIONS, DEFAULT_CALIBRATION, int8_options, 
 from densepred.registry import create_model
 
 from .children import AVX2, json_from_child
+from .int8_profile import profile_lines, run_profile
 
 DEFAULT_CHECKPOINT = Path("runs/camvid_lraspp_cpu/checkpoints/best.pt")  # `densepred train --config camvid_lraspp_cpu`
 SPEED_MODELS_256 = ("segnet", "fcn8s")
@@ -271,6 +273,15 @@ def run_accuracy(checkpoint: Path, data_root: Path | None, images: int, calibrat
     }
 
 
+def _profile(checkpoint: Path, data_root: Path | None) -> dict:
+    """Where the checkpoint's int8 forward goes (:mod:`benchmarks.int8_profile`), at its eval size."""
+    trained = load_trained(checkpoint, "cpu")
+    root = data_root / trained.experiment.data.dataset if data_root else None
+    images = training_images(trained, SPEED_CALIBRATION, root=root)
+    print(f"profile: {trained.experiment.model.name} int8 and fp32 on ONNX Runtime", flush=True)
+    return {"checkpoint": str(checkpoint), **run_profile(trained.model.eval(), images, trained.experiment.model.name)}
+
+
 def _ceiling_in_child(rounds: int, env: dict[str, str]) -> dict:
     """:func:`run_ceiling` measured by a fresh process under ``env``."""
     return json_from_child("benchmarks.int8", ["--ceiling-only", "--rounds", str(rounds)], env)
@@ -334,6 +345,10 @@ def table(results: dict) -> str:
             "the cap: its int8 here is this CPU's.)",
             "",
         ]
+    if "profile" in results:
+        p = results["profile"]
+        row = results.get("speed", {}).get("rows", {}).get(p["checkpoint"])
+        lines += profile_lines(p, row["seconds"]["eager fp32"] if row else None)
     for r in results.get("accuracy", {}).values():
         agree = r[f"argmax_agreement_first_{AGREEMENT_IMAGES}_val"]
         lines.append(
@@ -364,6 +379,7 @@ def forget_measured(results: dict, checkpoint: Path | None, images: int, calibra
     results.get("accuracy", {}).pop(accuracy_key(checkpoint, images, calibrate), None)
     results.pop("ceiling", None)
     results.pop("ceiling_avx2", None)
+    results.pop("profile", None)
     measured = [str(checkpoint), *(f"{name} 256x256" for name in SPEED_MODELS_256)]
     for key in ("speed", "speed_avx2", "speed_1_thread"):
         rows = results.get(key, {}).get("rows", {})
@@ -407,6 +423,9 @@ def run_int8(
         save()
     speed = results.setdefault("speed", {"machine": info, "rows": {}})
     run_speed(checkpoint, data_root, rounds=rounds, full=True, rows=speed["rows"], save=save)
+    if checkpoint is not None and "profile" not in results:
+        results["profile"] = _profile(checkpoint, data_root)
+        save()
     threads = torch.get_num_threads()
     # Two more tables, each from a fresh process: PyTorch's AVX2 kernels (ONNX Runtime ignores the
     # variables), and one thread, where a busy neighbour core cannot stall every op's thread join.

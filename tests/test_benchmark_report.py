@@ -315,3 +315,32 @@ def test_the_train_layout_benchmark_times_every_cpu_recipe_that_trains_channels_
         if load_experiment(path.stem, []).model.channels_last:
             assert path.stem in RECIPES, path.name
     assert all(load_experiment(name, []).data.dataset in DATASETS for name in RECIPES)
+
+
+def test_the_int8_profile_times_both_graphs_by_kind_and_says_what_2x_leaves() -> None:
+    """ONNX Runtime's profile of a small int8 net and its fp32 graph: each convolution kind timed,
+    and the 2x line says whether the int8 convolutions alone fit in half the eager forward."""
+    import pytest
+    import torch
+    from torch import nn
+
+    pytest.importorskip("onnxruntime")
+    from benchmarks.int8_profile import by_kind, kind_of, profile_lines, run_profile
+
+    assert (kind_of("QLinearConv"), kind_of("QLinearMul"), kind_of("DequantizeLinear")) == (
+        "convolutions",
+        "uint8 element-wise and pooling",
+        "quantise/dequantise",
+    )
+    assert (kind_of("Resize"), kind_of("Transpose")) == ("float operators", "layout")
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
+    net.append(nn.Conv2d(16, 2, 1))
+    net.in_channels = 3
+    p = run_profile(net.eval(), [torch.randn(1, 3, 48, 64)], "tiny")
+    assert p["size"] == [48, 64] and "QLinearConv" in p["int8_ms_by_op"] and "QLinearConv" not in p["fp32_ms_by_op"]
+    int8, fp32 = by_kind(p["int8_ms_by_op"]), by_kind(p["fp32_ms_by_op"])
+    assert int8["convolutions"] > 0 and fp32["convolutions"] > 0 and fp32["quantise/dequantise"] == 0
+    text = profile_lines(p)[0]
+    assert text.startswith("Where tiny's int8 forward (48x64") and "2x asks" not in text
+    assert "(**over** it)" in profile_lines(p, eager_fp32_s=1e-9)[0]  # no forward fits in a nanosecond
+    assert "(within it)" in profile_lines(p, eager_fp32_s=100.0)[0]
