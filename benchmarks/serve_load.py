@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument(
         "--streams", type=int, help="the server's --streams (default: measured; 1: requests at once share one model)"
     )
+    parser.add_argument(
+        "--tell-size", action="store_true", help="start the server with --image-size of the posted image"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,6 +106,7 @@ def main() -> None:
         command = [sys.executable, "-m", "densepred", "serve", "--checkpoint", str(checkpoint), "--port", str(port)]
         command += ["--device", "cpu", "--concurrency", str(args.concurrency), "--queue", str(args.queue)]
         command += ["--streams", str(args.streams)] if args.streams else []
+        command += ["--image-size", *map(str, args.size)] if args.tell_size else []
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
         try:
             wait_until_up(url, server)
@@ -133,7 +137,8 @@ def main() -> None:
     latency_ms = np.array([t for _, t, _ in results]) * 1000
     inference_ms = np.array([m for _, _, m in results])
     errors = int((codes != 200).sum())
-    print(f"{machine_info().line()}; server: {health['model']} on {health['backend']}")
+    told = f", told --image-size {args.size[0]} {args.size[1]}" if args.tell_size else ""
+    print(f"{machine_info().line()}; server: {health['model']} on {health['backend']}{told}")
     print(
         f"{args.requests} requests, {args.parallel} in flight, {args.size[1]}x{args.size[0]} PNG "
         f"({len(payload) / 1024:.0f} KiB), server: {args.concurrency} inference threads "

@@ -25,9 +25,13 @@ from tiny import tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory):
-    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("serve"))
-    return Predictor.from_checkpoint(ckpt)
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+    return Predictor.from_checkpoint(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +254,35 @@ def test_requests_at_once_run_on_the_measured_streams_and_one_alone_on_the_predi
     assert health["streams"] == 2
 
 
+@pytest.mark.parametrize(
+    ("options", "probed"),
+    [
+        ([], (128, 128)),
+        (["--image-size", "48", "64"], (48, 64)),
+        (["--image-size", "48", "64", "--mode", "slide", "--tile", "32"], (32, 32)),  # the tiles' forwards
+    ],
+)
+def test_serve_measures_its_backend_once_at_the_expected_forward_size_with_the_given_options(
+    checkpoint, monkeypatch, options, probed
+):
+    from densepred import backends
+    from densepred.cli import main
+
+    served, probes = [], []
+    real_accelerate = backends.accelerate
+
+    def accelerate(model, backend, example, amp="none"):
+        probes.append(tuple(example.shape[-2:]))
+        return real_accelerate(model, backend, example, amp)
+
+    monkeypatch.setattr("densepred.prediction.accelerate", accelerate)
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: served.append(app))
+    assert main(["serve", "--checkpoint", str(checkpoint), *options]) == 0
+    predictor = served[0].state.predictor
+    assert probes == [probed], "one probe, at the size given (128 pixels without one)"
+    assert predictor.options.mode == ("slide" if "slide" in options else "whole")
+
+
 def test_sniff_format():
     assert sniff_format(b"\x89PNG\r\n\x1a\n....") == "PNG"
     assert sniff_format(b"RIFF\0\0\0\0WEBPVP8 ") == "WEBP"
@@ -308,14 +341,14 @@ def test_cli_serve_loads_the_checkpoint_once_and_runs_uvicorn(predictor, monkeyp
 
     from densepred.cli import main
 
-    calls = []
+    calls, loads = [], []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
-    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(lambda cls, path, device: predictor))
+    monkeypatch.setattr("densepred.cli.serve.load_source", lambda args, device: loads.append(args) or predictor.trained)
     argv = ["serve", "--checkpoint", str(tmp_path / "x.pt"), "--port", "8123", "--max-upload-mb", "1"]
     assert main([*argv, "--memory-budget-mb", "300", "--read-timeout", "5"]) == 0
     ((app, kw),) = calls
     protocol = kw.pop("http")
     assert kw == {"host": "127.0.0.1", "port": 8123, "log_level": "info"}
     assert protocol.__name__ == "HeaderTimeoutH11"
-    assert app.state.predictor is predictor
+    assert len(loads) == 1 and app.state.predictor.trained is predictor.trained
     assert app.state.budget.total == 300 * 2**20
