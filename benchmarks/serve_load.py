@@ -78,6 +78,10 @@ def wait_until_up(url: str, server: subprocess.Popen, timeout: float = 120) -> N
     raise TimeoutError(f"the server did not answer {url}/health within {timeout:.0f} s")
 
 
+def _lanes(streams: int) -> str:
+    return f"{streams} streams when at once" if streams > 1 else "one model"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="checkpoint to serve (default: a tiny one-iteration model)")
@@ -141,8 +145,8 @@ def main() -> None:
     print(f"{machine_info().line()}; server: {health['model']} on {health['backend']}{told}")
     print(
         f"{args.requests} requests, {args.parallel} in flight, {args.size[1]}x{args.size[0]} PNG "
-        f"({len(payload) / 1024:.0f} KiB), server: {args.concurrency} inference threads "
-        f"({health.get('streams', 1)} at once on streams), queue {args.queue}"
+        f"({len(payload) / 1024:.0f} KiB), server: {args.concurrency} inference threads on "
+        f"{_lanes(health.get('streams', 1))}, queue {args.queue}"
     )
     print(f"errors: {errors}" + (f" (status codes {sorted(set(codes.tolist()) - {200})})" if errors else ""))
     print(
