@@ -169,3 +169,5 @@ def test_without_streams_every_request_runs_on_the_own_model_at_once():
         [h.join(10) for h in holders]
         assert seen == [("own", 2), ("own", 2)] and lanes.streams == []
         assert "share one model" in lanes.describe()
+    own = [1]
+    assert len(Lanes(own, [[1], [1]]).streams) == 2  # equal to the own model is not the own model

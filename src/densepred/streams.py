@@ -84,7 +84,9 @@ class Lanes(Generic[M]):
 
     def __init__(self, own: M, streams: Sequence[M] = ()) -> None:
         self.own = own
-        self.streams = [] if list(streams) in ([], [own]) else list(streams)
+        streams = list(streams)
+        # By identity: a stream predictor equals its own one (the same fields, another module).
+        self.streams = [] if all(s is own for s in streams) else streams
         self._idle: queue.SimpleQueue[M] = queue.SimpleQueue()
         for model in self.streams:
             self._idle.put(model)
