@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument(
         "--streams", type=int, help="the server's --streams (default: measured; 1: requests at once share one model)"
     )
+    parser.add_argument("--backend", help="the server's --backend (default: measured)")
     parser.add_argument(
         "--tell-size", action="store_true", help="start the server with --image-size of the posted image"
     )
@@ -111,6 +112,7 @@ def main() -> None:
         command += ["--device", "cpu", "--concurrency", str(args.concurrency), "--queue", str(args.queue)]
         command += ["--streams", str(args.streams)] if args.streams else []
         command += ["--image-size", *map(str, args.size)] if args.tell_size else []
+        command += ["--backend", args.backend] if args.backend else []
         server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
         try:
             wait_until_up(url, server)
