@@ -7,6 +7,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,6 +282,30 @@ def test_serve_measures_its_backend_once_at_the_expected_forward_size_with_the_g
     predictor = served[0].state.predictor
     assert probes == [probed], "one probe, at the size given (128 pixels without one)"
     assert predictor.options.mode == ("slide" if "slide" in options else "whole")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="resident memory is read from Linux's /proc")
+@pytest.mark.parametrize("budget_mib", [32, 1024])
+def test_the_streams_copies_of_the_weights_are_held_from_the_memory_budget_or_not_used(predictor, budget_mib):
+    class WithHeavyStreams:  # each stream holds 48 MiB of its own, as a runtime's copy of the weights would
+        trained, device, options, backend = predictor.trained, predictor.device, predictor.options, predictor.backend
+
+        def __call__(self, image):
+            return predictor(image)
+
+        def labels(self, image, options):
+            return predictor.labels(image, options)
+
+        def in_streams(self, frames: int):
+            return [type("Stream", (), {"weights": np.ones(48 * 2**20, np.uint8)})() for _ in range(frames)]
+
+    app = create_app(WithHeavyStreams(), max_concurrency=2, memory_budget=budget_mib * 2**20)
+    with TestClient(app) as client:
+        health = client.get("/health").json()
+    if budget_mib == 32:  # 96 MiB of streams do not fit: one model for all requests, nothing held
+        assert health["streams"] == 1 and health["memory_reserved_mib"] == 0
+    else:
+        assert health["streams"] == 2 and health["memory_reserved_mib"] >= 96
 
 
 def test_sniff_format():

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ from .footprint import peak_bytes, physical_memory
 from .inference import predict_logits
 from .models.base import input_rule_of
 
+T = TypeVar("T")
+
 __all__ = [
     "Cancelled",
     "Cancellation",
@@ -39,6 +42,7 @@ __all__ = [
     "MemoryPlanner",
     "Plan",
     "available_memory",
+    "kept_memory",
     "return_free_memory",
     "measured_peak",
 ]
@@ -169,6 +173,17 @@ def measured_peak(fn: Callable[[], object]) -> int | None:
     peak = _status_bytes("VmHWM")
     del result
     return None if before is None or peak is None else max(0, peak - before)
+
+
+def kept_memory(fn: Callable[[], T]) -> tuple[T, int | None]:
+    """``fn()``, and the resident memory the process holds more after it (Linux ``VmRSS``): what
+    its result keeps, with what the allocator kept of its work, so an upper bound. None where the
+    OS cannot say."""
+    gc.collect()
+    before = _status_bytes("VmRSS")
+    result = fn()
+    after = _status_bytes("VmRSS")
+    return result, None if before is None or after is None else max(0, after - before)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from .admission import (
     Plan,
     available_memory,
     cancellable_forward,
+    kept_memory,
     return_free_memory,
 )
 from .data.errors import DataError
@@ -344,10 +345,22 @@ def create_app(
             await pool.run(predictor, np.zeros((64, 64, trained.in_channels), np.uint8))
             await pool.run(planner.calibrate, trained.model, predictor.device)
             # Requests at once each on a share of the threads where that is measured faster
-            # (cached per machine, like the backend); a request alone keeps all of them.
-            app.state.lanes = Lanes(predictor, await pool.run(predictor.in_streams, max_concurrency))
-            model_info["streams"] = max(1, len(app.state.lanes.streams))
-        _log.info("%s; %s", predictor.backend.describe(), app.state.lanes.describe())
+            # (cached per machine, like the backend); a request alone keeps all of them. A
+            # runtime's streams hold their own copies of the weights: held from the budget for
+            # good, or not used where they do not fit in it.
+            streams, kept = await pool.run(kept_memory, lambda: predictor.in_streams(max_concurrency))
+            lanes = Lanes(predictor, streams)
+            if lanes.streams and kept and not budget.reserve(kept):
+                _log.warning(
+                    "%d streams would keep %.0f MiB, more than the memory budget leaves: one model for all requests",
+                    len(lanes.streams),
+                    kept / 2**20,
+                )
+                lanes = Lanes(predictor)
+            app.state.lanes = lanes
+            model_info["streams"] = max(1, len(lanes.streams))
+            held = f" ({kept / 2**20:.0f} MiB held from the memory budget)" if lanes.streams and kept else ""
+            _log.info("%s; %s%s", predictor.backend.describe(), lanes.describe(), held)
         with cancellable_forward():
             yield
         pool.shutdown()
