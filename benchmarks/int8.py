@@ -52,7 +52,7 @@ from densepred.quantize import CALIBRATIONS, DEFAULT_CALIBRATION, int8_options, 
 from densepred.registry import create_model
 
 from .children import AVX2, json_from_child
-from .int8_profile import profile_lines, run_profile
+from .int8_profile import profile_checkpoint, profile_lines
 
 DEFAULT_CHECKPOINT = Path("runs/camvid_lraspp_cpu/checkpoints/best.pt")  # `densepred train --config camvid_lraspp_cpu`
 SPEED_MODELS_256 = ("segnet", "fcn8s")
@@ -273,15 +273,6 @@ def run_accuracy(checkpoint: Path, data_root: Path | None, images: int, calibrat
     }
 
 
-def _profile(checkpoint: Path, data_root: Path | None) -> dict:
-    """Where the checkpoint's int8 forward goes (:mod:`benchmarks.int8_profile`), at its eval size."""
-    trained = load_trained(checkpoint, "cpu")
-    root = data_root / trained.experiment.data.dataset if data_root else None
-    images = training_images(trained, SPEED_CALIBRATION, root=root)
-    print(f"profile: {trained.experiment.model.name} int8 and fp32 on ONNX Runtime", flush=True)
-    return {"checkpoint": str(checkpoint), **run_profile(trained.model.eval(), images, trained.experiment.model.name)}
-
-
 def _ceiling_in_child(rounds: int, env: dict[str, str]) -> dict:
     """:func:`run_ceiling` measured by a fresh process under ``env``."""
     return json_from_child("benchmarks.int8", ["--ceiling-only", "--rounds", str(rounds)], env)
@@ -424,7 +415,8 @@ def run_int8(
     speed = results.setdefault("speed", {"machine": info, "rows": {}})
     run_speed(checkpoint, data_root, rounds=rounds, full=True, rows=speed["rows"], save=save)
     if checkpoint is not None and "profile" not in results:
-        results["profile"] = _profile(checkpoint, data_root)
+        print(f"profile: {checkpoint} int8 and fp32 on ONNX Runtime", flush=True)
+        results["profile"] = profile_checkpoint(checkpoint, data_root, SPEED_CALIBRATION)
         save()
     threads = torch.get_num_threads()
     # Two more tables, each from a fresh process: PyTorch's AVX2 kernels (ONNX Runtime ignores the

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from densepred.precision import machine_info
 
-__all__ = ["KINDS", "kind_of", "profile_graph", "run_profile", "profile_lines"]
+__all__ = ["KINDS", "kind_of", "by_kind", "profile_graph", "run_profile", "profile_checkpoint", "profile_lines"]
 
 WARMUP_RUNS = 5
 TIMED_RUNS = 20
@@ -49,17 +49,13 @@ def kind_of(op: str) -> str:
 def profile_graph(graph: bytes, x: np.ndarray, threads: int) -> dict[str, float]:
     """Milliseconds per forward pass by operator type (kernel time), over :data:`TIMED_RUNS` runs
     after :data:`WARMUP_RUNS` untimed ones, on a session of ``threads`` intra-op threads."""
-    import onnxruntime as ort
-
-    from densepred.export import INPUT_NAME, SPINNING
+    from densepred.export import INPUT_NAME, onnx_session
 
     with tempfile.TemporaryDirectory() as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry(SPINNING, "0")
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+        path = Path(tmp) / "graph.onnx"
+        path.write_bytes(graph)
+        # The session the backends and int8 open, with the profiler on.
+        session = onnx_session(path, threads=threads, profile_prefix=str(Path(tmp) / "profile"))
         for _ in range(WARMUP_RUNS + TIMED_RUNS):
             session.run(None, {INPUT_NAME: x})
         events = json.loads(Path(session.end_profiling()).read_text())
@@ -100,6 +96,19 @@ def run_profile(model: nn.Module, calibration: list[Tensor], name: str) -> dict:
     }
 
 
+def profile_checkpoint(checkpoint: Path, data_root: Path | None, images: int) -> dict:
+    """:func:`run_profile` of a checkpoint's network at its eval size, calibrated on ``images``
+    training images of its dataset (under ``data_root``, else the recipe's own root)."""
+    from densepred.checkpoint import load_trained
+    from densepred.quantize import training_images
+
+    trained = load_trained(checkpoint, "cpu")
+    root = data_root / trained.experiment.data.dataset if data_root else None
+    calibration = training_images(trained, images, root=root)
+    name = trained.experiment.model.name
+    return {"checkpoint": str(checkpoint), **run_profile(trained.model.eval(), calibration, name)}
+
+
 def profile_lines(p: dict, eager_fp32_s: float | None = None) -> list[str]:
     """The profile as a paragraph; with the eager fp32 forward, what the 2x target leaves."""
     int8, fp32 = by_kind(p["int8_ms_by_op"]), by_kind(p["fp32_ms_by_op"])
@@ -130,13 +139,7 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=None, help="folder holding the recipe's dataset")
     parser.add_argument("--images", type=int, default=4, help="calibration images (the speed does not need more)")
     args = parser.parse_args()
-    from densepred.checkpoint import load_trained
-    from densepred.quantize import training_images
-
-    trained = load_trained(args.checkpoint, "cpu")
-    root = args.data_root / trained.experiment.data.dataset if args.data_root else None
-    images = training_images(trained, args.images, root=root)
-    p = run_profile(trained.model.eval(), images, trained.experiment.model.name)
+    p = profile_checkpoint(args.checkpoint, args.data_root, args.images)
     print(machine_info().line())
     print("\n".join(profile_lines(p)))
 

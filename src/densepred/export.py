@@ -421,14 +421,22 @@ SPINNING = "session.intra_op.allow_spinning"  # ONNX Runtime's session config ke
 
 
 def onnx_session(
-    path: str | Path, *, threads: int | None = None, providers: Sequence[str] = ("CPUExecutionProvider",)
+    path: str | Path,
+    *,
+    threads: int | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    profile_prefix: str | None = None,
 ) -> onnxruntime.InferenceSession:
-    """An ONNX Runtime session for an exported file (CPU by default): ``run(None, {"image": x})``."""
+    """An ONNX Runtime session for an exported file (CPU by default): ``run(None, {"image": x})``.
+    ``profile_prefix``: ONNX Runtime's profiler on, its JSON written there by ``end_profiling()``."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     # No busy-waiting after a run: by default ONNX Runtime's pool spins for the next one, taking
     # the cores from what runs in between (the argmax, a sliding window's stitching, the PNGs).
     options.add_session_config_entry(SPINNING, "0")

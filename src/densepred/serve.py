@@ -251,6 +251,27 @@ def _segment_upload(
     return labels, elapsed_ms
 
 
+def _measured_lanes(predictor: Predictor, concurrency: int, budget: MemoryBudget) -> Lanes[Predictor]:
+    """Requests at once each on a share of the threads where that is measured faster (cached per
+    machine, like the backend); a request alone keeps all of them. A runtime's streams hold their
+    own copies of the weights: what they keep is held from ``budget`` for good, or they are not
+    used where it does not fit."""
+    streams, kept = kept_memory(lambda: predictor.in_streams(concurrency))
+    lanes, held = Lanes(predictor, streams), ""
+    if lanes.streams and kept:
+        if budget.reserve(kept):
+            held = f" ({kept / 2**20:.0f} MiB held from the memory budget)"
+        else:
+            _log.warning(
+                "%d streams would keep %.0f MiB, more than the memory budget leaves: one model for all requests",
+                len(lanes.streams),
+                kept / 2**20,
+            )
+            lanes = Lanes(predictor)
+    _log.info("%s; %s%s", predictor.backend.describe(), lanes.describe(), held)
+    return lanes
+
+
 def index_png(labels: np.ndarray, palette: list[tuple[int, int, int]]) -> bytes:
     """An 8-bit palette PNG whose pixel values are the class ids, the bytes ``predict`` writes."""
     buf = io.BytesIO()
@@ -344,23 +365,8 @@ def create_app(
         if warmup:
             await pool.run(predictor, np.zeros((64, 64, trained.in_channels), np.uint8))
             await pool.run(planner.calibrate, trained.model, predictor.device)
-            # Requests at once each on a share of the threads where that is measured faster
-            # (cached per machine, like the backend); a request alone keeps all of them. A
-            # runtime's streams hold their own copies of the weights: held from the budget for
-            # good, or not used where they do not fit in it.
-            streams, kept = await pool.run(kept_memory, lambda: predictor.in_streams(max_concurrency))
-            lanes = Lanes(predictor, streams)
-            if lanes.streams and kept and not budget.reserve(kept):
-                _log.warning(
-                    "%d streams would keep %.0f MiB, more than the memory budget leaves: one model for all requests",
-                    len(lanes.streams),
-                    kept / 2**20,
-                )
-                lanes = Lanes(predictor)
-            app.state.lanes = lanes
-            model_info["streams"] = max(1, len(lanes.streams))
-            held = f" ({kept / 2**20:.0f} MiB held from the memory budget)" if lanes.streams and kept else ""
-            _log.info("%s; %s%s", predictor.backend.describe(), lanes.describe(), held)
+            app.state.lanes = await pool.run(_measured_lanes, predictor, max_concurrency, budget)
+            model_info["streams"] = max(1, len(app.state.lanes.streams))
         with cancellable_forward():
             yield
         pool.shutdown()
